@@ -1,0 +1,45 @@
+# Two entry points: `make run` (demo server) and `make test` (everything the tests need, then the suite).
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+DEMO_DIR := demo
+DEMO_IMG := $(DEMO_DIR)/disk.img
+DEBIAN_RUN := qemu-utils libnbd-bin
+DEBIAN_TEST := qemu-utils libnbd-bin python3-libnbd nbdkit fio fuse3 libfuse3-dev pkg-config openssl
+
+.PHONY: run test venv deps-run deps-test demo-image clean
+
+deps-run:
+	@./scripts/apt-install $(DEBIAN_RUN)
+
+deps-test:
+	@./scripts/apt-install $(DEBIAN_TEST)
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -m venv $(VENV) || (./scripts/apt-install python3-venv && $(PYTHON) -m venv $(VENV))
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	@# python3-libnbd is a Debian package: let the venv see Debian's dist-packages (after its own).
+	@echo /usr/lib/python3/dist-packages > $$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/debian-dist-packages.pth
+	@touch $@
+
+venv: $(VENV)/.installed
+
+demo-image: venv
+	@mkdir -p $(DEMO_DIR)
+	@$(VPY) scripts/make-demo-image $(DEMO_IMG)
+
+run: deps-run venv demo-image
+	@echo
+	@echo "Serving $(DEMO_IMG) on nbd://127.0.0.1:10809 (Ctrl-C to stop). Try, from another shell:"
+	@echo "  nbdinfo nbd://127.0.0.1:10809"
+	@echo "  qemu-img info nbd://127.0.0.1:10809"
+	@echo "  nbdcopy nbd://127.0.0.1:10809 copy.img"
+	@echo
+	exec $(VENV)/bin/blockexport-nbd -f raw -b 127.0.0.1 -p 10809 -t -e 0 $(DEMO_IMG)
+
+test: deps-test venv
+	$(VPY) -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) build src/*.egg-info

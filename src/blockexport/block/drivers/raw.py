@@ -1,0 +1,154 @@
+"""The ``raw`` format driver: a window ``[offset, offset + size)`` of its ``file`` child.
+
+Without offset and size QEMU treats raw as a filter (permissions pass through unchanged) and
+so do we; the hot methods are then the child's own functions, so a raw layer costs nothing
+per request.  With offset/size the child is a data child: RESIZE is never shared on it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from blockexport.errors import Error
+from blockexport.block.node import PERM_RESIZE, BlockNode, round_up
+
+def _einval():
+    return OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+
+class RawNode(BlockNode):
+    driver = "raw"
+    is_protocol = False
+    SCHEMA = [
+        ("file", "ref", True),
+        ("offset", "uint", False),
+        ("size", "uint", False),
+    ]
+
+    def __init__(self, graph, node_name: str, options: dict):
+        super().__init__(node_name, options)
+        # The child is opened first (QEMU does the same, so its errors come first).
+        child = graph.open_child(self, "file", options["file"], options)
+        try:
+            self._setup(child, options)
+        except BaseException:
+            graph.abandon_child(child)
+            raise
+
+    def _setup(self, child: BlockNode, options: dict) -> None:
+        offset = options.get("offset", 0)
+        self.has_size = "size" in options
+        size = options.get("size", 0)
+        real_size = child.length()
+        if offset > real_size:
+            raise Error(f"Offset ({offset}) cannot be greater than size of the containing "
+                        f"file ({real_size})")
+        if self.has_size and real_size - offset < size:
+            raise Error(f"The sum of offset ({offset}) and size ({size}) has to be smaller or "
+                        f"equal to the  actual size of the containing file ({real_size})")
+        if self.has_size and size % 512:
+            raise Error("Specified size is not multiple of 512")
+        self.offset = offset
+        self.size = size
+        self.filename = child.filename
+        self.is_filter = offset == 0 and not self.has_size
+        self._add_child("file", child)
+        self.file = child
+        # QEMU 7.2 does not propagate the protocol node's request alignment through raw.
+        self.request_alignment = 1
+        self.max_transfer = child.max_transfer
+        self._bind(child)
+
+    # ---- hot paths -----------------------------------------------------------------------
+
+    def _bind(self, child: BlockNode) -> None:
+        off = self.offset
+        child_read = child.read_into
+        child_write = child.write
+        child_status = child.block_status
+        child_range = child.file_range
+        child_cache = child.cache
+        self.flush = child.flush
+        if off == 0 and not self.has_size:
+            self.read_into = child_read
+            write_data = child_write
+            self.block_status = child_status
+            self.file_range = child_range
+            self.cache = child_cache
+        else:
+            has_size = self.has_size
+            size = self.size
+
+            def read_into(offset, buf):
+                if has_size and offset + len(buf) > size:
+                    raise _einval()
+                child_read(offset + off, buf)
+
+            def write_data(offset, buf, fua=False):
+                if has_size and offset + len(buf) > size:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                child_write(offset + off, buf, fua)
+
+            def block_status(offset, length):
+                if has_size and offset + length > size:
+                    length = size - offset
+                    if length <= 0:
+                        raise _einval()
+                return child_status(offset + off, length)
+
+            def file_range(offset, length):
+                return child_range(offset + off, length)
+
+            def cache(offset, length):
+                child_cache(offset + off, length)
+
+            self.read_into = read_into
+            self.block_status = block_status
+            self.file_range = file_range
+            self.cache = cache
+        self._write_data = write_data
+        if self.read_only:
+            self.write = self._write_read_only
+        elif self.detect_zeroes != "off":
+            self.write = self._detect_zeroes_write(write_data)
+        else:
+            self.write = write_data
+
+    @staticmethod
+    def _write_read_only(offset, buf, fua=False):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    # ---- the rest --------------------------------------------------------------------------
+
+    def length(self) -> int:
+        if self.has_size:
+            return self.size
+        n = self.file.length() - self.offset
+        return round_up(n) if n > 0 else 0
+
+    def _check(self, offset: int, length: int) -> None:
+        if self.has_size and offset + length > self.size:
+            raise _einval()
+
+    def discard(self, offset: int, length: int) -> None:
+        if self.discard_mode != "unmap" or self.read_only:
+            return
+        self._check(offset, length)
+        self.file.discard(offset + self.offset, length)
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
+                     fast: bool = False, fua: bool = False) -> None:
+        if self.read_only:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        if self.has_size and offset + length > self.size:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if self.discard_mode != "unmap":
+            may_unmap = False
+        self.file.write_zeroes(offset + self.offset, length, may_unmap, fast, fua)
+
+    def _child_perm(self, role: str, perm: int, shared: int) -> tuple[int, int]:
+        if self.is_filter:
+            return perm, shared
+        # A data child: nobody may resize the file under a window into it.
+        return perm, shared & ~PERM_RESIZE

@@ -1,0 +1,308 @@
+"""The block graph: blockdev-add / blockdev-del and node lookup, worded like QEMU 7.2.
+
+``BlockGraph.blockdev_add`` takes a QAPI ``BlockdevOptions`` dict (keys as in QMP, values
+already typed).  It first validates it the way QEMU's QAPI visitor does (same messages:
+"Parameter 'x' is missing", "Parameter 'x' is unexpected", "Invalid parameter type for 'x',
+expected: boolean", "Parameter 'driver' does not accept value 'x'"), then opens the node and,
+for a format driver, its child (a node-name string, or a nested options dict that becomes an
+implicit node named like QEMU's ``#block123``).
+
+Implicit children inherit from their parent, as in QEMU: ``read-only``, ``auto-read-only``,
+``force-share``, ``cache.direct`` and ``cache.no-flush`` when not set on the child, and
+``discard`` defaults to ``unmap`` on the child (the parent's own ``discard`` decides whether
+discards reach it).  ``detect-zeroes`` is not inherited.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+
+from blockexport.errors import Error
+from blockexport.block import drivers
+from blockexport.block.node import BlockNode
+
+NODE_NAME_MAX = 31  # QEMU stores node names in a 32-byte array
+
+_BOOL = "bool"
+COMMON_SCHEMA = [
+    ("node-name", "str", False),
+    ("discard", ("enum", ("ignore", "unmap")), False),
+    ("cache", ("struct", [("direct", _BOOL, False), ("no-flush", _BOOL, False)]), False),
+    ("read-only", _BOOL, False),
+    ("auto-read-only", _BOOL, False),
+    ("force-share", _BOOL, False),
+    ("detect-zeroes", ("enum", ("off", "on", "unmap")), False),
+]
+
+_TYPE_NAMES = {"bool": "boolean", "int": "integer", "uint": "integer", "str": "string",
+               "ref": "BlockdevRef"}
+
+
+def id_wellformed(name: str) -> bool:
+    """QEMU's id_wellformed(): an ASCII letter, then letters, digits, '-', '.', '_'."""
+    if not name or not ("a" <= name[0] <= "z" or "A" <= name[0] <= "Z"):
+        return False
+    for c in name[1:]:
+        if not (c.isascii() and (c.isalnum() or c in "-._")):
+            return False
+    return True
+
+
+def _check_value(value, spec, path: str) -> None:
+    if isinstance(spec, tuple):
+        kind, arg = spec
+        if kind == "enum":
+            if not isinstance(value, str):
+                raise Error(f"Invalid parameter type for '{path}', expected: string")
+            if value not in arg:
+                raise Error(f"Parameter '{path}' does not accept value '{value}'")
+        elif kind == "struct":
+            if not isinstance(value, dict):
+                raise Error(f"Invalid parameter type for '{path}', expected: object")
+            _check_members(value, arg, path + ".")
+        return
+    if spec == "any":
+        return
+    if spec == "bool":
+        ok = isinstance(value, bool)
+    elif spec in ("int", "uint"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif spec == "str":
+        ok = isinstance(value, str)
+    elif spec == "ref":
+        if isinstance(value, dict):
+            validate_options(value, path + ".")
+            return
+        ok = isinstance(value, str)
+    else:  # pragma: no cover - schema bug
+        raise ValueError(f"bad schema spec {spec!r}")
+    if not ok:
+        raise Error(f"Invalid parameter type for '{path}', expected: {_TYPE_NAMES[spec]}")
+    if spec == "uint" and value < 0:
+        raise Error(f"Parameter '{path}' expects a non-negative number below 2^64")
+
+
+def _check_members(opts: dict, schema, prefix: str, seen: set | None = None) -> set:
+    seen = set() if seen is None else seen
+    for key, spec, required in schema:
+        seen.add(key)
+        if key not in opts:
+            if required:
+                raise Error(f"Parameter '{prefix}{key}' is missing")
+            continue
+        _check_value(opts[key], spec, prefix + key)
+    return seen
+
+
+def _check_unexpected(opts: dict, seen: set, prefix: str) -> None:
+    for key in opts:
+        if key not in seen:
+            raise Error(f"Parameter '{prefix}{key}' is unexpected")
+
+
+def validate_options(opts: dict, prefix: str = "") -> None:
+    """Check a BlockdevOptions dict like QEMU's QAPI input visitor (messages included)."""
+    if not isinstance(opts, dict):
+        raise Error(f"Invalid parameter type for '{prefix[:-1] or 'options'}', "
+                    f"expected: object")
+    if "driver" not in opts:
+        raise Error(f"Parameter '{prefix}driver' is missing")
+    driver = opts["driver"]
+    if not isinstance(driver, str):
+        raise Error(f"Invalid parameter type for '{prefix}driver', expected: string")
+    if driver not in drivers.QAPI_DRIVERS and drivers.lookup(driver) is None:
+        raise Error(f"Parameter '{prefix}driver' does not accept value '{driver}'")
+    seen = _check_members(opts, COMMON_SCHEMA, prefix, {"driver"})
+    factory = drivers.lookup(driver)
+    if factory is None:
+        return  # a QAPI driver we do not implement: "Unknown driver" when opened
+    _check_members(opts, getattr(factory, "SCHEMA", ()), prefix, seen)
+    _check_unexpected(opts, seen, prefix)
+    cache = opts.get("cache")
+    if isinstance(cache, dict):
+        _check_unexpected(cache, {"direct", "no-flush"}, prefix + "cache.")
+
+
+def _inherit(child: dict, parent: dict) -> dict:
+    """QEMU's option inheritance from a format node to its (implicit) file child."""
+    child = dict(child)
+    for key in ("read-only", "auto-read-only", "force-share"):
+        if key not in child and key in parent:
+            child[key] = parent[key]
+    pcache = parent.get("cache")
+    if pcache:
+        ccache = dict(child.get("cache") or {})
+        for key in ("direct", "no-flush"):
+            if key not in ccache and key in pcache:
+                ccache[key] = pcache[key]
+        child["cache"] = ccache
+    child.setdefault("discard", "unmap")
+    return child
+
+
+class _OpenContext:
+    __slots__ = ("name", "options", "checked", "children")
+
+    def __init__(self, name: str, options: dict):
+        self.name = name
+        self.options = options
+        self.checked = False
+        self.children: list[BlockNode] = []
+
+
+class BlockGraph:
+    """All block nodes of the process, by node name.  Thread-safe."""
+
+    def __init__(self):
+        self._nodes: dict[str, BlockNode] = {}
+        self._lock = threading.RLock()
+        self._stack: list[_OpenContext] = []
+        self._counter = itertools.count()
+
+    # ---- lookup ----------------------------------------------------------------------------
+
+    def lookup(self, name: str) -> BlockNode | None:
+        return self._nodes.get(name)
+
+    def get(self, name: str) -> BlockNode:
+        """The node called ``name``; QEMU's lookup error otherwise (as block-export-add)."""
+        node = self._nodes.get(name)
+        if node is None:
+            raise Error(f"Cannot find device='' nor node-name='{name}'")
+        return node
+
+    def nodes(self) -> list[BlockNode]:
+        """Every node, implicit ones included, oldest first (QEMU's
+        query-named-block-nodes lists them newest first)."""
+        return list(self._nodes.values())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._nodes
+
+    # ---- blockdev-add ------------------------------------------------------------------
+
+    def blockdev_add(self, options: dict) -> BlockNode:
+        with self._lock:
+            validate_options(options)
+            if "node-name" not in options:
+                raise Error("'node-name' must be specified for the root node")
+            node = self._open(options)
+            node.monitor_owned = True
+            return node
+
+    def _generate_name(self) -> str:
+        return f"#block{next(self._counter)}{random.randrange(100):02d}"
+
+    def _check_common(self, ctx: _OpenContext) -> None:
+        """What QEMU checks in bdrv_open_common(), after a format node's child is open."""
+        ctx.checked = True
+        opts = ctx.options
+        name = opts.get("node-name")
+        if name is not None:
+            if not id_wellformed(name):
+                raise Error(f"Invalid node-name: '{name}'")
+            if name in self._nodes:
+                raise Error(f"Duplicate nodes with node-name='{name}'")
+            if len(name.encode()) > NODE_NAME_MAX:
+                raise Error("Node name too long")
+        if opts.get("detect-zeroes") == "unmap" and opts.get("discard", "ignore") != "unmap":
+            raise Error("setting detect-zeroes to unmap is not allowed without setting "
+                        "discard operation to unmap")
+
+    def _open(self, options: dict) -> BlockNode:
+        if options.get("force-share") and not options.get("read-only"):
+            raise Error("force-share=on can only be used with read-only images")
+        driver = options["driver"]
+        factory = drivers.lookup(driver)
+        if factory is None:
+            raise Error(f"Unknown driver '{driver}'")
+        name = options.get("node-name")
+        ctx = _OpenContext(name if name is not None else "", options)
+        self._stack.append(ctx)
+        try:
+            if getattr(factory, "is_protocol", True):
+                self._check_common(ctx)
+            if name is None:
+                ctx.name = self._generate_name()
+            node = factory(self, ctx.name, options)
+            if not ctx.checked:
+                try:
+                    self._check_common(ctx)
+                except BaseException:
+                    node.close()
+                    raise
+        except BaseException:
+            self._cleanup_children(ctx)
+            raise
+        finally:
+            self._stack.pop()
+        self._nodes[node.node_name] = node
+        return node
+
+    def open_child(self, parent: BlockNode, role: str, ref, parent_options: dict) -> BlockNode:
+        """For format drivers: open (nested dict) or find (node-name string) the ``role``
+        child of ``parent``; the driver then attaches it with ``parent._add_child``."""
+        ctx = self._stack[-1]
+        if isinstance(ref, str):
+            child = self._nodes.get(ref)
+            if child is None:
+                raise Error(f"Cannot find device='{ref}' nor node-name='{ref}'")
+        else:
+            child = self._open(_inherit(ref, parent_options))
+        ctx.children.append(child)
+        if not ctx.checked:
+            self._check_common(ctx)
+        return child
+
+    def abandon_child(self, child: BlockNode) -> None:
+        """Kept for drivers that want to drop a child early; cleanup is automatic."""
+
+    def _cleanup_children(self, ctx: _OpenContext) -> None:
+        for child in ctx.children:
+            for att in list(child._parents):
+                parent = att.parent
+                if parent is not None and self._nodes.get(parent.node_name) is not parent:
+                    att.detach()
+            if not child.monitor_owned and not child._parents:
+                self._delete(child)
+
+    # ---- blockdev-del -------------------------------------------------------------------
+
+    def blockdev_del(self, node_name: str) -> None:
+        with self._lock:
+            node = self._nodes.get(node_name)
+            if node is None:
+                raise Error(f"Failed to find node with node-name='{node_name}'")
+            if node.users:
+                raise Error(f"Node {node_name} is in use")
+            if not node.monitor_owned:
+                raise Error(f"Node {node_name} is not owned by the monitor")
+            if node._parents:
+                raise Error(f"Block device {node_name} is in use")
+            self._delete(node)
+
+    def _delete(self, node: BlockNode) -> None:
+        if self._nodes.get(node.node_name) is node:
+            del self._nodes[node.node_name]
+        children = list(node.children.values())
+        node.close()
+        for child in children:
+            if not child.monitor_owned and not child._parents:
+                self._delete(child)
+
+    def close(self) -> None:
+        """Close every node (process shutdown): users first, then parents before children."""
+        with self._lock:
+            for node in reversed(list(self._nodes.values())):
+                for att in node.users:
+                    att.detach()
+            while self._nodes:
+                roots = [n for n in self._nodes.values() if not n._parents]
+                if not roots:  # pragma: no cover - cycles cannot be built
+                    roots = list(self._nodes.values())
+                for node in roots:
+                    if self._nodes.get(node.node_name) is node:
+                        del self._nodes[node.node_name]
+                    node.close()

@@ -1,0 +1,370 @@
+"""Block nodes: the base class every driver subclasses, and permission negotiation.
+
+I/O methods are synchronous and thread-safe (see docs/architecture.md).  Drivers are free to
+replace the hot methods (``read_into``, ``write``, ``block_status``, ``file_range`` ...) by
+plain functions stored as *instance attributes* in ``__init__``: ``node.read_into(off, buf)``
+then costs one dict lookup and one call, with no bound-method object and no attribute chains.
+
+Permissions follow QEMU's model: every user of a node (an export, a parent node) holds an
+:class:`Attachment` with the permissions it takes (``perm``) and the ones it lets others take
+(``shared``).  A format node passes its users' cumulative permissions down to its children; a
+``file`` node turns its cumulative permissions into OFD byte-range locks on the image so other
+processes (QEMU's tools or another blockexport) see them.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from blockexport.errors import Error
+
+# Block-status flags (QEMU's BDRV_BLOCK_*).
+BS_DATA = 1
+BS_ZERO = 2
+BS_ALLOCATED = 4
+
+# Permissions (QEMU's BLK_PERM_*).
+PERM_CONSISTENT_READ = 1
+PERM_WRITE = 2
+PERM_WRITE_UNCHANGED = 4
+PERM_RESIZE = 8
+PERM_ALL = 15
+
+_PERM_NAMES = (
+    (PERM_CONSISTENT_READ, "consistent read"),
+    (PERM_WRITE, "write"),
+    (PERM_WRITE_UNCHANGED, "write unchanged"),
+    (PERM_RESIZE, "resize"),
+)
+
+SECTOR_SIZE = 512
+
+#: A shared all-zero buffer (1 MiB): zero-fill source and comparison reference.
+ZEROS = bytes(1 << 20)
+_ZLEN = len(ZEROS)
+
+
+def perm_names(perm: int) -> str:
+    """QEMU's wording of a permission set, e.g. ``"consistent read, write"``."""
+    return ", ".join(name for bit, name in _PERM_NAMES if perm & bit)
+
+
+def round_up(n: int, align: int = SECTOR_SIZE) -> int:
+    return (n + align - 1) // align * align
+
+
+def is_zero(buf) -> bool:
+    """True when the bytes-like ``buf`` is all zeroes (memcmp speed)."""
+    mv = memoryview(buf)
+    if mv.itemsize != 1 or mv.ndim != 1:
+        mv = mv.cast("B")
+    n = len(mv)
+    if n <= _ZLEN:
+        return ZEROS.startswith(mv)
+    startswith = ZEROS.startswith
+    for pos in range(0, n, _ZLEN):
+        if not startswith(mv[pos:pos + _ZLEN]):
+            return False
+    return True
+
+
+def zero_fill(buf, start: int = 0) -> None:
+    """Zero ``buf[start:]`` (a writable bytes-like object)."""
+    mv = memoryview(buf)
+    if mv.itemsize != 1 or mv.ndim != 1:
+        mv = mv.cast("B")
+    end = len(mv)
+    while start < end:
+        n = min(end - start, _ZLEN)
+        mv[start:start + n] = ZEROS[:n]
+        start += n
+
+
+# One lock for every permission change in the process: permission changes are rare
+# (export creation, blockdev-add/del) and may walk several nodes.
+_perm_lock = threading.RLock()
+
+
+class Attachment:
+    """One user's hold on a node (QEMU's BdrvChild).
+
+    ``user`` describes the user in QEMU's words for error messages ("an unnamed block
+    device", "block device 'x'", "node 'raw0'"); ``child_name`` is the role under which it
+    uses the node (``"root"`` for exports, ``"file"`` for a format node's protocol child).
+    ``parent`` is the parent :class:`BlockNode` for graph edges, ``None`` for users such as
+    exports.
+    """
+
+    __slots__ = ("node", "user", "child_name", "parent", "perm", "shared", "attached")
+
+    def __init__(self, node: "BlockNode", user: str, child_name: str, perm: int, shared: int,
+                 parent: "BlockNode | None" = None):
+        self.node = node
+        self.user = user
+        self.child_name = child_name
+        self.parent = parent
+        self.perm = perm
+        self.shared = shared
+        self.attached = False
+
+    def set_perm(self, perm: int, shared: int) -> None:
+        """Change this user's permissions (e.g. take RESIZE for a while); raises
+        :class:`Error` and keeps the old permissions on a conflict."""
+        with _perm_lock:
+            if not self.attached:
+                raise ValueError("attachment is detached")
+            old = (self.perm, self.shared)
+            if old == (perm, shared):
+                return
+            undo: list[Callable[[], None]] = []
+
+            def restore():
+                self.perm, self.shared = old
+            self.perm, self.shared = perm, shared
+            undo.append(restore)
+            _apply(self.node, undo)
+
+    def detach(self) -> None:
+        """Release the hold; idempotent."""
+        with _perm_lock:
+            if not self.attached:
+                return
+            self.attached = False
+            node = self.node
+            node._parents.remove(self)
+            try:
+                _refresh(node, [])
+            except Error:  # pragma: no cover - relaxing permissions cannot conflict
+                pass
+
+    def __repr__(self) -> str:
+        return (f"<Attachment {self.user} as {self.child_name!r} on {self.node.node_name!r} "
+                f"perm={self.perm:#x} shared={self.shared:#x}>")
+
+
+def _apply(node: "BlockNode", undo: list) -> None:
+    """Refresh permissions from ``node`` downwards; on failure undo everything."""
+    try:
+        _refresh(node, undo)
+    except BaseException:
+        for fn in reversed(undo):
+            fn()
+        raise
+
+
+def _refresh(node: "BlockNode", undo: list) -> None:
+    parents = node._parents
+    for a in parents:
+        for b in parents:
+            if a is b:
+                continue
+            bad = b.perm & ~a.shared
+            if bad:
+                name = node.node_name
+                raise Error(
+                    f"Permission conflict on node '{name}': permissions '{perm_names(bad)}' are "
+                    f"both required by {b.user} (uses node '{name}' as '{b.child_name}' child) "
+                    f"and unshared by {a.user} (uses node '{name}' as '{a.child_name}' child).")
+    perm, shared = node.cumulative_perms()
+    if perm & (PERM_WRITE | PERM_WRITE_UNCHANGED) and node.read_only:
+        raise Error("Block node is read-only")
+    if (perm & (PERM_WRITE | PERM_WRITE_UNCHANGED) and not perm & PERM_RESIZE
+            and node.request_alignment > 1 and node.length() % node.request_alignment):
+        # Writes are padded to the alignment, which would need to grow the image.
+        raise Error("Cannot get 'write' permission without 'resize': Image size is not a "
+                    "multiple of request alignment")
+    old = node._perm
+    if old != (perm, shared):
+        node._set_perm(perm, shared, undo)
+
+        def restore(node=node, old=old):
+            node._perm = old
+        node._perm = (perm, shared)
+        undo.append(restore)
+    for role, att in node._child_atts.items():
+        cperm, cshared = node._child_perm(role, perm, shared)
+        if att.node.force_share:
+            cshared = PERM_ALL
+        if (att.perm, att.shared) != (cperm, cshared):
+            def restore_child(att=att, old=(att.perm, att.shared)):
+                att.perm, att.shared = old
+            att.perm, att.shared = cperm, cshared
+            undo.append(restore_child)
+            _refresh(att.node, undo)
+
+
+def _closed(*args, **kwargs):
+    raise OSError(9, "Bad file descriptor")  # EBADF
+
+
+class BlockNode:
+    """Base class of every block driver node.
+
+    Subclasses set ``driver`` and implement the I/O methods.  The common options
+    (``read-only``, ``discard``, ``detect-zeroes``, ``cache``, ``force-share``) are read by
+    this constructor from the validated QAPI options dict.
+    """
+
+    driver = ""
+    #: Whether the node is a "protocol" (bottom) node; format nodes have a "file" child.
+    is_protocol = True
+
+    def __init__(self, node_name: str, options: dict | None = None):
+        options = options or {}
+        self.node_name = node_name
+        self.options = options
+        self.read_only: bool = bool(options.get("read-only", False))
+        self.auto_read_only: bool = bool(options.get("auto-read-only", False))
+        self.force_share: bool = bool(options.get("force-share", False))
+        self.discard_mode: str = options.get("discard", "ignore")
+        self.detect_zeroes: str = options.get("detect-zeroes", "off")
+        cache = options.get("cache") or {}
+        self.cache_direct: bool = bool(cache.get("direct", False))
+        self.no_flush: bool = bool(cache.get("no-flush", False))
+        self.children: dict[str, BlockNode] = {}
+        self.request_alignment: int = 1
+        self.max_transfer: int = 0
+        #: A human-readable image name (QEMU's bs->filename), used in lock hints.
+        self.filename: str = ""
+        #: Set by the graph: added by blockdev-add (True) or created implicitly (False).
+        self.monitor_owned: bool = False
+        self._parents: list[Attachment] = []
+        self._child_atts: dict[str, Attachment] = {}
+        self._perm = (0, PERM_ALL)
+        self.closed = False
+
+    # ---- I/O (to be overridden) --------------------------------------------------------
+
+    def length(self) -> int:
+        raise NotImplementedError
+
+    def read_into(self, offset: int, buf) -> None:
+        raise NotImplementedError
+
+    def write(self, offset: int, buf, fua: bool = False) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        pass
+
+    def discard(self, offset: int, length: int) -> None:
+        pass
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
+                     fast: bool = False, fua: bool = False) -> None:
+        raise NotImplementedError
+
+    def block_status(self, offset: int, length: int) -> tuple[int, int]:
+        return length, BS_DATA | BS_ALLOCATED
+
+    def cache(self, offset: int, length: int) -> None:
+        pass
+
+    def file_range(self, offset: int, length: int):
+        return None
+
+    # ---- lifetime ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the node's resources (fds, locks) and its holds on its children.  The
+        graph calls it on blockdev-del; the hot methods raise EBADF afterwards."""
+        if self.closed:
+            return
+        self.closed = True
+        for att in list(self._child_atts.values()):
+            att.detach()
+        self._close()
+        for name in ("read_into", "write", "write_zeroes", "discard", "flush",
+                     "block_status", "cache"):
+            setattr(self, name, _closed)
+        self.file_range = lambda offset, length: None
+
+    def _close(self) -> None:
+        """Driver hook: release fds etc."""
+
+    # ---- permissions -------------------------------------------------------------------
+
+    @property
+    def parents(self) -> list[Attachment]:
+        """Current holders of this node (users and parent nodes), newest first."""
+        return list(self._parents)
+
+    @property
+    def users(self) -> list[Attachment]:
+        """Holders that are not parent nodes (exports and other block backends)."""
+        return [a for a in self._parents if a.parent is None]
+
+    def cumulative_perms(self) -> tuple[int, int]:
+        perm = 0
+        shared = PERM_ALL
+        for a in self._parents:
+            perm |= a.perm
+            shared &= a.shared
+        return perm, shared
+
+    def attach(self, user: str, perm: int, shared: int, child_name: str = "root") -> Attachment:
+        """Take ``perm`` on this node, allowing others ``shared``.
+
+        ``user`` is QEMU's description of the user for error messages; an export passes
+        ``"an unnamed block device"`` as QEMU 7.2 does for its BlockBackend.  Raises
+        :class:`blockexport.errors.Error` with QEMU's text on a conflict (another user does
+        not share what we need, or we unshare what another user holds), on a read-only node
+        asked for WRITE, or when another process holds a conflicting image lock.
+        """
+        return self._attach(Attachment(self, user, child_name, perm & PERM_ALL,
+                                       shared & PERM_ALL))
+
+    def _attach(self, att: Attachment) -> Attachment:
+        with _perm_lock:
+            if self.closed:
+                raise Error(f"Node '{self.node_name}' is closed")
+            self._parents.insert(0, att)
+            att.attached = True
+
+            def unlink():
+                att.attached = False
+                self._parents.remove(att)
+            _apply(self, [unlink])
+            return att
+
+    def _add_child(self, role: str, child: "BlockNode") -> Attachment:
+        """Make ``child`` this node's ``role`` child, taking the permissions
+        :meth:`_child_perm` derives from this node's current users."""
+        perm, shared = self.cumulative_perms()
+        cperm, cshared = self._child_perm(role, perm, shared)
+        if child.force_share:
+            cshared = PERM_ALL  # QEMU: a force-share child is shared entirely by its parents
+        att = Attachment(child, f"node '{self.node_name}'", role, cperm, cshared, parent=self)
+        child._attach(att)
+        self._child_atts[role] = att
+        self.children[role] = child
+        return att
+
+    def _child_perm(self, role: str, perm: int, shared: int) -> tuple[int, int]:
+        """Permissions this node needs on its ``role`` child given its users' cumulative
+        ``perm``/``shared``.  Default: a filter (pass everything through)."""
+        return perm, shared
+
+    def _set_perm(self, perm: int, shared: int, undo: list) -> None:
+        """Driver hook: the node's cumulative permissions change to (perm, shared).  Raise
+        :class:`Error` to refuse; append a callable to ``undo`` to revert on a later failure.
+        """
+
+    # ---- helpers for drivers ---------------------------------------------------------
+
+    def _detect_zeroes_write(self, write_data):
+        """Wrap ``write_data(offset, buf, fua)`` with this node's detect-zeroes policy (only
+        call when detect_zeroes != "off")."""
+        may_unmap = self.detect_zeroes == "unmap"
+        node = self
+
+        def write(offset, buf, fua=False):
+            if len(buf) and is_zero(buf):
+                node.write_zeroes(offset, len(buf), may_unmap, False, fua)
+            else:
+                write_data(offset, buf, fua)
+        return write
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.node_name!r} driver={self.driver!r}>"

@@ -1,0 +1,1109 @@
+"""``blockexport-nbd``: the qemu-nbd (7.2) command line.
+
+A script written for qemu-nbd works unchanged: same options (GNU getopt_long parsing, with
+abbreviations and permutation), same defaults, same checks in the same order, same messages
+(after the program name) and exit statuses.  Options this implementation cannot honour yet
+fail with a clear message and status 1; none is silently ignored except ``-v`` and the trace
+options, which only affect diagnostics.
+
+Start-up follows qemu-nbd: parse and check options, (fork), listen, open the image, create
+the export, write the pid file, chdir to ``/``, report readiness, serve.
+
+Entry points: :func:`main` (console script), :func:`parse_args` (argv -> :class:`NbdOptions`),
+:func:`open_image` (options -> block node), :func:`getopt_long` (GNU getopt emulation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+
+from .. import QEMU_COMPAT_VERSION, __version__
+from ..errors import Error
+from . import daemonize
+from .keyval import (SIZE_HINT, blockdev_typed, crumple, parse_object_arg,
+                     qemu_opts_parse)
+
+DEFAULT_PORT = "10809"
+DEFAULT_BIND = "0.0.0.0"
+NBD_MAX_STRING_SIZE = 4096
+EXPORT_ID = "qemu-nbd-export"
+PROBE_BUF_SIZE = 2048
+INT64_MAX = 2**63 - 1
+
+# getopt_long tables, in qemu-nbd's order (the order shows in "ambiguous" messages)
+SHORT_OPTS = "hVb:o:p:rsnc:dvk:e:f:tl:x:T:D:AB:L"
+NO_ARG, REQUIRED_ARG = 0, 1
+LONG_OPTS = [
+    ("help", NO_ARG, "h"),
+    ("version", NO_ARG, "V"),
+    ("bind", REQUIRED_ARG, "b"),
+    ("port", REQUIRED_ARG, "p"),
+    ("socket", REQUIRED_ARG, "k"),
+    ("offset", REQUIRED_ARG, "o"),
+    ("read-only", NO_ARG, "r"),
+    ("allocation-depth", NO_ARG, "A"),
+    ("bitmap", REQUIRED_ARG, "B"),
+    ("connect", REQUIRED_ARG, "c"),
+    ("disconnect", NO_ARG, "d"),
+    ("list", NO_ARG, "L"),
+    ("snapshot", NO_ARG, "s"),
+    ("load-snapshot", REQUIRED_ARG, "l"),
+    ("nocache", NO_ARG, "n"),
+    ("cache", REQUIRED_ARG, "cache"),
+    ("aio", REQUIRED_ARG, "aio"),
+    ("discard", REQUIRED_ARG, "discard"),
+    ("detect-zeroes", REQUIRED_ARG, "detect-zeroes"),
+    ("shared", REQUIRED_ARG, "e"),
+    ("format", REQUIRED_ARG, "f"),
+    ("persistent", NO_ARG, "t"),
+    ("verbose", NO_ARG, "v"),
+    ("object", REQUIRED_ARG, "object"),
+    ("export-name", REQUIRED_ARG, "x"),
+    ("description", REQUIRED_ARG, "D"),
+    ("tls-creds", REQUIRED_ARG, "tls-creds"),
+    ("tls-hostname", REQUIRED_ARG, "tls-hostname"),
+    ("tls-authz", REQUIRED_ARG, "tls-authz"),
+    ("image-opts", NO_ARG, "image-opts"),
+    ("trace", REQUIRED_ARG, "T"),
+    ("fork", NO_ARG, "fork"),
+    ("pid-file", REQUIRED_ARG, "pid-file"),
+    ("selinux-label", REQUIRED_ARG, "selinux-label"),
+]
+
+# Block drivers QEMU 7.2 knows: "-f NAME" with any other name is "Unknown driver".  Names we
+# do not implement are handed to the block layer, which reports them its own way.
+QEMU_BLOCK_DRIVERS = frozenset("""
+    blkdebug blklogwrites blkreplay blkverify bochs cloop compress copy-before-write
+    copy-on-read dmg file ftp ftps gluster host_cdrom host_device http https iscsi iser luks
+    nbd nfs null-aio null-co nvme nvme-io_uring parallels preallocate qcow qcow2 qed quorum raw
+    rbd replication snapshot-access ssh throttle vdi vhdx virtio-blk-vfio-pci
+    virtio-blk-vhost-user virtio-blk-vhost-vdpa vmdk vpc vvfat
+""".split())
+PROTOCOL_DRIVERS = frozenset(("file", "host_device", "host_cdrom", "null-co", "null-aio"))
+NULL_FILENAMES = {"null-co": "null-co://", "null-aio": "null-aio://"}
+
+TRACE_KEYS = ("enable", "events", "file")
+
+
+# --------------------------------------------------------------------------------------------
+# exits and messages
+# --------------------------------------------------------------------------------------------
+
+class CliExit(Exception):
+    """Stop with ``status`` (messages have already been printed)."""
+
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
+class Reporter:
+    """Prints messages as QEMU does: ``error_report`` uses the program's base name,
+    getopt's own messages use argv[0] as invoked."""
+
+    def __init__(self, argv0: str):
+        self.argv0 = argv0
+        self.name = os.path.basename(argv0) or argv0
+
+    def error(self, message: str, hint: str | None = None) -> None:
+        text = "%s: %s\n" % (self.name, message)
+        if hint:
+            text += hint if hint.endswith("\n") else hint + "\n"
+        _write(sys.stderr, text)
+
+    def warning(self, message: str, hint: str | None = None) -> None:
+        self.error("warning: " + message, hint)
+
+    def raw(self, text: str) -> None:
+        _write(sys.stderr, text)
+
+    def fail(self, message: str, hint: str | None = None):
+        self.error(message, hint)
+        raise CliExit(1)
+
+    def fail_err(self, err: Error, prefix: str = ""):
+        self.fail(prefix + err.message, getattr(err, "hint", None))
+
+
+def _write(stream, text: str) -> None:
+    """Write ``text``; arguments that were not valid UTF-8 go back out as their raw bytes."""
+    try:
+        buf = getattr(stream, "buffer", None)
+        if buf is not None:
+            stream.flush()
+            buf.write(text.encode(stream.encoding or "utf-8", "surrogateescape"))
+            buf.flush()
+        else:
+            stream.write(text)
+            stream.flush()
+    except (OSError, ValueError, UnicodeError):
+        pass
+
+
+def _display_argv0(argv0: str) -> str:
+    """argv[0] as the user typed it: a console script only sees its full path, so a script
+    found through $PATH is shown by its name, as a binary run that way would be."""
+    base = os.path.basename(argv0)
+    if os.path.isabs(argv0) and base:
+        found = shutil.which(base)
+        try:
+            if found and os.path.samefile(found, argv0):
+                return base
+        except OSError:
+            pass
+    return argv0
+
+
+# --------------------------------------------------------------------------------------------
+# GNU getopt_long
+# --------------------------------------------------------------------------------------------
+
+class GetoptError(Exception):
+    pass
+
+
+def getopt_long(args, shortopts: str, longopts, argv0: str, operands: list,
+                posixly_correct: bool | None = None):
+    """Yield ``(val, optarg)`` pairs like glibc's getopt_long, in command-line order.
+
+    Operands are appended to ``operands`` (GNU permutation unless POSIXLY_CORRECT).  On an
+    error glibc's message (prefixed with ``argv0``) is the :class:`GetoptError` text.
+    """
+    if posixly_correct is None:
+        posixly_correct = "POSIXLY_CORRECT" in os.environ
+    i = 0
+    n = len(args)
+    while i < n:
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            operands.extend(args[i:])
+            return
+        if not arg.startswith("-") or arg == "-":
+            operands.append(arg)
+            if posixly_correct:
+                operands.extend(args[i:])
+                return
+            continue
+        if arg.startswith("--"):
+            body = arg[2:]
+            name, eq, value = body.partition("=")
+            exact = [o for o in longopts if o[0] == name]
+            if exact:
+                opt = exact[0]
+            else:
+                matches = [o for o in longopts if o[0].startswith(name)]
+                if not matches:
+                    raise GetoptError("%s: unrecognized option '--%s'" % (argv0, body))
+                first = matches[0]
+                if any(o[1:] != first[1:] for o in matches[1:]):
+                    raise GetoptError("%s: option '--%s' is ambiguous; possibilities:%s"
+                                      % (argv0, body,
+                                         "".join(" '--%s'" % o[0] for o in matches)))
+                opt = first
+            lname, has_arg, val = opt
+            if eq:
+                if has_arg == NO_ARG:
+                    raise GetoptError("%s: option '--%s' doesn't allow an argument"
+                                      % (argv0, lname))
+                yield val, value
+            elif has_arg == REQUIRED_ARG:
+                if i >= n:
+                    raise GetoptError("%s: option '--%s' requires an argument" % (argv0, lname))
+                yield val, args[i]
+                i += 1
+            else:
+                yield val, None
+            continue
+        # a cluster of short options
+        j = 1
+        while j < len(arg):
+            c = arg[j]
+            j += 1
+            k = shortopts.find(c)
+            if c == ":" or k < 0:
+                raise GetoptError("%s: invalid option -- '%s'" % (argv0, c))
+            if shortopts[k + 1:k + 2] == ":":
+                if j < len(arg):
+                    yield c, arg[j:]
+                elif i < n:
+                    yield c, args[i]
+                    i += 1
+                else:
+                    raise GetoptError("%s: option requires an argument -- '%s'" % (argv0, c))
+                break
+            yield c, None
+
+
+# --------------------------------------------------------------------------------------------
+# options
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class NbdOptions:
+    filename: str | None = None
+    list_mode: bool = False
+    fmt: str | None = None
+    image_opts: bool = False
+    read_only: bool = False
+    shared: int = 1
+    persistent: bool = False
+    export_name: str | None = None
+    description: str | None = None
+    socket_path: str | None = None
+    port: str | None = None
+    bind: str | None = None
+    offset: int = 0
+    # cache: block options derived as QEMU's bdrv_parse_cache_mode
+    cache_mode: str | None = None
+    cache_direct: bool = False
+    cache_no_flush: bool = False
+    writethrough: bool = False
+    aio: str | None = None
+    discard: str | None = None
+    detect_zeroes: str = "off"
+    objects: list = dataclasses.field(default_factory=list)
+    allocation_depth: bool = False
+    bitmaps: list = dataclasses.field(default_factory=list)
+    tls_creds: str | None = None
+    tls_authz: str | None = None
+    tls_hostname: str | None = None
+    fork: bool = False
+    pid_file: str | None = None
+    verbose: bool = False
+    trace: list = dataclasses.field(default_factory=list)
+    snapshot: bool = False
+    load_snapshot: str | None = None
+    load_snapshot_opts: dict | None = None
+    device: str | None = None
+    disconnect: bool = False
+    selinux_label: str | None = None
+
+    @property
+    def seen_cache(self) -> bool:
+        return self.cache_mode is not None
+
+    def backlog(self) -> int:
+        if self.persistent or self.shared == 0:
+            return socket.SOMAXCONN
+        return min(self.shared, socket.SOMAXCONN)
+
+
+_C_INT = re.compile(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+
+
+def _c_strto(text: str):
+    """C ``strtol(..., 0)`` syntax over the whole string: (negative, magnitude) or None."""
+    m = _C_INT.fullmatch(text)
+    if not m:
+        return None
+    digits = m.group(2)
+    if digits[:2] in ("0x", "0X"):
+        v = int(digits[2:], 16)
+    elif digits.startswith("0") and len(digits) > 1:
+        v = int(digits[1:], 8)
+    else:
+        v = int(digits)
+    return m.group(1) == "-", v
+
+
+def _strtoi(text: str):
+    """qemu_strtoi(base 0): None unless the whole string is an int in range."""
+    r = _c_strto(text)
+    if r is None:
+        return None
+    v = -r[1] if r[0] else r[1]
+    return v if -2**31 <= v < 2**31 else None
+
+
+def _strtou64(text: str):
+    """qemu_strtou64(base 0) as in 7.2: a leading '-' negates modulo 2^64."""
+    r = _c_strto(text)
+    if r is None or r[1] >= 2**64:
+        return None
+    return (-r[1]) % 2**64 if r[0] else r[1]
+
+
+def _object_types() -> dict:
+    """User-creatable object types (name -> creator).  None exist yet; TLS credentials,
+    secrets and authz objects will register here."""
+    return {}
+
+
+def create_object(props: dict) -> None:
+    """Validate and create one ``--object`` (QEMU's user_creatable_process_cmdline)."""
+    types = _object_types()
+    qom_type = props.get("qom-type")
+    if qom_type is None:
+        raise Error("Parameter 'qom-type' is missing")
+    if not isinstance(qom_type, str):
+        raise Error("Invalid parameter type for 'qom-type', expected: string")
+    if qom_type not in types:
+        raise Error("Parameter 'qom-type' does not accept value '%s'" % qom_type)
+    types[qom_type](props)
+
+
+def _print_object_help(props: dict, out) -> None:
+    types = _object_types()
+    out.write("List of user creatable objects:\n")
+    for name in sorted(types):
+        out.write("  %s\n" % name)
+
+
+def _parse_trace(arg: str, opts: NbdOptions, rep: Reporter) -> None:
+    """``-T``: accepted for compatibility; there are no trace events, so only the checks and
+    messages remain (unknown events warn, ``help`` lists none)."""
+    values, help_ = qemu_opts_parse(arg, "enable", warn=rep.warning)
+    if help_:
+        _write(sys.stdout, "trace options:\n" + "".join("  %s=<str>\n" % k for k in TRACE_KEYS))
+        raise CliExit(1)
+    for key in values:
+        if key not in TRACE_KEYS:
+            rep.fail("Invalid parameter '%s'" % key)
+    patterns = []
+    if "enable" in values:
+        if values["enable"] == "help":
+            raise CliExit(0)      # the (empty) list of trace events
+        patterns.append(values["enable"])
+    if "events" in values:
+        path = values["events"]
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                lines = f.read().splitlines()
+        except OSError as exc:
+            rep.raw("%s:%s: %s\n" % (rep.name, path, exc.strerror))
+            raise CliExit(1)
+        for line in lines:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                patterns.append(line)
+    for pattern in patterns:
+        name = pattern[1:] if pattern.startswith("-") else pattern
+        if name and "*" not in name:
+            rep.warning("trace event '%s' does not exist" % name)
+    if "file" in values:
+        opts.trace.append(("file", values["file"]))
+
+
+def _parse_load_snapshot(arg: str, opts: NbdOptions, rep: Reporter) -> None:
+    if arg.startswith("snapshot."):
+        values, _ = qemu_opts_parse(arg, None, warn=rep.warning)
+        for key in values:
+            if key not in ("snapshot.id", "snapshot.name"):
+                rep.error("Invalid parameter '%s'" % key)
+                rep.fail("Failed in parsing snapshot param `%s'" % arg)
+        opts.load_snapshot_opts = values
+    opts.load_snapshot = arg
+
+
+_CACHE_MODES = {
+    # mode: (cache.direct, cache.no-flush, writethrough) — QEMU's bdrv_parse_cache_mode
+    "off": (True, False, False),
+    "none": (True, False, False),
+    "directsync": (True, False, True),
+    "writeback": (False, False, False),
+    "unsafe": (False, True, False),
+    "writethrough": (False, False, True),
+}
+_AIO_MODES = ("threads", "native", "io_uring")
+_DISCARD_MODES = {"off": "ignore", "ignore": "ignore", "on": "unmap", "unmap": "unmap"}
+
+
+def parse_args(argv, rep: Reporter) -> NbdOptions:
+    """Parse qemu-nbd's command line, with qemu-nbd's per-option and whole-line checks.
+
+    Prints messages and raises :class:`CliExit` on errors and for ``-h``/``-V``/help."""
+    o = NbdOptions()
+    operands = []
+    try:
+        for val, arg in getopt_long(argv, SHORT_OPTS, LONG_OPTS, rep.argv0, operands):
+            _apply_option(o, val, arg, rep)
+    except GetoptError as exc:
+        rep.raw("%s\n" % exc)
+        rep.fail("Try `%s --help' for more information." % rep.argv0)
+
+    if o.list_mode:
+        if operands:
+            rep.fail("List mode is incompatible with a file name")
+        if (o.export_name is not None or o.description is not None or o.offset or o.device
+                or o.disconnect or o.fmt or o.load_snapshot or o.bitmaps or o.allocation_depth
+                or o.aio is not None or o.discard is not None or o.seen_cache):
+            rep.fail("List mode is incompatible with per-device settings")
+        if o.fork:
+            rep.fail("List mode is incompatible with forking")
+    elif len(operands) != 1:
+        rep.error("Invalid number of arguments")
+        rep.raw("Try `%s --help' for more information.\n" % rep.argv0)
+        raise CliExit(1)
+    else:
+        o.filename = operands[0]
+        if o.export_name is None:
+            o.export_name = ""
+    return o
+
+
+def _apply_option(o: NbdOptions, val: str, arg, rep: Reporter) -> None:
+    if val == "s":
+        o.snapshot = True
+    elif val in ("n", "cache"):
+        mode = "none" if val == "n" else arg
+        if o.seen_cache:
+            rep.fail("-n and --cache can only be specified once")
+        if mode not in _CACHE_MODES:
+            rep.fail("Invalid cache mode `%s'" % mode)
+        o.cache_mode = mode
+        o.cache_direct, o.cache_no_flush, o.writethrough = _CACHE_MODES[mode]
+    elif val == "aio":
+        if o.aio is not None:
+            rep.fail("--aio can only be specified once")
+        if arg not in _AIO_MODES:
+            rep.fail("Invalid aio mode '%s'" % arg)
+        o.aio = arg
+    elif val == "discard":
+        if o.discard is not None:
+            rep.fail("--discard can only be specified once")
+        if arg not in _DISCARD_MODES:
+            rep.fail("Invalid discard mode `%s'" % arg)
+        o.discard = _DISCARD_MODES[arg]
+    elif val == "detect-zeroes":
+        if arg not in ("off", "on", "unmap"):
+            rep.fail("Failed to parse detect_zeroes mode: invalid parameter value: %s" % arg)
+        if arg == "unmap" and o.discard != "unmap":
+            rep.fail("setting detect-zeroes to unmap is not allowed without setting discard "
+                     "operation to unmap")
+        o.detect_zeroes = arg
+    elif val == "b":
+        o.bind = arg
+    elif val == "p":
+        o.port = arg
+    elif val == "o":
+        value = _strtou64(arg)
+        if value is None:
+            rep.fail("Invalid offset '%s'" % arg)
+        o.offset = value
+    elif val in ("l", "r"):
+        if val == "l":
+            _parse_load_snapshot(arg, o, rep)
+        o.read_only = True
+    elif val == "A":
+        o.allocation_depth = True
+    elif val == "B":
+        o.bitmaps.append(arg)
+    elif val == "k":
+        o.socket_path = arg
+        if not arg.startswith("/"):
+            rep.fail("socket path must be absolute")
+    elif val == "d":
+        o.disconnect = True
+    elif val == "c":
+        o.device = arg
+    elif val == "e":
+        value = _strtoi(arg)
+        if value is None or value < 0:
+            rep.fail("Invalid shared device number '%s'" % arg)
+        o.shared = value
+    elif val == "f":
+        o.fmt = arg
+    elif val == "t":
+        o.persistent = True
+    elif val == "x":
+        if len(os.fsencode(arg)) > NBD_MAX_STRING_SIZE:
+            rep.fail("export name '%s' too long" % arg)
+        o.export_name = arg
+    elif val == "D":
+        if len(os.fsencode(arg)) > NBD_MAX_STRING_SIZE:
+            rep.fail("export description '%s' too long" % arg)
+        o.description = arg
+    elif val == "v":
+        o.verbose = True
+    elif val == "V":
+        _write(sys.stdout, version_text(rep.argv0))
+        raise CliExit(0)
+    elif val == "h":
+        _write(sys.stdout, usage_text(rep.argv0))
+        raise CliExit(0)
+    elif val == "object":
+        try:
+            props, help_ = parse_object_arg(arg)
+            if help_:
+                _print_object_help(props, sys.stdout)
+                sys.stdout.flush()
+                raise CliExit(0)
+            create_object(props)
+        except Error as err:
+            rep.fail_err(err)
+        o.objects.append(props)
+    elif val == "tls-creds":
+        o.tls_creds = arg
+    elif val == "tls-hostname":
+        o.tls_hostname = arg
+    elif val == "tls-authz":
+        o.tls_authz = arg
+    elif val == "image-opts":
+        o.image_opts = True
+    elif val == "T":
+        _parse_trace(arg, o, rep)
+    elif val == "fork":
+        o.fork = True
+    elif val == "L":
+        o.list_mode = True
+    elif val == "pid-file":
+        o.pid_file = arg
+    elif val == "selinux-label":
+        o.selinux_label = arg
+
+
+# --------------------------------------------------------------------------------------------
+# help and version
+# --------------------------------------------------------------------------------------------
+
+def usage_text(argv0: str) -> str:
+    return """\
+Usage: {p} [OPTIONS] FILE
+  or:  {p} -L [OPTIONS]
+Serve a disk image over NBD (a qemu-nbd {v} compatible command line)
+
+  -h, --help                show this text and exit
+  -V, --version             show the version and exit
+
+Connection properties:
+  -p, --port=PORT           TCP port to listen on (default 10809)
+  -b, --bind=IFACE          address or host name to listen on (default 0.0.0.0)
+  -k, --socket=PATH         listen on a unix socket at PATH (an absolute path)
+  -e, --shared=NUM          allow NUM clients at a time (default 1, 0 = no limit)
+  -t, --persistent          keep serving after the last client disconnects
+  -v, --verbose             more diagnostics
+  -x, --export-name=NAME    name of the export (default: the empty name)
+  -D, --description=TEXT    description that clients can read
+
+Exposing part of the image:
+  -o, --offset=OFFSET       export the image starting at byte OFFSET
+  -A, --allocation-depth    offer the qemu:allocation-depth metadata context
+  -B, --bitmap=NAME         offer the persistent dirty bitmap NAME
+
+General purpose options:
+  -L, --list                list the exports of another NBD server
+  --object type,id=ID,...   create an object (secrets, TLS credentials, ...)
+  --tls-creds=ID            use TLS with the credentials object ID
+  --tls-authz=ID            check TLS clients with the authorization object ID
+  -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]
+                            trace options (accepted for compatibility)
+  --fork                    run in the background once the server is listening
+  --pid-file=PATH           write the server's process id to PATH
+  --selinux-label=LABEL     SELinux label for the listening socket
+
+Kernel NBD client support:
+  -c, --connect=DEV         attach FILE to the kernel NBD device DEV
+  -d, --disconnect          detach the kernel NBD device FILE
+
+Block device options:
+  -f, --format=FORMAT       image format (raw, ...); probed when omitted
+  -r, --read-only           refuse writes
+  -s, --snapshot            send writes to a temporary overlay over FILE
+  -l, --load-snapshot=SNAPSHOT_PARAM
+                            export an internal snapshot of FILE, read-only;
+                            'snapshot.id=[ID],snapshot.name=[NAME]' or '[ID_OR_NAME]'
+  -n, --nocache             same as --cache=none
+      --cache=MODE          host cache mode: none, writeback (default),
+                            writethrough, directsync or unsafe
+      --aio=MODE            I/O mode: threads, native or io_uring
+      --discard=MODE        discard requests: ignore or unmap
+      --detect-zeroes=MODE  turn zero writes into zero requests: off, on or unmap
+      --image-opts          FILE is a list of block options, not a file name
+
+Report bugs to the blockexport project.
+""".format(p=argv0, v=QEMU_COMPAT_VERSION)
+
+
+def version_text(argv0: str) -> str:
+    return ("%s %s (blockexport; compatible with qemu-nbd %s)\n"
+            "A Python implementation of the qemu-nbd command line.\n"
+            "\n"
+            "This is free software under the MIT license; there is NO warranty.\n"
+            % (argv0, __version__, QEMU_COMPAT_VERSION))
+
+
+# --------------------------------------------------------------------------------------------
+# opening the image
+# --------------------------------------------------------------------------------------------
+
+def _probe_format(buf: bytes) -> str:
+    """The format QEMU's probing would pick among formats it knows (raw when none)."""
+    if buf[:4] == b"QFI\xfb" and len(buf) >= 8:
+        return "qcow2" if int.from_bytes(buf[4:8], "big") >= 2 else "qcow"
+    if buf[:4] == b"QED\x00":
+        return "qed"
+    if buf[:6] == b"LUKS\xba\xbe":
+        return "luks"
+    if buf[:4] == b"KDMV" or buf[:4] == b"COWD" or buf.startswith(b"# Disk DescriptorFile"):
+        return "vmdk"
+    if buf[:8] == b"conectix":
+        return "vpc"
+    if buf[:8] == b"vhdxfile":
+        return "vhdx"
+    if len(buf) >= 0x44 and int.from_bytes(buf[0x40:0x44], "little") == 0xbeda107f:
+        return "vdi"
+    if buf[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt"):
+        return "parallels"
+    return "raw"
+
+
+def _protocol_options(filename: str) -> dict:
+    """Protocol node options for a plain FILE argument (QEMU's protocol detection)."""
+    p = len(filename)
+    for k, c in enumerate(filename):
+        if c in ":/":
+            p = k
+            break
+    if p < len(filename) and filename[p] == ":":
+        proto = filename[:p]
+        if proto == "file":
+            return {"driver": "file", "filename": filename[len("file:"):]}
+        if proto in NULL_FILENAMES:
+            if filename != NULL_FILENAMES[proto]:
+                raise Error("The only allowed filename for this driver is '%s'"
+                            % NULL_FILENAMES[proto])
+            return {"driver": proto}
+        raise Error("Unknown protocol '%s'" % proto)
+    return {"driver": "file", "filename": filename}
+
+
+# node names of the roots we create (QEMU's own are "#blockNNN", which QMP-style
+# blockdev-add does not accept)
+NODE_PROTOCOL = "qemu-nbd-protocol"
+NODE_IMAGE = "qemu-nbd-image"
+NODE_OFFSET = "qemu-nbd-offset"
+
+
+def _apply_defaults(opts: dict, o: NbdOptions, name: str | None = None,
+                    top: bool = False) -> dict:
+    """Fill the command-line flags into an options tree, explicit values winning (QEMU's
+    open flags).  ``name``: this is a root node (it gets the flags and that node name unless
+    given; the graph passes read-only/cache on to implicit children as QEMU does).
+    ``top``: the node to be exported, whose detect-zeroes mode qemu-nbd always sets."""
+    out = dict(opts)
+    if name is not None:
+        out.setdefault("node-name", name)
+        out.setdefault("read-only", o.read_only)
+        out.setdefault("discard", o.discard or "ignore")
+        cache = out.get("cache", {})
+        if isinstance(cache, dict):
+            cache = dict(cache)
+            cache.setdefault("direct", o.cache_direct)
+            cache.setdefault("no-flush", o.cache_no_flush)
+            out["cache"] = cache
+    if top:
+        out["detect-zeroes"] = o.detect_zeroes
+    if out.get("driver") == "file":
+        if o.aio is not None:
+            out.setdefault("aio", o.aio)
+        out.setdefault("locking", "auto")
+    for role in ("file", "backing", "data-file"):
+        child = out.get(role)
+        if isinstance(child, dict):
+            out[role] = _apply_defaults(child, o)
+    return out
+
+
+def _probe_warning(rep: Reporter, filename: str) -> None:
+    rep.raw("WARNING: Image format was not specified for '%s' and probing guessed raw.\n"
+            "         Automatically detecting the format is dangerous for raw images, "
+            "write operations on block 0 will be restricted.\n"
+            "         Specify the 'raw' format explicitly to remove the restrictions.\n"
+            % filename)
+
+
+def _open_probed(graph, proto, top_opts: dict, o: NbdOptions, rep: Reporter):
+    """Guess the format from the first bytes of the protocol node ``proto`` (options dict:
+    opened here; or an existing node) and open the format node over it."""
+    created = isinstance(proto, dict)
+    if created:
+        filename = proto.get("filename")
+        proto = graph.blockdev_add(proto)
+    else:
+        filename = None
+    try:
+        length = min(proto.length(), PROBE_BUF_SIZE)
+        buf = bytearray(length)
+        if length:
+            proto.read_into(0, memoryview(buf))
+        fmt = _probe_format(bytes(buf))
+        if fmt == "raw" and not top_opts.get("read-only"):
+            _probe_warning(rep, filename if filename is not None else proto.node_name)
+        opts = dict(top_opts)
+        opts["driver"] = fmt
+        opts["file"] = proto.node_name
+        return graph.blockdev_add(opts)
+    except BaseException:
+        if created:
+            try:
+                graph.blockdev_del(proto.node_name)
+            except Exception:
+                pass
+        raise
+
+
+def _open_options(graph, opts: dict, o: NbdOptions, rep: Reporter):
+    """Open a nested options tree; without ``driver`` the format is probed (QEMU's legacy
+    open: the protocol comes from ``file`` or ``filename``)."""
+    top = o.offset == 0
+    if "driver" in opts:
+        return graph.blockdev_add(_apply_defaults(opts, o, NODE_IMAGE, top))
+    rest = {k: v for k, v in opts.items() if k not in ("file", "filename")}
+    child = opts.get("file")
+    if isinstance(child, dict):
+        return _open_probed(graph, _apply_defaults(child, o, NODE_PROTOCOL),
+                            _apply_defaults(rest, o, NODE_IMAGE, top), o, rep)
+    if isinstance(child, str):
+        if "filename" in opts:
+            raise Error("Cannot reference an existing block device with additional options "
+                        "or a new filename")
+        node = graph.lookup(child)
+        if node is None:
+            raise Error("Cannot find device='%s' nor node-name='%s'" % (child, child))
+        return _open_probed(graph, node, _apply_defaults(rest, o, NODE_IMAGE, top), o, rep)
+    if "filename" in opts:
+        proto = _apply_defaults(_protocol_options(opts["filename"]), o, NODE_PROTOCOL)
+        return _open_probed(graph, proto, _apply_defaults(rest, o, NODE_IMAGE, top), o, rep)
+    raise Error("Must specify either driver or file")
+
+
+def _flatten(value, prefix="", out=None) -> dict:
+    out = {} if out is None else out
+    for k, v in value.items():
+        if isinstance(v, dict):
+            _flatten(v, prefix + k + ".", out)
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _crumple_checked(flat: dict) -> dict:
+    for key in flat:
+        if key in ("file", "backing") and any(k.startswith(key + ".") for k in flat):
+            raise Error("Cannot reference an existing block device with additional options "
+                        "or a new filename")
+    return crumple(flat)
+
+
+def _check_drivers(opts: dict) -> None:
+    """The legacy open path names unknown drivers its own way (QMP's blockdev-add says
+    "Parameter 'driver' does not accept value ...")."""
+    driver = opts.get("driver")
+    if isinstance(driver, str) and driver not in QEMU_BLOCK_DRIVERS:
+        raise Error("Unknown driver '%s'" % driver)
+    for value in opts.values():
+        if isinstance(value, dict):
+            _check_drivers(value)
+
+
+_UNEXPECTED = re.compile(r"Parameter '([^']+)' is unexpected")
+
+
+def _open_user_options(graph, opts: dict, o: NbdOptions, rep: Reporter):
+    """Open options given by the user (--image-opts, json:), with the legacy path's words
+    for unknown drivers and options."""
+    _check_drivers(opts)
+    try:
+        return _open_options(graph, opts, o, rep)
+    except Error as err:
+        m = _UNEXPECTED.fullmatch(err.message)
+        if not m:
+            raise
+        *path, option = m.group(1).split(".")
+        if path[-1:] == ["cache"]:
+            path, option = path[:-1], "cache." + option
+        owner = opts
+        for part in path:
+            owner = owner.get(part) if isinstance(owner, dict) else None
+        driver = owner.get("driver") if isinstance(owner, dict) else None
+        if not isinstance(driver, str):
+            raise
+        if driver in PROTOCOL_DRIVERS:
+            raise Error("Block protocol '%s' doesn't support the option '%s'"
+                        % (driver, option)) from None
+        raise Error("Block format '%s' does not support the option '%s'"
+                    % (driver, option)) from None
+
+
+def _blk_new_open(graph, o: NbdOptions, rep: Reporter):
+    filename = o.filename
+    top = o.offset == 0
+    if o.image_opts:
+        flat, _ = qemu_opts_parse(filename, "file", warn=rep.warning)
+        opts = blockdev_typed(_crumple_checked(flat), warn=rep.warning)
+        return _open_user_options(graph, opts, o, rep)
+    if filename.startswith("json:"):
+        try:
+            parsed = json.loads(filename[len("json:"):])
+        except ValueError as exc:
+            raise Error("Could not parse the JSON options: %s" % exc.args[0])
+        if not isinstance(parsed, dict):
+            raise Error("Invalid JSON object given")
+        flat = _flatten(parsed)
+        if o.fmt:
+            flat["driver"] = o.fmt
+        opts = blockdev_typed(_crumple_checked(flat), warn=rep.warning)
+        return _open_user_options(graph, opts, o, rep)
+    if o.fmt is not None:
+        if o.fmt not in QEMU_BLOCK_DRIVERS:
+            raise Error("Unknown driver '%s'" % o.fmt)
+        if o.fmt in PROTOCOL_DRIVERS:
+            proto = _protocol_options(filename)
+            proto["driver"] = o.fmt
+            return graph.blockdev_add(_apply_defaults(proto, o, NODE_IMAGE, top))
+        return graph.blockdev_add(_apply_defaults(
+            {"driver": o.fmt, "file": _protocol_options(filename)}, o, NODE_IMAGE, top))
+    proto = _apply_defaults(_protocol_options(filename), o, NODE_PROTOCOL)
+    return _open_probed(graph, proto, _apply_defaults({}, o, NODE_IMAGE, top), o, rep)
+
+
+def _find_bitmap(node, name: str) -> bool:
+    seen = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        finder = getattr(n, "find_dirty_bitmap", None)
+        if finder is not None and finder(name):
+            return True
+        children = getattr(n, "children", None) or {}
+        stack.extend(children.get(role) for role in ("file", "backing") if role in children)
+    return False
+
+
+def open_image(graph, o: NbdOptions, rep: Reporter):
+    """Open FILE as qemu-nbd does and return the node to export (after ``-o``, ``-l`` and
+    detect-zeroes).  Prints QEMU's messages and raises :class:`CliExit` on failure."""
+    if o.image_opts and o.fmt:
+        rep.fail("--image-opts and -f are mutually exclusive")
+    try:
+        node = _blk_new_open(graph, o, rep)
+        if not o.read_only and getattr(node, "read_only", False):
+            raise Error("Block node is read-only")
+    except Error as err:
+        rep.fail_err(err, "Failed to blk_new_open '%s': " % o.filename)
+
+    if o.offset:
+        if o.offset > INT64_MAX:
+            rep.fail("Parameter 'offset' expects a non-negative number below 2^64", SIZE_HINT)
+        try:
+            node = graph.blockdev_add(_apply_defaults(
+                {"driver": "raw", "file": node.node_name, "offset": o.offset}, o, NODE_OFFSET,
+                top=True))
+        except Error as err:
+            rep.fail_err(err)
+
+    if o.load_snapshot is not None:
+        if node.driver != "qcow2":
+            rep.fail("Failed to load snapshot: Block format '%s' used by device '' does not "
+                     "support temporarily loading internal snapshots" % node.driver)
+        rep.fail("Failed to load snapshot: internal snapshots are not supported yet")
+    return node
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+def _check_environment(o: NbdOptions, rep: Reporter) -> int:
+    """The checks qemu-nbd makes after parsing; returns the socket-activation fd count."""
+    for kind, value in o.trace:
+        if kind == "file":
+            try:
+                with open(value, "w"):
+                    pass
+            except OSError as exc:
+                rep.fail("Error opening logfile %s: %s" % (value, exc.strerror))
+
+    try:
+        activation = daemonize.check_socket_activation()
+    except Error as err:
+        rep.fail_err(err)
+    if activation:
+        msg = None
+        if o.device is not None:
+            msg = "NBD device can't be set when using socket activation"
+        elif o.socket_path is not None:
+            msg = "Unix socket can't be set when using socket activation"
+        elif o.bind is not None:
+            msg = "The interface can't be set when using socket activation"
+        elif o.port is not None:
+            msg = "TCP port number can't be set when using socket activation"
+        elif o.selinux_label is not None:
+            msg = "SELinux label can't be set when using socket activation"
+        elif o.list_mode:
+            msg = "List mode is incompatible with socket activation"
+        if msg:
+            rep.fail(msg)
+        if activation > 1:
+            rep.fail("%s does not support socket activation with LISTEN_FDS > 1" % rep.name)
+
+    if o.tls_creds is not None:
+        if o.device is not None:
+            rep.fail("TLS is not supported with a host device")
+        if o.tls_authz is not None and o.list_mode:
+            rep.fail("TLS authorization is incompatible with export list")
+        if o.tls_hostname is not None and not o.list_mode:
+            rep.fail("TLS hostname is only supported with export list")
+        # no object type can be created yet, so no TLS credentials can exist
+        rep.fail("Failed to get TLS creds: No TLS credentials with id '%s'" % o.tls_creds)
+    else:
+        if o.tls_authz is not None:
+            rep.fail("--tls-authz is not permitted without --tls-creds")
+        if o.tls_hostname is not None:
+            rep.fail("--tls-hostname is not permitted without --tls-creds")
+
+    if o.selinux_label is not None:
+        if o.socket_path is None and o.device is None:
+            rep.fail("--selinux-label is not permitted without --socket")
+        rep.fail("SELinux support not enabled in this binary")
+    return activation
+
+
+def _run_list(o: NbdOptions, rep: Reporter) -> int:
+    from .nbd_list import main_list
+    # TLS credentials cannot exist yet (no object types), so there is no TLS context here
+    return main_list(host=o.bind or DEFAULT_BIND, port=o.port or DEFAULT_PORT,
+                     socket_path=o.socket_path, tls_hostname=o.tls_hostname, prog=rep.name)
+
+
+def _listen(server, o: NbdOptions, activation: int, rep: Reporter) -> None:
+    if activation:
+        try:
+            fd = daemonize.activated_socket(daemonize.FIRST_SOCKET_ACTIVATION_FD)
+        except Error as err:
+            rep.fail_err(err, "Failed to use socket activation: ")
+        server.listen_fds([fd])
+        return
+    try:
+        if o.socket_path is not None:
+            daemonize.check_unix_path(o.socket_path)
+            server.listen_unix(o.socket_path, o.backlog())
+        else:
+            socks = daemonize.listen_inet(o.bind or DEFAULT_BIND, o.port or DEFAULT_PORT,
+                                          o.backlog())
+            server.listen_fds([s.detach() for s in socks])
+    except Error as err:
+        rep.fail_err(err)
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class _EarlyStop(BaseException):
+    pass
+
+
+def _early_stop(signum, frame):
+    raise _EarlyStop()
+
+
+def serve(o: NbdOptions, activation: int, rep: Reporter) -> int:
+    """Everything after the checks: fork, listen, open, export, pid file, run."""
+    from ..block.graph import BlockGraph
+    from ..exports.nbd import NbdExport
+    from ..exports.nbd_server import NbdServer
+
+    background = daemonize.fork_background() if o.fork else None
+    # Until the server's own handlers are in place, SIGTERM/SIGINT/SIGHUP end start-up
+    # cleanly (pid file and socket removed, status 0) instead of killing the process.
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, _early_stop)
+
+    server = NbdServer(max_connections=o.shared, persistent=o.persistent)
+    pidfile = graph = None
+    try:
+        _listen(server, o, activation, rep)
+        graph = BlockGraph()
+        node = open_image(graph, o, rep)
+        for name in o.bitmaps:
+            if not _find_bitmap(node, name):
+                rep.fail("Bitmap '%s' is not found" % name)
+        try:
+            export = NbdExport(name=o.export_name, node=node, writable=not o.read_only,
+                               description=o.description, writethrough=o.writethrough,
+                               allocation_depth=o.allocation_depth, bitmaps=o.bitmaps,
+                               export_id=EXPORT_ID)
+            server.add_export(export)
+        except Error as err:
+            rep.fail_err(err)
+        if o.pid_file is not None:
+            pidfile = daemonize.PidFile(o.pid_file)
+            try:
+                pidfile.write()
+            except Error as err:
+                pidfile = None
+                rep.fail_err(err)
+        try:
+            os.chdir("/")
+        except OSError as exc:
+            rep.fail("Could not chdir to root directory: %s" % exc.strerror)
+        if background is not None:
+            background.ready()
+        return server.run()
+    except CliExit:
+        _close_listeners(server)
+        raise
+    except _EarlyStop:
+        _close_listeners(server)
+        return 0
+    finally:
+        if pidfile is not None:
+            pidfile.remove()
+        if graph is not None:
+            graph.close()
+
+
+def _close_listeners(server) -> None:
+    """Best-effort cleanup of what a failed start-up created (sockets, unix path)."""
+    for sock, path in list(getattr(server, "_listeners", [])):
+        try:
+            sock.close()
+        except OSError:
+            pass
+        if path:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def run(argv, argv0: str) -> int:
+    rep = Reporter(argv0)
+    o = parse_args(argv, rep)
+    activation = _check_environment(o, rep)
+    if o.list_mode:
+        return _run_list(o, rep)
+    if o.device is not None or o.disconnect:
+        rep.fail("Kernel /dev/nbdN support not available")
+    if o.snapshot:
+        rep.fail("-s/--snapshot is not supported yet (it needs a temporary qcow2 overlay)")
+    return serve(o, activation, rep)
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if prog is None:
+        prog = _display_argv0(sys.argv[0]) if sys.argv and sys.argv[0] else "blockexport-nbd"
+        if prog.endswith(".py") or prog == "-m" or prog.endswith("__main__.py"):
+            prog = "blockexport-nbd"
+    try:
+        return run(list(argv), prog)
+    except CliExit as exc:
+        return exc.status
+    except KeyboardInterrupt:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The ``nbd`` export type: what one NBD export offers (size, flags, meta contexts)."""
+from ..errors import Error
+from ..block.node import BS_DATA, BS_ZERO, PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE
+from ..nbd import constants as C
+from ..nbd.handshake import ExportView
+from ..nbd.metacontext import ContextTable
+
+_HOLE = C.STATE_HOLE
+_ZERO = C.STATE_ZERO
+
+
+def round_up(value: int, align: int) -> int:
+    return (value + align - 1) // align * align
+
+
+class NbdExport:
+    """One NBD export of a block node.
+
+    The transmission flags are fixed when the export is bound to a server (QEMU computes
+    them at export creation); CAN_MULTI_CONN follows the server's connection limit.
+    """
+
+    def __init__(self, name: str, node, writable: bool = False, description: str | None = None,
+                 writethrough: bool = False, allocation_depth: bool = False, bitmaps=(),
+                 export_id: str | None = None):
+        if len(name.encode()) > C.MAX_STRING_SIZE:
+            raise Error("export name '%s' too long" % name)
+        if description is not None and len(description.encode()) > C.MAX_STRING_SIZE:
+            raise Error("description '%s' too long" % description)
+        if writable and node.read_only:
+            raise Error("Cannot export read-only node as writable")
+        self.name = name
+        self.id = export_id if export_id is not None else name
+        self.description = description
+        self.node = node
+        self.writable = writable
+        self.writethrough = writethrough
+        self.allocation_depth = allocation_depth
+        self.bitmaps = list(bitmaps)
+        perm = PERM_CONSISTENT_READ | (PERM_WRITE if writable else 0)
+        self.attachment = node.attach("export '%s'" % self.id, perm, PERM_ALL & ~PERM_RESIZE)
+        self.size = round_up(node.length(), C.EXPORT_SIZE_ALIGN)
+        self.contexts = ContextTable(allocation_depth, [b for b in self.bitmaps])
+        self.flags = 0
+        self.connections = set()
+
+    def bind(self, multi_conn: bool) -> None:
+        """Compute the transmission flags (without SEND_DF, which is per client)."""
+        f = C.TxFlag
+        flags = f.HAS_FLAGS | f.SEND_FLUSH | f.SEND_FUA | f.SEND_CACHE
+        if self.writable:
+            flags |= f.SEND_TRIM | f.SEND_WRITE_ZEROES | f.SEND_FAST_ZERO
+        else:
+            flags |= f.READ_ONLY
+        if multi_conn:
+            flags |= f.CAN_MULTI_CONN
+        self.flags = int(flags)
+
+    def view(self) -> ExportView:
+        node = self.node
+        min_block = max(1, node.request_alignment)
+        max_transfer = node.max_transfer or C.MAX_BUFFER_SIZE
+        return ExportView(
+            name=self.name,
+            description=self.description,
+            size=self.size,
+            flags=self.flags,
+            min_block=min_block,
+            pref_block=max(4096, min_block),
+            max_block=min(max_transfer, C.MAX_BUFFER_SIZE),
+            contexts=self.contexts,
+            handle=self,
+        )
+
+    # --- meta contexts ---------------------------------------------------------------------
+    def context_provider(self, name: str):
+        """A function ``(offset, length, max_extents) -> [len, flags, len, flags, ...]``."""
+        if name == C.CONTEXT_BASE_ALLOCATION:
+            return self._base_allocation
+        raise KeyError(name)
+
+    def _base_allocation(self, offset: int, length: int, max_extents: int):
+        node = self.node
+        block_status = node.block_status
+        node_len = node.length()
+        end = offset + length
+        out = []
+        last = -1
+        count = 0
+        while offset < end:
+            if offset >= node_len:
+                n, flags = end - offset, _HOLE | _ZERO
+            else:
+                n, st = block_status(offset, min(end, node_len) - offset)
+                flags = (0 if st & BS_DATA else _HOLE) | (_ZERO if st & BS_ZERO else 0)
+            if flags == last:
+                out[-2] += n
+            else:
+                if count == max_extents:
+                    break
+                out.append(n)
+                out.append(flags)
+                last = flags
+                count += 1
+            offset += n
+        return out
+
+    def close(self) -> None:
+        self.attachment.detach()

@@ -1,0 +1,210 @@
+"""The NBD server: listeners, connection limit, exports by name, lifecycle.
+
+Control lives in asyncio (accepting, counting, stopping, later QMP); every accepted socket is
+handed to an :class:`~blockexport.exports.nbd_conn.NbdConnection`, whose own threads run the
+handshake and the data path.  Threads report back with ``loop.call_soon_threadsafe``.
+
+Over the connection limit the listeners stop accepting, so new clients wait in the kernel's
+backlog until a slot frees, as QEMU's do.
+"""
+import asyncio
+import logging
+import os
+import signal
+import socket
+
+from ..errors import Error
+from .nbd_conn import NbdConnection
+
+log = logging.getLogger(__name__)
+
+
+class NbdServer:
+    def __init__(self, max_connections: int = 0, persistent: bool = True):
+        self.max_connections = max_connections
+        self.persistent = persistent
+        self.exports = {}              # name -> NbdExport, in creation order
+        self._views = {}               # name -> ExportView
+        self._listeners = []           # (socket, unix path we created or None)
+        self._accepting = False
+        self._closing = False
+        self._connections = set()
+        self._loop = None
+        self._stopped = None
+        self._idle = None
+        self.exit_status = 0
+
+    # --- exports -----------------------------------------------------------------------------
+    def add_export(self, export) -> None:
+        if export.name in self.exports:
+            raise Error("NBD server already has export named '%s'" % export.name)
+        export.bind(self.max_connections != 1)
+        self.exports[export.name] = export
+        self._views[export.name] = export.view()
+
+    def remove_export(self, name: str, hard: bool = True) -> None:
+        export = self.exports.pop(name)
+        self._views.pop(name, None)
+        for conn in list(export.connections):
+            conn.shutdown(hard=hard)
+
+    def lookup_view(self, name: str):
+        """Called from connection threads during negotiation."""
+        return self._views.get(name)
+
+    def list_views(self):
+        return list(self._views.values())
+
+    # --- listeners (created synchronously so that errors surface before --fork) --------------
+    def listen_tcp(self, host: str, port: int, backlog: int = socket.SOMAXCONN) -> None:
+        try:
+            infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                                       0, socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            raise Error("address resolution failed for %s:%s: %s" % (host, port, exc.strerror))
+        last_error = None
+        for family, type_, proto, _, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(addr)
+                sock.listen(backlog)
+            except OSError as exc:
+                sock.close()
+                last_error = exc
+                continue
+            self._listeners.append((sock, None))
+            # QEMU listens on the first address that works
+            return
+        raise Error("Failed to bind socket: %s" % (last_error.strerror if last_error else "no address"))
+
+    def listen_unix(self, path: str, backlog: int = socket.SOMAXCONN) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            sock.bind(path)
+            sock.listen(backlog)
+        except OSError as exc:
+            sock.close()
+            raise Error("Failed to bind socket to %s: %s" % (path, exc.strerror))
+        self._listeners.append((sock, path))
+
+    def listen_fds(self, fds) -> None:
+        for fd in fds:
+            sock = socket.socket(fileno=fd)
+            self._listeners.append((sock, None))
+
+    def addresses(self):
+        return [s.getsockname() for s, _ in self._listeners]
+
+    # --- running -------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT or, when not persistent, the last client leaves."""
+        return asyncio.run(self._main())
+
+    async def _main(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self.start()
+        await self._stopped.wait()
+        await self.stop()
+        return self.exit_status
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        for sock, _ in self._listeners:
+            sock.setblocking(False)
+        self._resume()
+
+    def request_stop(self) -> None:
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def stop(self, hard: bool = False) -> None:
+        """Close listeners, let in-flight requests finish, flush every export's node."""
+        self._closing = True
+        self._pause()
+        for sock, path in self._listeners:
+            sock.close()
+            if path:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        self._listeners = []
+        for conn in list(self._connections):
+            conn.shutdown(hard=hard)
+        await self._idle.wait()
+        for export in list(self.exports.values()):
+            try:
+                await asyncio.to_thread(export.node.flush)
+            except OSError as exc:
+                log.warning("flush of export '%s' failed: %s", export.name, exc)
+            export.close()
+        self.exports.clear()
+        self._views.clear()
+
+    # --- accepting -------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        if self._accepting or self._loop is None:
+            return
+        for sock, _ in self._listeners:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+        self._accepting = True
+
+    def _pause(self) -> None:
+        if not self._accepting:
+            return
+        for sock, _ in self._listeners:
+            self._loop.remove_reader(sock.fileno())
+        self._accepting = False
+
+    def _accept(self, lsock) -> None:
+        try:
+            sock, peer = lsock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning("accept failed: %s", exc)
+            return
+        sock.setblocking(True)
+        conn = NbdConnection(self, sock, peer)
+        self._connections.add(conn)
+        self._idle.clear()
+        if self.max_connections and len(self._connections) >= self.max_connections:
+            self._pause()
+        conn.start()
+
+    # --- called from connection threads ---------------------------------------------------------
+    def attach_connection(self, conn, export) -> bool:
+        if self.exports.get(export.name) is not export:
+            return False
+        export.connections.add(conn)
+        return True
+
+    def connection_closed(self, conn) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._on_closed, conn)
+
+    def _on_closed(self, conn) -> None:
+        self._connections.discard(conn)
+        if conn.export is not None:
+            conn.export.connections.discard(conn)
+        if not self._connections:
+            self._idle.set()
+        if self._closing:
+            return
+        if self.max_connections == 0 or len(self._connections) < self.max_connections:
+            self._resume()
+        if conn.negotiated and not self._connections and not self.persistent:
+            self.request_stop()

@@ -1,0 +1,317 @@
+"""Start qemu-nbd (the oracle) or blockexport-nbd with the same argv, and always stop it.
+
+Readiness is waited for without sleeping: we poll connect() on the unix socket / TCP port
+(with a deadline) and read the 18-byte NBD greeting, which proves the server is serving.
+A client that disconnects during negotiation does not count as a "last client" for a
+non-persistent server, so this probe never makes the server exit.
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+QEMU_NBD = "/usr/bin/qemu-nbd"
+BLOCKEXPORT_NBD = str(Path(sys.executable).parent / "blockexport-nbd")
+if not os.path.exists(BLOCKEXPORT_NBD):  # pragma: no cover - running outside the venv
+    BLOCKEXPORT_NBD = str(REPO / ".venv" / "bin" / "blockexport-nbd")
+
+SERVER_KINDS = ("qemu-nbd", "blockexport-nbd")
+GREETING_LEN = 18
+START_TIMEOUT = 15.0
+
+
+def blockexport_available() -> bool:
+    """Our server exists once its modules have been written."""
+    src = REPO / "src" / "blockexport"
+    return (
+        (src / "exports" / "nbd_server.py").exists()
+        and (src / "cli" / "qemu_nbd.py").exists()
+        and os.path.exists(BLOCKEXPORT_NBD)
+    )
+
+
+def server_binary(kind: str) -> str:
+    if kind == "qemu-nbd":
+        return QEMU_NBD
+    if kind == "blockexport-nbd":
+        return BLOCKEXPORT_NBD
+    raise ValueError(kind)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def ipv6_available() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+@dataclass
+class Server:
+    kind: str
+    argv: list[str]
+    proc: subprocess.Popen | None
+    transport: str                    # "unix", "tcp4", "tcp6", "fd"
+    socket_path: str | None = None
+    host: str | None = None
+    port: int | None = None
+    export_name: str = ""
+    stderr_path: Path | None = None
+    extra_pids: list[int] = field(default_factory=list)
+
+    # --- addresses ----------------------------------------------------------------------
+    @property
+    def address(self):
+        if self.transport == "unix":
+            return self.socket_path
+        return (self.host, self.port)
+
+    @property
+    def family(self):
+        if self.transport == "unix":
+            return socket.AF_UNIX
+        return socket.AF_INET6 if self.transport == "tcp6" else socket.AF_INET
+
+    def uri(self, name: str | None = None) -> str:
+        name = self.export_name if name is None else name
+        if self.transport == "unix":
+            return f"nbd+unix:///{name}?socket={self.socket_path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"nbd://{host}:{self.port}/{name}"
+
+    def connect_raw(self, timeout: float = 5.0) -> socket.socket:
+        s = socket.socket(self.family, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        s.connect(self.address)
+        return s
+
+    # --- process ------------------------------------------------------------------------
+    def stderr(self) -> str:
+        if self.stderr_path and self.stderr_path.exists():
+            return self.stderr_path.read_text(errors="replace")
+        return ""
+
+    def wait_exit(self, timeout: float = 10.0) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        for pid in self.extra_pids:
+            _kill_pid(pid)
+        self.extra_pids.clear()
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
+def _kill_pid(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def wait_ready(server: Server, timeout: float = START_TIMEOUT) -> None:
+    """Poll until a connect() succeeds and the NBD greeting arrives (no sleeping)."""
+    deadline = time.monotonic() + timeout
+    last_err: Exception | None = None
+    while time.monotonic() < deadline:
+        if server.proc is not None and server.proc.poll() is not None:
+            raise ServerStartError(
+                f"{server.kind} exited with {server.proc.returncode} during startup: "
+                f"{server.argv}\n{server.stderr()}"
+            )
+        if server.transport == "unix" and not os.path.exists(server.socket_path):
+            # wait for the socket file; select() on nothing with a tiny timeout is a bounded
+            # wait on the process, not a sleep-based synchronisation with it
+            _wait_proc_briefly(server)
+            continue
+        try:
+            s = server.connect_raw(timeout=max(0.1, deadline - time.monotonic()))
+        except OSError as e:
+            last_err = e
+            _wait_proc_briefly(server)
+            continue
+        try:
+            data = b""
+            while len(data) < GREETING_LEN:
+                chunk = s.recv(GREETING_LEN - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            if len(data) == GREETING_LEN:
+                return
+            last_err = EOFError("greeting truncated")
+        except OSError as e:
+            last_err = e
+        finally:
+            s.close()
+        _wait_proc_briefly(server)
+    raise ServerStartError(
+        f"{server.kind} not ready after {timeout}s ({last_err}): {server.argv}\n{server.stderr()}"
+    )
+
+
+def _wait_proc_briefly(server: Server, t: float = 0.01) -> None:
+    """Bounded wait on the server process (returns early if it exits)."""
+    if server.proc is not None:
+        try:
+            server.proc.wait(timeout=t)
+        except subprocess.TimeoutExpired:
+            pass
+    else:
+        select.select([], [], [], t)
+
+
+def export_name_of(args) -> str:
+    name = ""
+    args = list(args)
+    for i, a in enumerate(args):
+        if a in ("-x", "--export-name") and i + 1 < len(args):
+            name = args[i + 1]
+        elif a.startswith("--export-name="):
+            name = a.split("=", 1)[1]
+    return name
+
+
+def build_argv(kind: str, image: str | os.PathLike | None, args: list[str], *,
+               transport: str, socket_path: str | None, host: str | None, port: int | None,
+               fmt: str | None = "raw", persistent: bool = True) -> list[str]:
+    argv = [server_binary(kind)]
+    if transport == "unix":
+        argv += ["-k", socket_path]
+    elif transport in ("tcp4", "tcp6"):
+        argv += ["-b", host, "-p", str(port)]
+    if fmt:
+        argv += ["-f", fmt]
+    if persistent:
+        argv.append("-t")
+    argv += list(args)
+    if image is not None:
+        argv.append(str(image))
+    return argv
+
+
+def start_server(kind: str, image, args=(), *, tmp_path: Path, transport: str = "unix",
+                 persistent: bool = True, fmt: str | None = "raw", wait: bool = True,
+                 env: dict | None = None) -> Server:
+    """Start `kind` serving `image` with `args`; returns a ready Server (caller must stop())."""
+    args = list(args)
+    socket_path = host = port = None
+    if transport == "unix":
+        sockdir = tmp_path / "sock"
+        sockdir.mkdir(exist_ok=True)
+        n = len(list(sockdir.iterdir()))
+        socket_path = str(sockdir / f"nbd{n}.sock")
+    elif transport == "tcp4":
+        host = "127.0.0.1"
+        port = free_port(host)
+    elif transport == "tcp6":
+        host = "::1"
+        port = free_port(host)
+    else:
+        raise ValueError(transport)
+    export_name = export_name_of(args)
+    argv = build_argv(kind, image, args, transport=transport, socket_path=socket_path,
+                      host=host, port=port, fmt=fmt, persistent=persistent)
+    logdir = tmp_path / "logs"
+    logdir.mkdir(exist_ok=True)
+    stderr_path = logdir / f"{kind}-{len(list(logdir.iterdir()))}.stderr"
+    with open(stderr_path, "wb") as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                env=env, start_new_session=True)
+    server = Server(kind=kind, argv=argv, proc=proc, transport=transport,
+                    socket_path=socket_path, host=host, port=port, export_name=export_name,
+                    stderr_path=stderr_path)
+    if wait:
+        try:
+            wait_ready(server)
+        except BaseException:
+            server.stop()
+            raise
+    return server
+
+
+def make_sparse_image(path: Path, size: int, data: dict[int, bytes] | None = None) -> Path:
+    """A sparse raw image of `size` bytes with `data` written at the given offsets."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, buf in (data or {}).items():
+            f.seek(off)
+            f.write(buf)
+    return path
+
+
+LAUNCHER = str(Path(__file__).resolve().parent / "socket_activate.py")
+
+
+def start_activated(kind: str, image, args=(), *, tmp_path: Path, transport: str = "unix",
+                    persistent: bool = True, fmt: str | None = "raw") -> Server:
+    """Start `kind` with a listening socket inherited on fd 3 (LISTEN_PID/LISTEN_FDS=1)."""
+    socket_path = host = port = None
+    if transport == "unix":
+        sockdir = tmp_path / "sock"
+        sockdir.mkdir(exist_ok=True)
+        socket_path = str(sockdir / f"act{len(list(sockdir.iterdir()))}.sock")
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lsock.bind(socket_path)
+    elif transport in ("tcp4", "tcp6"):
+        host = "127.0.0.1" if transport == "tcp4" else "::1"
+        lsock = socket.socket(socket.AF_INET if transport == "tcp4" else socket.AF_INET6,
+                              socket.SOCK_STREAM)
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind((host, 0))
+        port = lsock.getsockname()[1]
+    else:
+        raise ValueError(transport)
+    lsock.listen(16)
+    argv = build_argv(kind, image, list(args), transport="fd", socket_path=None, host=None,
+                      port=None, fmt=fmt, persistent=persistent)
+    logdir = tmp_path / "logs"
+    logdir.mkdir(exist_ok=True)
+    stderr_path = logdir / f"{kind}-act-{len(list(logdir.iterdir()))}.stderr"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    try:
+        with open(stderr_path, "wb") as err:
+            proc = subprocess.Popen([sys.executable, LAUNCHER, str(lsock.fileno())] + argv,
+                                    stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                    pass_fds=(lsock.fileno(),), env=env,
+                                    start_new_session=True)
+    finally:
+        lsock.close()       # the server holds the only listening copy now
+    server = Server(kind=kind, argv=argv, proc=proc, transport=transport,
+                    socket_path=socket_path, host=host, port=port,
+                    export_name=export_name_of(args), stderr_path=stderr_path)
+    try:
+        wait_ready(server)
+    except BaseException:
+        server.stop()
+        raise
+    return server

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -33,11 +34,28 @@ def server_kind(request) -> str:
     return request.param
 
 
+# A hung server must not hang the suite: libnbd's blocking calls cannot be interrupted by
+# pytest-timeout's signal, so a watchdog kills this test's servers after WATCHDOG seconds
+# (the blocked client call then fails with a connection error).
+WATCHDOG = 20.0
+
+
 class _Launcher:
     def __init__(self, kind: str, tmp_path: Path):
         self.kind = kind
         self.tmp_path = tmp_path
         self.servers: list[_servers.Server] = []
+        self.fired = False
+        self._timer = threading.Timer(WATCHDOG, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        for s in list(self.servers):
+            if s.proc is not None and s.proc.poll() is None:
+                sys.stderr.write(f"\nWATCHDOG: killing hung {s.kind} {s.argv}\n")
+                s.proc.kill()
 
     def __call__(self, image, args=(), **kw) -> _servers.Server:
         s = _servers.start_server(self.kind, image, args, tmp_path=self.tmp_path, **kw)
@@ -45,8 +63,10 @@ class _Launcher:
         return s
 
     def stop_all(self) -> None:
+        self._timer.cancel()
         for s in self.servers:
             s.stop()
+        assert not self.fired, f"test hung: watchdog killed the server after {WATCHDOG}s"
 
 
 @pytest.fixture

@@ -131,6 +131,16 @@ class Server:
             self.proc.wait(timeout=5)
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: the server gets SIGKILL if the test process dies (no leaked servers)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)       # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 def _kill_pid(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -246,7 +256,8 @@ def start_server(kind: str, image, args=(), *, tmp_path: Path, transport: str = 
     stderr_path = logdir / f"{kind}-{len(list(logdir.iterdir()))}.stderr"
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                env=env, start_new_session=True)
+                                env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent)
     server = Server(kind=kind, argv=argv, proc=proc, transport=transport,
                     socket_path=socket_path, host=host, port=port, export_name=export_name,
                     stderr_path=stderr_path)
@@ -303,7 +314,7 @@ def start_activated(kind: str, image, args=(), *, tmp_path: Path, transport: str
             proc = subprocess.Popen([sys.executable, LAUNCHER, str(lsock.fileno())] + argv,
                                     stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                     pass_fds=(lsock.fileno(),), env=env,
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=_die_with_parent)
     finally:
         lsock.close()       # the server holds the only listening copy now
     server = Server(kind=kind, argv=argv, proc=proc, transport=transport,

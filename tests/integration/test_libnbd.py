@@ -129,9 +129,8 @@ ZERO_FLAGS = [0, nbd.CMD_FLAG_NO_HOLE, nbd.CMD_FLAG_FAST_ZERO,
 def test_zero(start_server, tmp_path, shm_dir, handles, fs, flags):
     """WRITE_ZEROES outcome (success or ENOTSUP) as qemu-nbd 7.2 gives it: on ext4 and on tmpfs
     (which lacks FALLOC_FL_ZERO_RANGE), every combination succeeds with a raw file."""
-    from conftest import IMAGE_DATA as D
     d = tmp_path if fs == "disk" else shm_dir
-    img = make_sparse_image(d / "z.img", IMAGE_SIZE, D)
+    img = make_sparse_image(d / "z.img", IMAGE_SIZE, IMAGE_DATA)
     s = start_server(img)
     h = handles(s.uri())
     h.zero(4096, 0, flags)              # data area

@@ -81,7 +81,8 @@ def machine(tls=False, exports=EXPORTS):
 
 def pump(hs, data=b"", eof=False):
     """Feed data, then collect (events, bytes sent) until the machine needs more."""
-    hs.receive_data(data) if data else None
+    if data:
+        hs.receive_data(data)
     if eof:
         hs.receive_data(b"")
     events, out = [], hs.data_to_send()

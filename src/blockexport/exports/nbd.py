@@ -1,6 +1,6 @@
 """The ``nbd`` export type: what one NBD export offers (size, flags, meta contexts)."""
 from ..errors import Error
-from ..block.node import BS_DATA, BS_ZERO, PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE
+from ..block.node import BS_ALLOCATED, BS_DATA, BS_ZERO, PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE
 from ..nbd import constants as C
 from ..nbd.handshake import ExportView
 from ..nbd.metacontext import ContextTable
@@ -77,7 +77,36 @@ class NbdExport:
         """A function ``(offset, length, max_extents) -> [len, flags, len, flags, ...]``."""
         if name == C.CONTEXT_BASE_ALLOCATION:
             return self._base_allocation
+        if name == C.CONTEXT_ALLOCATION_DEPTH:
+            return self._allocation_depth
         raise KeyError(name)
+
+    def _allocation_depth(self, offset: int, length: int, max_extents: int):
+        """qemu:allocation-depth: 1 where the top node allocates, 0 elsewhere (no backing
+        chains yet; qcow2 will report deeper layers)."""
+        node = self.node
+        node_len = node.length()
+        end = offset + length
+        out = []
+        last = -1
+        count = 0
+        while offset < end:
+            if offset >= node_len:
+                n, depth = end - offset, 0
+            else:
+                n, st = node.block_status(offset, min(end, node_len) - offset)
+                depth = 1 if st & BS_ALLOCATED else 0
+            if depth == last:
+                out[-2] += n
+            else:
+                if count == max_extents:
+                    break
+                out.append(n)
+                out.append(depth)
+                last = depth
+                count += 1
+            offset += n
+        return out
 
     def _base_allocation(self, offset: int, length: int, max_extents: int):
         node = self.node

@@ -95,6 +95,9 @@ class NbdConnection:
         except (OSError, ProtocolError, _Drop) as exc:
             log.debug("client %s: negotiation failed: %s", self.peer, exc)
             ok = False
+        except Exception:
+            log.exception("client %s: negotiation failed", self.peer)
+            ok = False
         if not ok:
             self._finish()
             return
@@ -264,7 +267,7 @@ class NbdConnection:
                 magic, flags, cmd, cookie, offset, length = REQ_UNPACK(self._rbuf, pos)
                 self._rpos = pos + REQ_SIZE
                 if magic != REQUEST_MAGIC:
-                    self._send([T.simple_reply(cookie, EINVAL)])
+                    self._send([tx.error_reply(cookie, EINVAL, "invalid magic (got 0x%x)" % magic)])
                     raise _Drop("invalid request magic 0x%x" % magic)
                 if cmd == CMD_DISC:
                     break

@@ -70,7 +70,7 @@ class Transmission:
         so the connection must be dropped after the reply).
         """
         if length > MAX_BUFFER and cmd in _SIZED_COMMANDS:
-            return "len (%d) is larger than max len (%d)" % (length, MAX_BUFFER)
+            return "len (%d ) is larger than max len (%d)" % (length, MAX_BUFFER)  # sic, QEMU 7.2
         return None
 
     def check(self, flags: int, cmd: int, offset: int, length: int):
@@ -98,9 +98,8 @@ class Transmission:
         return _SIMPLE(SIMPLE_MAGIC, error, cookie)
 
     def ok_reply(self, cookie: int) -> bytes:
-        """Success without data (WRITE, FLUSH, TRIM, ...): simple reply, or a NONE chunk."""
-        if self.structured:
-            return _CHUNK(SR_MAGIC, DONE, C.REPLY_TYPE_NONE, cookie, 0)
+        """Success without data (WRITE, FLUSH, TRIM, CACHE, WRITE_ZEROES): QEMU 7.2 sends a
+        simple reply even when structured replies were negotiated."""
         return _SIMPLE(SIMPLE_MAGIC, 0, cookie)
 
 

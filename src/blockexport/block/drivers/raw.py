@@ -143,8 +143,9 @@ class RawNode(BlockNode):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
         if self.has_size and offset + length > self.size:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        if self.discard_mode != "unmap":
-            may_unmap = False
+        # qemu-nbd 7.2 (discard=ignore on the format node) still punches holes for a zero
+        # request without NO_HOLE: the decision is the protocol node's (its discard=unmap
+        # is the default for children), so may_unmap passes through unchanged.
         self.file.write_zeroes(offset + self.offset, length, may_unmap, fast, fua)
 
     def _child_perm(self, role: str, perm: int, shared: int) -> tuple[int, int]:

@@ -9,6 +9,15 @@ _HOLE = C.STATE_HOLE
 _ZERO = C.STATE_ZERO
 
 
+def _allocation_flags(st: int) -> int:
+    """base:allocation flags of a block-status result (QEMU: no DATA -> HOLE)."""
+    return (0 if st & BS_DATA else _HOLE) | (_ZERO if st & BS_ZERO else 0)
+
+
+def _depth(st: int) -> int:
+    return 1 if st & BS_ALLOCATED else 0
+
+
 def round_up(value: int, align: int) -> int:
     return (value + align - 1) // align * align
 
@@ -109,6 +118,17 @@ class NbdExport:
         return out
 
     def _base_allocation(self, offset: int, length: int, max_extents: int):
+        return self._extents(offset, length, max_extents, _allocation_flags, _HOLE | _ZERO)
+
+    def _allocation_depth(self, offset: int, length: int, max_extents: int):
+        """qemu:allocation-depth: 1 where the top node allocates, 0 elsewhere (no backing
+        chains yet; qcow2 will report deeper layers)."""
+        return self._extents(offset, length, max_extents, _depth, 0)
+
+    def _extents(self, offset, length, max_extents, classify, past_end):
+        """Walk the node's block status into a flat [len, value, ...] list, merging runs of
+        equal values, at most ``max_extents`` extents; ``past_end`` for the tail beyond the
+        node (inside the 512-rounded export size)."""
         node = self.node
         block_status = node.block_status
         node_len = node.length()
@@ -118,18 +138,18 @@ class NbdExport:
         count = 0
         while offset < end:
             if offset >= node_len:
-                n, flags = end - offset, _HOLE | _ZERO
+                n, value = end - offset, past_end
             else:
                 n, st = block_status(offset, min(end, node_len) - offset)
-                flags = (0 if st & BS_DATA else _HOLE) | (_ZERO if st & BS_ZERO else 0)
-            if flags == last:
+                value = classify(st)
+            if value == last:
                 out[-2] += n
             else:
                 if count == max_extents:
                     break
                 out.append(n)
-                out.append(flags)
-                last = flags
+                out.append(value)
+                last = value
                 count += 1
             offset += n
         return out

@@ -1051,30 +1051,16 @@ def serve(o: NbdOptions, activation: int, rep: Reporter) -> int:
             background.ready()
         return server.run()
     except CliExit:
-        _close_listeners(server)
+        server.close_listeners()
         raise
     except _EarlyStop:
-        _close_listeners(server)
+        server.close_listeners()
         return 0
     finally:
         if pidfile is not None:
             pidfile.remove()
         if graph is not None:
             graph.close()
-
-
-def _close_listeners(server) -> None:
-    """Best-effort cleanup of what a failed start-up created (sockets, unix path)."""
-    for sock, path in list(getattr(server, "_listeners", [])):
-        try:
-            sock.close()
-        except OSError:
-            pass
-        if path:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
 
 
 def run(argv, argv0: str) -> int:

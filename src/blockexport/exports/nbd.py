@@ -90,33 +90,6 @@ class NbdExport:
             return self._allocation_depth
         raise KeyError(name)
 
-    def _allocation_depth(self, offset: int, length: int, max_extents: int):
-        """qemu:allocation-depth: 1 where the top node allocates, 0 elsewhere (no backing
-        chains yet; qcow2 will report deeper layers)."""
-        node = self.node
-        node_len = node.length()
-        end = offset + length
-        out = []
-        last = -1
-        count = 0
-        while offset < end:
-            if offset >= node_len:
-                n, depth = end - offset, 0
-            else:
-                n, st = node.block_status(offset, min(end, node_len) - offset)
-                depth = 1 if st & BS_ALLOCATED else 0
-            if depth == last:
-                out[-2] += n
-            else:
-                if count == max_extents:
-                    break
-                out.append(n)
-                out.append(depth)
-                last = depth
-                count += 1
-            offset += n
-        return out
-
     def _base_allocation(self, offset: int, length: int, max_extents: int):
         return self._extents(offset, length, max_extents, _allocation_flags, _HOLE | _ZERO)
 

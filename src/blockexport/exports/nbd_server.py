@@ -56,30 +56,8 @@ class NbdServer:
         return list(self._views.values())
 
     # --- listeners (created synchronously so that errors surface before --fork) --------------
-    def listen_tcp(self, host: str, port: int, backlog: int = socket.SOMAXCONN) -> None:
-        try:
-            infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
-                                       0, socket.AI_PASSIVE)
-        except socket.gaierror as exc:
-            raise Error("address resolution failed for %s:%s: %s" % (host, port, exc.strerror))
-        last_error = None
-        for family, type_, proto, _, addr in infos:
-            sock = socket.socket(family, type_, proto)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(addr)
-                sock.listen(backlog)
-            except OSError as exc:
-                sock.close()
-                last_error = exc
-                continue
-            self._listeners.append((sock, None))
-            # QEMU listens on the first address that works
-            return
-        raise Error("Failed to bind socket: %s" % (last_error.strerror if last_error else "no address"))
-
+    # TCP sockets are opened the way QEMU opens them by cli.daemonize.listen_inet (dual-stack,
+    # every resolved address, QEMU's messages) and handed over with listen_fds().
     def listen_unix(self, path: str, backlog: int = socket.SOMAXCONN) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -99,8 +77,19 @@ class NbdServer:
             sock = socket.socket(fileno=fd)
             self._listeners.append((sock, None))
 
-    def addresses(self):
-        return [s.getsockname() for s, _ in self._listeners]
+    def close_listeners(self) -> None:
+        """Close every listening socket and remove the unix socket files we created."""
+        for sock, path in self._listeners:
+            try:
+                sock.close()
+            except OSError:
+                pass
+            if path:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        self._listeners = []
 
     # --- running -------------------------------------------------------------------------------
     def run(self) -> int:
@@ -133,14 +122,7 @@ class NbdServer:
         """Close listeners, let in-flight requests finish, flush every export's node."""
         self._closing = True
         self._pause()
-        for sock, path in self._listeners:
-            sock.close()
-            if path:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-        self._listeners = []
+        self.close_listeners()
         for conn in list(self._connections):
             conn.shutdown(hard=hard)
         await self._idle.wait()

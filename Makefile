@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 DEMO_DIR := demo
 DEMO_IMG := $(DEMO_DIR)/disk.img
 DEBIAN_RUN := qemu-utils libnbd-bin
-DEBIAN_TEST := qemu-utils libnbd-bin python3-libnbd nbdkit fio fuse3 libfuse3-dev pkg-config openssl
+DEBIAN_TEST := qemu-utils libnbd-bin python3-libnbd nbdkit fio fuse3 libfuse3-dev pkg-config openssl qemu-system-common
 
 .PHONY: run test venv deps-run deps-test demo-image clean
 

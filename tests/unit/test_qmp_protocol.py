@@ -1,0 +1,100 @@
+"""The sans-IO QMP framing: QEMU's streaming JSON splitter, request checks and reply layout.
+
+Expected texts were observed on qemu-storage-daemon 7.2.22 over a raw socket.
+"""
+import pytest
+
+from blockexport.errors import Error
+from blockexport.qmp import protocol as P
+
+
+def feed_all(*chunks):
+    st = P.JsonStreamer()
+    out = []
+    for c in chunks:
+        out += st.feed(c)
+    return [("err", str(x)) if isinstance(x, P.ParseError) else x for x in out]
+
+
+def test_values_split_by_nesting_not_lines():
+    assert feed_all(b'{"execute": "a", "id": 1} {"execute":', b' "b"}') == [
+        {"execute": "a", "id": 1}, {"execute": "b"}]
+    assert feed_all(b'{"a":\n[1,\n2]}\n') == [{"a": [1, 2]}]
+
+
+def test_byte_by_byte_equals_one_chunk():
+    text = b'{"execute": "x", "arguments": {"s": "a\\"b\\u00e9", "n": -1.5e3, "t": true}}'
+    st = P.JsonStreamer()
+    out = []
+    for i in range(len(text)):
+        out += st.feed(text[i:i + 1])
+    assert out == feed_all(text) == [{"execute": "x", "arguments":
+                                      {"s": 'a"b\u00e9', "n": -1500.0, "t": True}}]
+
+
+def test_single_quoted_strings():
+    assert feed_all(b"{'execute':'query-block-exports'}") == [{"execute": "query-block-exports"}]
+
+
+@pytest.mark.parametrize("data, errors", [
+    (b'{"foo\n', ["stray '\"foo\n'"]),
+    (b'}\n', ["expecting value"]),
+    (b'{"execute" "x"}', ["missing : in object pair"]),
+    (b'{"execute": }', ["expecting value"]),
+    (b'{"execute": "x",}', ["expecting value"]),
+    (b'[1, ]', ["expecting value"]),
+    (b'{"a": tru}', ["invalid keyword 'tru'"]),
+    (b'@', ["stray '@'"]),
+])
+def test_parse_errors_as_qemu(data, errors):
+    assert feed_all(data) == [("err", e) for e in errors]
+
+
+def test_error_then_stream_recovers():
+    assert feed_all(b'@ {"execute": "x"}') == [("err", "stray '@'"), {"execute": "x"}]
+
+
+def test_top_level_scalar_is_a_value():
+    assert feed_all(b'{"execute": "q"} 12 ') == [{"execute": "q"}, 12]
+
+
+@pytest.mark.parametrize("obj, message", [
+    ([1], "QMP input must be a JSON object"),
+    ("str", "QMP input must be a JSON object"),
+    ({}, "QMP input lacks member 'execute'"),
+    ({"execute": 1}, "QMP input member 'execute' must be a string"),
+    ({"execute": "q", "arguments": []}, "QMP input member 'arguments' must be an object"),
+    ({"execute": "q", "x": 1}, "QMP input member 'x' is unexpected"),
+    ({"execute": "q", "control": {}}, "QMP input member 'control' is unexpected"),
+])
+def test_request_shape_errors(obj, message):
+    with pytest.raises(Error) as e:
+        P.check_request(obj)
+    assert e.value.message == message
+
+
+def test_request_error_keeps_the_id():
+    with pytest.raises(Error) as e:
+        P.check_request({"execute": 1, "id": [1]})
+    assert e.value.request_id == (True, [1])
+
+
+def test_reply_layout():
+    # QEMU puts "id" after "return" but before "error".
+    assert P.encode(P.return_message({}, True, 5)) == b'{"return": {}, "id": 5}\r\n'
+    assert P.encode(P.error_message("CommandNotFound", "x", True, "a")) == \
+        b'{"id": "a", "error": {"class": "CommandNotFound", "desc": "x"}}\r\n'
+    assert P.encode(P.return_message(None)) == b'{"return": {}}\r\n'
+
+
+def test_pretty_layout():
+    assert P.encode({"return": {}}, pretty=True) == b'{\r\n    "return": {\r\n    }\r\n}\r\n'
+    assert P.encode({"return": [1, {"a": []}]}, pretty=True).decode() == (
+        '{\r\n    "return": [\r\n        1,\r\n        {\r\n            "a": [\r\n'
+        '            ]\r\n        }\r\n    ]\r\n}\r\n')
+
+
+def test_event_has_timestamp():
+    msg = P.event_message("BLOCK_EXPORT_DELETED", {"id": "e"})
+    assert set(msg) == {"timestamp", "event", "data"}
+    assert set(msg["timestamp"]) == {"seconds", "microseconds"}

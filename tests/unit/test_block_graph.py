@@ -208,7 +208,7 @@ def test_close_releases_everything(img):
 def test_driver_table_plugs_in():
     class Dummy(BlockNode):
         driver = "vvfat"
-        SCHEMA = [("dir", "str", True)]
+        QAPI_DATA = {"dir": "str"}
 
         def __init__(self, graph, node_name, options):
             super().__init__(node_name, options)

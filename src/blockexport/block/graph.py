@@ -1,7 +1,8 @@
 """The block graph: blockdev-add / blockdev-del and node lookup, worded like QEMU 7.2.
 
 ``BlockGraph.blockdev_add`` takes a QAPI ``BlockdevOptions`` dict (keys as in QMP, values
-already typed).  It first validates it the way QEMU's QAPI visitor does (same messages:
+already typed).  It first validates it against the QAPI schema (``BlockdevOptions`` in
+``qmp/schema/block-core.json``) the way QEMU's QAPI visitor does (same messages:
 "Parameter 'x' is missing", "Parameter 'x' is unexpected", "Invalid parameter type for 'x',
 expected: boolean", "Parameter 'driver' does not accept value 'x'"), then opens the node and,
 for a format driver, its child (a node-name string, or a nested options dict that becomes an
@@ -22,22 +23,9 @@ import threading
 from blockexport.errors import Error
 from blockexport.block import drivers
 from blockexport.block.node import BlockNode
+from blockexport.qmp.schema import default_schema
 
 NODE_NAME_MAX = 31  # QEMU stores node names in a 32-byte array
-
-_BOOL = "bool"
-COMMON_SCHEMA = [
-    ("node-name", "str", False),
-    ("discard", ("enum", ("ignore", "unmap")), False),
-    ("cache", ("struct", [("direct", _BOOL, False), ("no-flush", _BOOL, False)]), False),
-    ("read-only", _BOOL, False),
-    ("auto-read-only", _BOOL, False),
-    ("force-share", _BOOL, False),
-    ("detect-zeroes", ("enum", ("off", "on", "unmap")), False),
-]
-
-_TYPE_NAMES = {"bool": "boolean", "int": "integer", "uint": "integer", "str": "string",
-               "ref": "BlockdevRef"}
 
 
 def id_wellformed(name: str) -> bool:
@@ -50,79 +38,31 @@ def id_wellformed(name: str) -> bool:
     return True
 
 
-def _check_value(value, spec, path: str) -> None:
-    if isinstance(spec, tuple):
-        kind, arg = spec
-        if kind == "enum":
-            if not isinstance(value, str):
-                raise Error(f"Invalid parameter type for '{path}', expected: string")
-            if value not in arg:
-                raise Error(f"Parameter '{path}' does not accept value '{value}'")
-        elif kind == "struct":
-            if not isinstance(value, dict):
-                raise Error(f"Invalid parameter type for '{path}', expected: object")
-            _check_members(value, arg, path + ".")
-        return
-    if spec == "any":
-        return
-    if spec == "bool":
-        ok = isinstance(value, bool)
-    elif spec in ("int", "uint"):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif spec == "str":
-        ok = isinstance(value, str)
-    elif spec == "ref":
-        if isinstance(value, dict):
-            validate_options(value, path + ".")
-            return
-        ok = isinstance(value, str)
-    else:  # pragma: no cover - schema bug
-        raise ValueError(f"bad schema spec {spec!r}")
-    if not ok:
-        raise Error(f"Invalid parameter type for '{path}', expected: {_TYPE_NAMES[spec]}")
-    if spec == "uint" and value < 0:
-        raise Error(f"Parameter '{path}' expects a non-negative number below 2^64")
-
-
-def _check_members(opts: dict, schema, prefix: str, seen: set | None = None) -> set:
-    seen = set() if seen is None else seen
-    for key, spec, required in schema:
-        seen.add(key)
-        if key not in opts:
-            if required:
-                raise Error(f"Parameter '{prefix}{key}' is missing")
-            continue
-        _check_value(opts[key], spec, prefix + key)
-    return seen
-
-
-def _check_unexpected(opts: dict, seen: set, prefix: str) -> None:
-    for key in opts:
-        if key not in seen:
-            raise Error(f"Parameter '{prefix}{key}' is unexpected")
-
-
-def validate_options(opts: dict, prefix: str = "") -> None:
-    """Check a BlockdevOptions dict like QEMU's QAPI input visitor (messages included)."""
-    if not isinstance(opts, dict):
-        raise Error(f"Invalid parameter type for '{prefix[:-1] or 'options'}', "
-                    f"expected: object")
-    if "driver" not in opts:
-        raise Error(f"Parameter '{prefix}driver' is missing")
-    driver = opts["driver"]
-    if not isinstance(driver, str):
-        raise Error(f"Invalid parameter type for '{prefix}driver', expected: string")
-    if driver not in drivers.QAPI_DRIVERS and drivers.lookup(driver) is None:
-        raise Error(f"Parameter '{prefix}driver' does not accept value '{driver}'")
-    seen = _check_members(opts, COMMON_SCHEMA, prefix, {"driver"})
+def _plugin_branch(union: str, driver: str):
+    """The options of a driver registered at run time (``drivers.register``) whose factory
+    declares ``QAPI_DATA`` (QAPI member syntax) and has no branch in the schema."""
+    if union != "BlockdevOptions":
+        return None
     factory = drivers.lookup(driver)
-    if factory is None:
-        return  # a QAPI driver we do not implement: "Unknown driver" when opened
-    _check_members(opts, getattr(factory, "SCHEMA", ()), prefix, seen)
-    _check_unexpected(opts, seen, prefix)
-    cache = opts.get("cache")
-    if isinstance(cache, dict):
-        _check_unexpected(cache, {"direct", "no-flush"}, prefix + "cache.")
+    data = getattr(factory, "QAPI_DATA", None)
+    if data is None:
+        return None
+    cached = getattr(factory, "_qapi_branch", None)
+    if cached is None or cached[0] is not data:
+        cached = (data, default_schema().make_struct(f"q_obj_{driver}-options", data))
+        factory._qapi_branch = cached
+    return cached[1]
+
+
+def validate_options(opts: dict, prefix: str = "") -> dict:
+    """Check a BlockdevOptions dict against the QAPI schema like QEMU's QAPI input visitor
+    (messages included); ``prefix`` (e.g. ``"file."``) names where it sits.
+
+    A driver in QEMU's BlockdevDriver enum without a branch in our schema (not implemented)
+    gets only its common members checked: opening it then fails with "Unknown driver", as
+    in QEMU built without that driver."""
+    return default_schema().check_type("BlockdevOptions", opts, path=prefix.rstrip("."),
+                                       extra_branch=_plugin_branch)
 
 
 def _inherit(child: dict, parent: dict) -> dict:

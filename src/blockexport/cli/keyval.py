@@ -9,7 +9,9 @@
   flat keys (dots are just characters), ``flag``/``noflag`` short forms (deprecated, with
   QEMU's warning), last duplicate wins.
 * :func:`crumple` turns flat dotted keys into nested dicts; :func:`blockdev_typed` converts the
-  well-known scalar members of ``BlockdevOptions`` from strings (QemuOpts semantics).
+  scalar members of ``BlockdevOptions`` from strings, with the types of the QAPI schema
+  (:mod:`blockexport.qmp.schema`) and QemuOpts semantics.  keyval values are converted by
+  ``default_schema().check_type(..., keyval=True)`` instead.
 
 Error texts are QEMU's; they are raised as :class:`blockexport.errors.Error` (a ``hint``
 attribute, when present, is printed on the following lines by the command lines).
@@ -399,24 +401,68 @@ def parse_size(name: str, value, warn=None) -> int:
     return val
 
 
-_BOOL_KEYS = {"read-only", "auto-read-only", "force-share", "direct", "no-flush", "read-zeroes"}
-_SIZE_KEYS = {"offset", "size"}
+_QEMU_OPTS_SIZES = {"offset", "size"}   # the integer options drivers read as QEMU_OPT_SIZE
 
 
-def blockdev_typed(options: dict, warn=None, _path: str = "") -> dict:
-    """Convert the string values of well-known ``BlockdevOptions`` members (``read-only``,
-    ``auto-read-only``, ``force-share``, ``cache.direct``, ``cache.no-flush``, ``read-zeroes``,
-    ``offset``, ``size``) in a nested options dict, recursively into child dicts."""
+def _qemu_opts_number(name: str, value: str) -> int:
+    """QemuOpts QEMU_OPT_NUMBER: strtoull base 0, read back as the drivers' int64."""
+    from ..qmp.validate import strtol
+    r = strtol(value)
+    if r is None or r[1] >= 2**64:
+        raise KeyvalError("Parameter '%s' expects a number" % name)
+    v = (r[0] * r[1]) % 2**64
+    return v - 2**64 if v >= 2**63 else v
+
+
+def _typed_object(schema, t, options: dict, warn, path: str) -> dict:
+    members = {}
+    todo = [t]
+    while todo:
+        cur = todo.pop()
+        for m in cur.members:
+            members[m.name] = m.type
+        if cur.kind == "union":
+            tag = options.get(cur.discriminator)
+            branch = cur.branches.get(tag) if isinstance(tag, str) else None
+            if branch is not None:
+                todo.append(schema.type(branch))
     out = {}
     for key, value in options.items():
-        full = _path + key
+        mtype = members.get(key)
         if isinstance(value, dict):
-            # QEMU names cache members "cache.direct"; a child's keys are its own
-            out[key] = blockdev_typed(value, warn, "cache." if key == "cache" else "")
-        elif isinstance(value, str) and key in _BOOL_KEYS:
-            out[key] = parse_bool(full, value)
-        elif isinstance(value, str) and key in _SIZE_KEYS:
-            out[key] = parse_size(full, value, warn)
+            mt = schema.type(mtype) if mtype is not None else None
+            if mt is not None and mt.kind == "struct":
+                # QEMU names these members "cache.direct": a struct's keys are the node's
+                out[key] = _typed_object(schema, mt, value, warn, path + key + ".")
+            else:
+                # a child (BlockdevRef) or a member we do not know: the child's own keys
+                out[key] = _typed_object(schema, schema.type("BlockdevOptions"), value, warn, "")
+        elif isinstance(value, str) and mtype is not None:
+            out[key] = _typed_scalar(schema.type(mtype), path + key, value, warn)
         else:
             out[key] = value
     return out
+
+
+def _typed_scalar(t, name: str, value: str, warn):
+    if t.kind != "builtin":
+        return value
+    if t.name == "bool":
+        return parse_bool(name, value)
+    if t.name in ("int", "int64", "uint64", "size"):
+        if name.rsplit(".", 1)[-1] in _QEMU_OPTS_SIZES:
+            return parse_size(name, value, warn)
+        return _qemu_opts_number(name, value)
+    return value
+
+
+def blockdev_typed(options: dict, warn=None) -> dict:
+    """Convert the string values of a nested ``BlockdevOptions`` dict made from QemuOpts
+    (``--image-opts``, ``json:`` filenames) to the types the QAPI schema gives them, the way
+    QEMU's drivers read them back from QemuOpts: booleans as on/off/yes/no/true/false,
+    ``offset``/``size`` as sizes (suffixes), other integers as numbers.  Members the schema
+    does not know for that driver stay as they are, and so do strings of enums; nested
+    dicts that are not struct members are children (converted as ``BlockdevOptions``)."""
+    from ..qmp.schema import default_schema
+    schema = default_schema()
+    return _typed_object(schema, schema.type("BlockdevOptions"), options, warn, "")

@@ -1,14 +1,17 @@
 """The block driver table: QAPI driver name -> factory.
 
-A factory is a class (or callable) ``factory(graph, node_name, options) -> BlockNode`` with an
-attribute ``SCHEMA``: a list of ``(key, spec, required)`` for its driver-specific options, which
-:mod:`blockexport.block.graph` validates the way QEMU's QAPI visitor does before calling it.
-Specs: ``"bool"``, ``"int"``, ``"uint"`` (non-negative int), ``"str"``, ``"ref"`` (a
-BlockdevRef: node-name string or nested options dict), ``("enum", (values...))``,
-``("struct", [(key, spec, required), ...])``, ``"any"``.
+A factory is a class (or callable) ``factory(graph, node_name, options) -> BlockNode``.  Its
+options are described by the QAPI schema, not here: the ``BlockdevOptions`` union in
+``blockexport/qmp/schema/block-core.json`` has one branch per implemented driver, and
+:func:`blockexport.block.graph.validate_options` checks options against it (QEMU's messages)
+before calling the factory.  Drivers in QEMU's ``BlockdevDriver`` enum without a branch are
+the ones we lack: only their common members are checked, then the graph says "Unknown driver".
 
-To add a driver, add a module here and one line to ``_TABLE`` (modules are imported on first
-use, so a driver with extra dependencies costs nothing until used).
+To add a driver, add a module here, one line to ``_TABLE`` (modules are imported on first
+use, so a driver with extra dependencies costs nothing until used) and its branch to
+``BlockdevOptions`` in the schema.  A driver registered at run time (:func:`register`) for a
+name without a branch may declare ``QAPI_DATA``, its members in QAPI syntax (e.g.
+``{"dir": "str", "*size": "int"}``), to have them checked the same way.
 """
 
 from __future__ import annotations

@@ -70,16 +70,6 @@ _BLKSSZGET = 0x1268
 _MAX_ALIGN = max(4096, mmap.PAGESIZE)
 _ENOTSUP_SET = (errno.ENOTSUP, errno.EOPNOTSUPP)
 
-_FILE_SCHEMA = [
-    ("filename", "str", True),
-    ("pr-manager", "str", False),
-    ("locking", ("enum", ("off", "on", "auto")), False),
-    ("aio", ("enum", ("threads", "native", "io_uring")), False),
-    ("aio-max-batch", "int", False),
-    ("drop-cache", "bool", False),
-    ("x-check-cache-dropped", "bool", False),
-]
-
 
 class _Bounce(threading.local):
     buf: mmap.mmap | None = None
@@ -97,7 +87,6 @@ class FileNode(BlockNode):
     """A host file (QEMU's ``file`` driver)."""
 
     driver = "file"
-    SCHEMA = _FILE_SCHEMA
 
     def __init__(self, graph, node_name: str, options: dict):
         super().__init__(node_name, options)

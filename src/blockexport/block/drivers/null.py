@@ -33,11 +33,6 @@ def _write_read_only(offset, buf, fua=False):
 
 class NullNode(BlockNode):
     driver = "null-co"
-    SCHEMA = [
-        ("size", "int", False),
-        ("latency-ns", "int", False),
-        ("read-zeroes", "bool", False),
-    ]
 
     def __init__(self, graph, node_name: str, options: dict):
         super().__init__(node_name, options)

@@ -20,11 +20,6 @@ def _einval():
 class RawNode(BlockNode):
     driver = "raw"
     is_protocol = False
-    SCHEMA = [
-        ("file", "ref", True),
-        ("offset", "uint", False),
-        ("size", "uint", False),
-    ]
 
     def __init__(self, graph, node_name: str, options: dict):
         super().__init__(node_name, options)
@@ -37,6 +32,9 @@ class RawNode(BlockNode):
             raise
 
     def _setup(self, child: BlockNode, options: dict) -> None:
+        for key in ("offset", "size"):  # QAPI 'int'; QEMU re-reads them as sizes
+            if options.get(key, 0) < 0:
+                raise Error(f"Parameter '{key}' expects a non-negative number below 2^64")
         offset = options.get("offset", 0)
         self.has_size = "size" in options
         size = options.get("size", 0)

@@ -5,6 +5,13 @@ replace the hot methods (``read_into``, ``write``, ``block_status``, ``file_rang
 plain functions stored as *instance attributes* in ``__init__``: ``node.read_into(off, buf)``
 then costs one dict lookup and one call, with no bound-method object and no attribute chains.
 
+Dirty bitmaps (``node.dirty_bitmaps``, see :mod:`blockexport.block.dirty_bitmap`): while a
+node has an enabled bitmap, its ``write``/``write_zeroes``/``discard`` attributes are wrappers
+that mark the bitmaps and call the driver's functions; without one they are the driver's own
+(no cost).  A driver that captures a child's hot methods (``raw``) must recapture them in
+:meth:`BlockNode._child_io_changed`, which the child calls whenever it (un)installs its
+wrappers; users such as exports must look ``node.write`` up per request, never cache it.
+
 Permissions follow QEMU's model: every user of a node (an export, a parent node) holds an
 :class:`Attachment` with the permissions it takes (``perm``) and the ones it lets others take
 (``shared``).  A format node passes its users' cumulative permissions down to its children; a
@@ -194,6 +201,9 @@ def _refresh(node: "BlockNode", undo: list) -> None:
             _refresh(att.node, undo)
 
 
+_WRITE_METHODS = ("write", "write_zeroes", "discard")
+
+
 def _closed(*args, **kwargs):
     raise OSError(9, "Bad file descriptor")  # EBADF
 
@@ -233,6 +243,11 @@ class BlockNode:
         self._child_atts: dict[str, Attachment] = {}
         self._perm = (0, PERM_ALL)
         self.closed = False
+        #: Dirty bitmaps by name, oldest first (see blockexport.block.dirty_bitmap).
+        self.dirty_bitmaps: dict = {}
+        self._recording: tuple = ()  # the enabled bitmaps, read by the marking wrappers
+        self._unhooked: dict | None = None  # the driver's functions while wrapped
+        self._wrappers: tuple = ()
 
     # ---- I/O (to be overridden) --------------------------------------------------------
 
@@ -275,6 +290,8 @@ class BlockNode:
         for att in list(self._child_atts.values()):
             att.detach()
         self._close()
+        self._unhooked = None
+        self._recording = ()
         for name in ("read_into", "write", "write_zeroes", "discard", "flush",
                      "block_status", "cache"):
             setattr(self, name, _closed)
@@ -282,6 +299,89 @@ class BlockNode:
 
     def _close(self) -> None:
         """Driver hook: release fds etc."""
+
+    # ---- dirty bitmaps ---------------------------------------------------------------------
+
+    def find_dirty_bitmap(self, name: str):
+        return self.dirty_bitmaps.get(name)
+
+    def _dirty_bitmaps_changed(self) -> None:
+        """Call after adding, removing, enabling or disabling a bitmap of this node."""
+        self._recording = tuple(bm for bm in self.dirty_bitmaps.values() if bm.enabled)
+        if self.closed:
+            return
+        if self._recording and self._unhooked is None:
+            self._hook_writes()
+        elif not self._recording and self._unhooked is not None:
+            self._unhook_writes()
+        else:
+            return
+        self._notify_io_changed()
+
+    def _hook_writes(self) -> None:
+        node = self
+        unhooked = {}
+        for name in _WRITE_METHODS:
+            unhooked[name] = (getattr(self, name), name in self.__dict__)
+        write_data = unhooked["write"][0]
+        zero_data = unhooked["write_zeroes"][0]
+        discard_data = unhooked["discard"][0]
+
+        def write(offset, buf, fua=False):
+            n = len(buf)
+            for bm in node._recording:
+                bm.mark(offset, n)
+            return write_data(offset, buf, fua)
+
+        def write_zeroes(offset, length, may_unmap=False, fast=False, fua=False):
+            for bm in node._recording:
+                bm.mark(offset, length)
+            return zero_data(offset, length, may_unmap, fast, fua)
+
+        def discard(offset, length):
+            # Like QEMU: a discard the node ignores (discard=ignore) changes nothing.
+            if node.discard_mode == "unmap" and not node.read_only:
+                for bm in node._recording:
+                    bm.mark(offset, length)
+            return discard_data(offset, length)
+
+        self._wrappers = (write, write_zeroes, discard)
+        self.write = write
+        self.write_zeroes = write_zeroes
+        self.discard = discard
+        self._unhooked = unhooked
+
+    def _unhook_writes(self) -> None:
+        unhooked, self._unhooked = self._unhooked, None
+        for name, wrapper in zip(_WRITE_METHODS, self._wrappers):
+            if self.__dict__.get(name) is not wrapper:
+                continue  # replaced meanwhile (e.g. closed)
+            fn, was_attr = unhooked[name]
+            if was_attr:
+                setattr(self, name, fn)
+            else:
+                delattr(self, name)
+        self._wrappers = ()
+
+    def _rebind_io(self, bind: Callable[[], None]) -> None:
+        """Run ``bind()``, which reassigns this node's hot methods, keeping the dirty-bitmap
+        wrappers on top; then tell the parents."""
+        hooked = self._unhooked is not None
+        if hooked:
+            self._unhook_writes()
+        bind()
+        if hooked:
+            self._hook_writes()
+        self._notify_io_changed()
+
+    def _notify_io_changed(self) -> None:
+        for att in list(self._parents):
+            if att.parent is not None:
+                att.parent._child_io_changed(att.child_name, self)
+
+    def _child_io_changed(self, role: str, child: "BlockNode") -> None:
+        """Driver hook: ``child``'s hot methods changed; recapture them if they were
+        captured (use :meth:`_rebind_io`)."""
 
     # ---- permissions -------------------------------------------------------------------
 

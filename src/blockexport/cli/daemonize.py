@@ -295,3 +295,75 @@ def listen_inet(host: str, port: str, backlog: int) -> list:
     if not socks:
         raise first_error or Error("Failed to create a socket: no address")
     return socks
+
+
+# --------------------------------------------------------------------------------------------
+# --daemonize (qemu-storage-daemon)
+# --------------------------------------------------------------------------------------------
+
+class Daemonized:
+    """Handle held by the daemon after :func:`daemonize`; :meth:`ready` ends start-up."""
+
+    def __init__(self, write_fd: int):
+        self._fd = write_fd
+
+    def ready(self) -> None:
+        """As QEMU's os_setup_post: chdir to ``/``, tell the foreground process that start-up
+        succeeded, then point stdin/stdout/stderr at /dev/null."""
+        if self._fd is None:
+            return
+        os.chdir("/")
+        try:
+            os.write(self._fd, b"\0")
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        if null > 2:
+            os.close(null)
+
+
+def daemonize() -> Daemonized:
+    """qemu-storage-daemon's ``--daemonize`` (QEMU's os_daemonize).
+
+    Unlike :func:`fork_background` (qemu-nbd's ``--fork``) the daemon keeps the caller's
+    stdio during start-up and writes its messages there itself; the foreground process only
+    waits for a status byte: it exits 0 when :meth:`Daemonized.ready` is called, 1 when the
+    daemon exits first.  The daemon is a grandchild in a new session with umask 027.
+    Never returns in the foreground process.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    read_fd, write_fd = os.pipe()            # both close-on-exec
+    if os.fork() > 0:
+        os.close(write_fd)
+        while True:
+            try:
+                data = os.read(read_fd, 1)
+                break
+            except InterruptedError:
+                continue
+            except OSError:
+                data = b""
+                break
+        os._exit(0 if data == b"\0" else 1)
+    os.close(read_fd)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.umask(0o027)
+    import signal
+    for sig in (signal.SIGTSTP, signal.SIGTTOU, signal.SIGTTIN):
+        signal.signal(sig, signal.SIG_IGN)
+    return Daemonized(write_fd)

@@ -864,22 +864,6 @@ def _blk_new_open(graph, o: NbdOptions, rep: Reporter):
     return _open_probed(graph, proto, _apply_defaults({}, o, NODE_IMAGE, top), o, rep)
 
 
-def _find_bitmap(node, name: str) -> bool:
-    seen = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n is None or id(n) in seen:
-            continue
-        seen.add(id(n))
-        finder = getattr(n, "find_dirty_bitmap", None)
-        if finder is not None and finder(name):
-            return True
-        children = getattr(n, "children", None) or {}
-        stack.extend(children.get(role) for role in ("file", "backing") if role in children)
-    return False
-
-
 def open_image(graph, o: NbdOptions, rep: Reporter):
     """Open FILE as qemu-nbd does and return the node to export (after ``-o``, ``-l`` and
     detect-zeroes).  Prints QEMU's messages and raises :class:`CliExit` on failure."""
@@ -1025,14 +1009,13 @@ def serve(o: NbdOptions, activation: int, rep: Reporter) -> int:
         _listen(server, o, activation, rep)
         graph = BlockGraph()
         node = open_image(graph, o, rep)
-        for name in o.bitmaps:
-            if not _find_bitmap(node, name):
-                rep.fail("Bitmap '%s' is not found" % name)
         try:
+            # qemu-nbd prepends each -B to its list: the bitmaps come out in reverse order.
             export = NbdExport(name=o.export_name, node=node, writable=not o.read_only,
                                description=o.description, writethrough=o.writethrough,
-                               allocation_depth=o.allocation_depth, bitmaps=o.bitmaps,
-                               export_id=EXPORT_ID)
+                               allocation_depth=o.allocation_depth,
+                               bitmaps=list(reversed(o.bitmaps)), export_id=EXPORT_ID,
+                               graph=graph)
             server.add_export(export)
         except Error as err:
             rep.fail_err(err)

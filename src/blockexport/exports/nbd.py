@@ -3,7 +3,8 @@ from ..errors import Error
 from ..block.node import BS_ALLOCATED, BS_DATA, BS_ZERO, PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE
 from ..nbd import constants as C
 from ..nbd.handshake import ExportView
-from ..nbd.metacontext import ContextTable
+from ..nbd.metacontext import ID_DIRTY_BITMAP, ContextTable
+from ..block.dirty_bitmap import acquire, release, resolve_export_bitmaps
 
 _HOLE = C.STATE_HOLE
 _ZERO = C.STATE_ZERO
@@ -31,7 +32,7 @@ class NbdExport:
 
     def __init__(self, name: str, node, writable: bool = False, description: str | None = None,
                  writethrough: bool = False, allocation_depth: bool = False, bitmaps=(),
-                 export_id: str | None = None):
+                 export_id: str | None = None, graph=None):
         if len(name.encode()) > C.MAX_STRING_SIZE:
             raise Error("export name '%s' too long" % name)
         if description is not None and len(description.encode()) > C.MAX_STRING_SIZE:
@@ -45,11 +46,17 @@ class NbdExport:
         self.writable = writable
         self.writethrough = writethrough
         self.allocation_depth = allocation_depth
-        self.bitmaps = list(bitmaps)
         perm = PERM_CONSISTENT_READ | (PERM_WRITE if writable else 0)
         self.attachment = node.attach("export '%s'" % self.id, perm, PERM_ALL & ~PERM_RESIZE)
+        try:
+            # QEMU resolves the bitmaps after taking the node (permission errors first).
+            self.bitmaps = resolve_export_bitmaps(node, bitmaps, not writable, graph)
+        except BaseException:
+            self.attachment.detach()
+            raise
+        acquire(self.bitmaps)
         self.size = round_up(node.length(), C.EXPORT_SIZE_ALIGN)
-        self.contexts = ContextTable(allocation_depth, [b for b in self.bitmaps])
+        self.contexts = ContextTable(allocation_depth, [b.name for b in self.bitmaps])
         self.flags = 0
         self.connections = set()
 
@@ -82,12 +89,22 @@ class NbdExport:
         )
 
     # --- meta contexts ---------------------------------------------------------------------
-    def context_provider(self, name: str):
-        """A function ``(offset, length, max_extents) -> [len, flags, len, flags, ...]``."""
+    def context_provider(self, name: str, context_id: int | None = None):
+        """A function ``(offset, length, max_extents) -> [len, flags, len, flags, ...]``.
+        ``context_id`` picks among bitmaps of the same name (QEMU allows it: ids 2+i)."""
         if name == C.CONTEXT_BASE_ALLOCATION:
             return self._base_allocation
         if name == C.CONTEXT_ALLOCATION_DEPTH:
             return self._allocation_depth
+        if name.startswith(C.CONTEXT_DIRTY_BITMAP_PREFIX):
+            bitmaps = self.bitmaps
+            if context_id is not None and 0 <= context_id - ID_DIRTY_BITMAP < len(bitmaps):
+                bm = bitmaps[context_id - ID_DIRTY_BITMAP]
+                if C.CONTEXT_DIRTY_BITMAP_PREFIX + bm.name == name:
+                    return bm.extents
+            for bm in bitmaps:
+                if C.CONTEXT_DIRTY_BITMAP_PREFIX + bm.name == name:
+                    return bm.extents
         raise KeyError(name)
 
     def _base_allocation(self, offset: int, length: int, max_extents: int):
@@ -127,5 +144,23 @@ class NbdExport:
             offset += n
         return out
 
+    # --- lifecycle (exports/base.py) ---------------------------------------------------------
+    type = "nbd"
+    server = None
+    shutting_down = False
+    on_released = None
+
+    def client_count(self) -> int:
+        """Clients holding the export (negotiated connections)."""
+        return len(self.connections)
+
+    def begin_shutdown(self, hard: bool) -> None:
+        """Stop serving new clients; with ``hard`` disconnect the current ones."""
+        server = self.server
+        if server is not None and server.exports.get(self.name) is self:
+            server.remove_export(self.name, hard=hard)
+
     def close(self) -> None:
+        bitmaps, self.bitmaps = self.bitmaps, []
+        release(bitmaps)
         self.attachment.detach()

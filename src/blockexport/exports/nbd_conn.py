@@ -104,11 +104,13 @@ class NbdConnection:
         self._serve()
 
     def _finish(self) -> None:
+        # Tell the server first: a client that saw our close may next ask the monitor to
+        # remove the export, and must find it released (QEMU drops the reference first too).
+        self.server.connection_closed(self)
         try:
             self.sock.close()
         except OSError:
             pass
-        self.server.connection_closed(self)
 
     # --- handshake -------------------------------------------------------------------------
     def _handshake(self) -> bool:
@@ -137,7 +139,7 @@ class NbdConnection:
         self.export = export
         self.negotiated = True
         self.tx = T.Transmission(ev.export.size, ev.flags, ev.structured, ev.contexts)
-        self._providers = [(cid, export.context_provider(name)) for cid, name in ev.contexts]
+        self._providers = [(cid, export.context_provider(name, cid)) for cid, name in ev.contexts]
         rest = hs.trailing_data()
         if rest:
             self._rbuf[: len(rest)] = rest

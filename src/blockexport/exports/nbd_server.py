@@ -39,6 +39,7 @@ class NbdServer:
         if export.name in self.exports:
             raise Error("NBD server already has export named '%s'" % export.name)
         export.bind(self.max_connections != 1)
+        export.server = self
         self.exports[export.name] = export
         self._views[export.name] = export.view()
 
@@ -180,8 +181,12 @@ class NbdServer:
 
     def _on_closed(self, conn) -> None:
         self._connections.discard(conn)
-        if conn.export is not None:
-            conn.export.connections.discard(conn)
+        export = conn.export
+        if export is not None:
+            export.connections.discard(conn)
+            if (not export.connections and export.shutting_down
+                    and export.on_released is not None):
+                export.on_released()
         if not self._connections:
             self._idle.set()
         if self._closing:

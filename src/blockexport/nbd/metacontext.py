@@ -71,7 +71,12 @@ class ContextTable:
         self._entries = tuple(entries)
         self._by_id = {e.id: e for e in entries}
         # bytes keys: queries arrive as raw bytes and are compared byte for byte
-        self._exact = {e.name.encode("utf-8", "surrogateescape"): e for e in entries}
+        # name -> every entry of that name (two exported bitmaps may share a name)
+        exact: dict[bytes, tuple[MetaContext, ...]] = {}
+        for e in entries:
+            key = e.name.encode("utf-8", "surrogateescape")
+            exact[key] = exact.get(key, ()) + (e,)
+        self._exact = exact
         groups: dict[bytes, list[MetaContext]] = {}
         for e in entries:
             for g in e.list_groups:
@@ -151,8 +156,7 @@ class Selector:
             if self._list_mode:
                 self._chosen.update(m.id for m in members)
             return
-        e = t._exact.get(query)
-        if e is not None:
+        for e in t._exact.get(query, ()):
             self._chosen.add(e.id)
 
     def result(self) -> list[tuple[int, str]]:

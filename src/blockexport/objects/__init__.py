@@ -1,0 +1,63 @@
+"""User-creatable objects (``--object`` / ``object-add``): the type table and the registry.
+
+A type is a class taking ``(object_id, props, objects)`` — props already checked against
+the QAPI schema's ``ObjectOptions`` branch, ``objects`` this table (for references to other
+objects) — with an optional ``close()``.  ``iothread`` and ``secret``
+are here; the TLS credential and authz types arrive with the TLS work.
+"""
+from __future__ import annotations
+
+import importlib
+
+from ..errors import Error
+from ..block.graph import id_wellformed
+
+#: qom-type -> (module, class)
+OBJECT_TYPES: dict[str, tuple[str, str]] = {
+    "iothread": ("blockexport.objects.simple", "IOThread"),
+    "secret": ("blockexport.objects.simple", "Secret"),
+}
+
+
+class ObjectTable:
+    def __init__(self):
+        self._objects: dict[str, object] = {}
+
+    def get(self, object_id: str):
+        return self._objects.get(object_id)
+
+    def add(self, options: dict):
+        qom_type = options["qom-type"]
+        object_id = options["id"]
+        entry = OBJECT_TYPES.get(qom_type)
+        if entry is None:
+            raise Error("Object type '%s' is not supported by blockexport yet" % qom_type)
+        if not id_wellformed(object_id):
+            raise Error("Parameter 'id' expects an identifier")
+        if object_id in self._objects:
+            raise Error("attempt to add duplicate property '%s' to object (type 'container')"
+                        % object_id)
+        cls = getattr(importlib.import_module(entry[0]), entry[1])
+        props = {k: v for k, v in options.items() if k not in ("qom-type", "id")}
+        obj = cls(object_id, props, self)
+        obj.qom_type = qom_type
+        self._objects[object_id] = obj
+        return obj
+
+    def delete(self, object_id: str) -> None:
+        obj = self._objects.get(object_id)
+        if obj is None:
+            raise Error("object '%s' not found" % object_id)
+        if getattr(obj, "users", 0):
+            raise Error("object '%s' is in use, can not be deleted" % object_id)
+        del self._objects[object_id]
+        close = getattr(obj, "close", None)
+        if close is not None:
+            close()
+
+    def close(self) -> None:
+        for object_id in list(self._objects):
+            obj = self._objects.pop(object_id)
+            close = getattr(obj, "close", None)
+            if close is not None:
+                close()

@@ -117,6 +117,10 @@ class RawNode(BlockNode):
     def _write_read_only(offset, buf, fua=False):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
+    def _child_io_changed(self, role: str, child: BlockNode) -> None:
+        # The child (un)installed its dirty-bitmap wrappers: recapture its functions.
+        self._rebind_io(lambda: self._bind(child))
+
     # ---- the rest --------------------------------------------------------------------------
 
     def length(self) -> int:

@@ -1,0 +1,85 @@
+"""The name QEMU shows for a node (``file`` and ``image.filename`` in query-named-block-nodes).
+
+A node whose options say nothing beyond its child is shown by its child's name (a plain
+``raw`` over a file is the file's path); a protocol node by its own (a path, ``null-co://``);
+a node with options that change what it shows (``raw`` with ``offset``/``size``, ``null-co``
+with ``size``/``read-zeroes``) by ``json:{...}`` of those options and its children's.
+
+QEMU prints the ``json:`` text from its hash-table dictionary, so the key order is the
+table's: keys sorted by hash bucket, and within a bucket the latest inserted first.  The
+hash below gives the same buckets, so our names are byte-identical to QEMU's.
+"""
+from __future__ import annotations
+
+import json
+
+_BUCKETS = 512
+
+#: Options of each driver that change the data it shows (QEMU's "strong" options), in the
+#: order QEMU adds them.
+_STRONG = {
+    "file": ("filename",),
+    "host_device": ("filename",),
+    "raw": ("offset", "size"),
+    "null-co": ("size", "read-zeroes"),
+    "null-aio": ("size", "read-zeroes"),
+}
+
+
+def _bucket(key: str) -> int:
+    data = key.encode()
+    v = (0x238F13AF * len(data)) & 0xFFFFFFFF
+    for i, c in enumerate(data):
+        v = (v + (c << (i * 5 % 24))) & 0xFFFFFFFF
+    return ((1103515243 * v + 12345) & 0xFFFFFFFF) % _BUCKETS
+
+
+def qdict_items(d: dict) -> list:
+    """``d``'s items in QEMU's QDict iteration order (``d`` in insertion order)."""
+    keys = list(d)
+    pos = {k: i for i, k in enumerate(keys)}
+    return [(k, d[k]) for k in sorted(keys, key=lambda k: (_bucket(k), -pos[k]))]
+
+
+def qdict_json(value) -> str:
+    """JSON text of ``value`` as QEMU writes a QObject (QDict key order, ", " and ": ")."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(json.dumps(k) + ": " + qdict_json(v)
+                               for k, v in qdict_items(value)) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(qdict_json(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def _strong_options(node) -> dict:
+    opts = {"driver": node.driver}
+    if node.driver in ("file", "host_device"):
+        opts["filename"] = node.filename
+        return opts
+    for key in _STRONG.get(node.driver, ()):
+        if key in node.options:
+            opts[key] = node.options[key]
+    return opts
+
+
+def full_options(node) -> dict:
+    """The options that define what ``node`` shows, children included."""
+    opts = _strong_options(node)
+    for role, child in node.children.items():
+        opts[role] = full_options(child)
+    return opts
+
+
+def display_name(node) -> str:
+    drv = node.driver
+    if drv in ("file", "host_device"):
+        return node.filename
+    has_strong = len(_strong_options(node)) > 1
+    if not has_strong:
+        if drv in ("null-co", "null-aio"):
+            return drv + "://"
+        child = node.children.get("file")
+        if child is not None:
+            return display_name(child)
+        return node.filename or node.node_name
+    return "json:" + qdict_json(full_options(node))

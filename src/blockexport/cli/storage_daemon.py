@@ -1,0 +1,443 @@
+"""``blockexport-daemon``: the qemu-storage-daemon (7.2) command line.
+
+A script written for qemu-storage-daemon runs unchanged: same options, same syntaxes (keyval
+or JSON for ``--blockdev``/``--export``/``--nbd-server``/``--object``/``--monitor``, QemuOpts
+for ``--chardev`` and ``-T``), same messages and exit statuses.
+
+Processing follows QSD: a first pass over argv handles getopt errors, ``--help``,
+``--version``, ``--daemonize`` and ``--pidfile``; then (in the background with
+``--daemonize``) every other option and operand is applied strictly in order, each through
+:class:`blockexport.daemon.Daemon`.  An error is printed as ``PROG: ARGS: message``, ARGS
+being the argv elements of the failing option as typed, and ends the process with status 1.
+Once all options are applied the pid file is written, a ``--daemonize`` parent is released,
+and the daemon serves until ``quit`` or a signal.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+
+from ..errors import Error
+from . import daemonize as dz
+from .keyval import KeyvalError, keyval_parse, parse_bool, parse_size, qemu_opts_parse
+from .qemu_nbd import CliExit, Reporter, _display_argv0, _write
+from .storage_daemon_help import PROG, usage_text, version_text
+
+NO_ARG, REQUIRED_ARG = 0, 1
+# getopt_long table in QSD's order; short options "-hT:V" with a leading "-": operands are
+# returned in place (as QSD's "Unexpected argument" shows), not permuted.
+SHORT_OPTS = "hT:V"
+LONG_OPTS = [
+    ("help", NO_ARG, "h"),
+    ("object", REQUIRED_ARG, "object"),
+    ("blockdev", REQUIRED_ARG, "blockdev"),
+    ("chardev", REQUIRED_ARG, "chardev"),
+    ("daemonize", NO_ARG, "daemonize"),
+    ("export", REQUIRED_ARG, "export"),
+    ("monitor", REQUIRED_ARG, "monitor"),
+    ("nbd-server", REQUIRED_ARG, "nbd-server"),
+    ("pidfile", REQUIRED_ARG, "pidfile"),
+    ("trace", REQUIRED_ARG, "T"),
+    ("version", NO_ARG, "V"),
+]
+OPERAND = "\x01"
+PRE_INIT = ("h", "V", "daemonize", "pidfile")
+
+TRACE_KEYS = ("enable", "events", "file")
+CHARDEV_BACKENDS = ("pty", "udp", "memory", "file", "socket", "stdio", "ringbuf", "null",
+                    "parallel", "pipe", "mux", "serial")
+# QEMU 7.2's chardev QemuOpts descriptors: name -> kind
+CHARDEV_OPTS = {
+    "abstract": "bool", "append": "bool", "backend": "str", "chardev": "str",
+    "clipboard": "bool", "cols": "num", "debug": "num", "delay": "bool", "fd": "str",
+    "height": "num", "host": "str", "ipv4": "bool", "ipv6": "bool", "localaddr": "str",
+    "localport": "str", "logappend": "bool", "logfile": "str", "mouse": "bool", "mux": "bool",
+    "name": "str", "nodelay": "bool", "path": "str", "port": "str", "reconnect": "num",
+    "rows": "num", "server": "bool", "signal": "bool", "size": "size", "telnet": "bool",
+    "tight": "bool", "tls-authz": "str", "tls-creds": "str", "tn3270": "bool", "to": "num",
+    "wait": "bool", "websocket": "bool", "width": "num",
+}
+_CHARDEV_OPT_HELP = {"bool": "bool (on/off)", "num": "num", "size": "size", "str": "str"}
+# socket options that only tune what we do anyway (dual-stack listening, no Nagle)
+_CHARDEV_IGNORED = {"backend", "path", "host", "port", "server", "wait", "ipv4", "ipv6",
+                    "nodelay", "delay", "tight", "to"}
+ID_HINT = "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.\n"
+
+
+class GetoptError(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# argv
+# --------------------------------------------------------------------------------------------
+
+def getopt(args, argv0: str):
+    """Yield ``(opt, optarg, loc)`` like glibc getopt_long with a leading ``-`` in the short
+    options: operands come back in place as ``(OPERAND, arg, arg)``; ``--`` ends the scan
+    (what follows is ignored, as in QSD).  ``loc`` is the argv text of the option."""
+    i, n = 0, len(args)
+    while i < n:
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            return
+        if not arg.startswith("-") or arg == "-":
+            yield OPERAND, arg, arg
+            continue
+        if arg.startswith("--"):
+            body = arg[2:]
+            name, eq, value = body.partition("=")
+            matches = [o for o in LONG_OPTS if o[0] == name] or \
+                [o for o in LONG_OPTS if o[0].startswith(name)]
+            if not matches:
+                raise GetoptError("%s: unrecognized option '--%s'" % (argv0, body))
+            if len(matches) > 1:
+                raise GetoptError("%s: option '--%s' is ambiguous; possibilities:%s"
+                                  % (argv0, body, "".join(" '--%s'" % o[0] for o in matches)))
+            lname, has_arg, val = matches[0]
+            if eq:
+                if has_arg == NO_ARG:
+                    raise GetoptError("%s: option '--%s' doesn't allow an argument"
+                                      % (argv0, lname))
+                yield val, value, arg
+            elif has_arg == REQUIRED_ARG:
+                if i >= n:
+                    raise GetoptError("%s: option '--%s' requires an argument" % (argv0, lname))
+                i += 1
+                yield val, args[i - 1], "%s %s" % (arg, args[i - 1])
+            else:
+                yield val, None, arg
+            continue
+        j = 1
+        while j < len(arg):
+            c = arg[j]
+            j += 1
+            k = SHORT_OPTS.find(c)
+            if c == ":" or k < 0:
+                raise GetoptError("%s: invalid option -- '%s'" % (argv0, c))
+            if SHORT_OPTS[k + 1:k + 2] == ":":
+                if j < len(arg):
+                    yield c, arg[j:], arg
+                elif i < n:
+                    i += 1
+                    yield c, args[i - 1], "%s %s" % (arg, args[i - 1])
+                else:
+                    raise GetoptError("%s: option requires an argument -- '%s'" % (argv0, c))
+                break
+            yield c, None, arg
+
+
+class Located(Reporter):
+    """Messages about one option: ``PROG: LOC: message`` (QEMU's error location)."""
+
+    def __init__(self, rep: Reporter, loc: str):
+        super().__init__(rep.argv0)
+        self.loc = loc
+
+    def error(self, message: str, hint: str | None = None) -> None:
+        super().error("%s: %s" % (self.loc, message), hint)
+
+    def warning(self, message: str, hint: str | None = None) -> None:
+        super().error("%s: warning: %s" % (self.loc, message), hint)
+
+
+# --------------------------------------------------------------------------------------------
+# argument syntaxes
+# --------------------------------------------------------------------------------------------
+
+def parse_json_arg(text: str) -> dict:
+    """One JSON object from the command line, with QEMU's messages."""
+    from ..qmp.protocol import JsonStreamer, ParseError
+    streamer = JsonStreamer()
+    items = streamer.feed(text.encode("utf-8", "surrogateescape") + b" ")
+    if items and isinstance(items[0], ParseError):
+        raise Error("JSON parse error, %s" % items[0])
+    if not items:
+        raise Error("JSON parse error, premature EOI")
+    pending = bool(getattr(streamer, "_tokens", None)) or \
+        bool(bytes(getattr(streamer, "_buf", b"")).strip())
+    if len(items) > 1 or pending:
+        raise Error("Expecting at most one JSON value")
+    return items[0]
+
+
+def qapi_arg(schema, type_name: str, text: str, implied_key: str) -> dict:
+    """A ``--blockdev``-style argument: JSON when it starts with ``{``, else keyval (no
+    help), visited as ``type_name``."""
+    if text.startswith("{"):
+        return schema.check_type(type_name, parse_json_arg(text))
+    value, _ = keyval_parse(text, implied_key, allow_help=False)
+    return schema.check_type(type_name, value, keyval=True)
+
+
+def _check_id(value: str) -> None:
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", value):
+        raise KeyvalError("Parameter 'id' expects an identifier", ID_HINT)
+
+
+def parse_chardev_opts(text: str, warn) -> tuple[dict, bool]:
+    """``--chardev`` QemuOpts (implied key ``backend``), validated like QEMU's option list."""
+    values, help_ = qemu_opts_parse(text, "backend", warn=warn)
+    if help_:
+        return values, True
+    for key, value in values.items():
+        if key == "id":
+            _check_id(value)
+            continue
+        kind = CHARDEV_OPTS.get(key)
+        if kind is None:
+            raise Error("Invalid parameter '%s'" % key)
+        if kind == "bool":
+            values[key] = parse_bool(key, value)
+        elif kind == "num":
+            if not value.strip().isdigit():
+                raise Error("Parameter '%s' expects a number" % key)
+        elif kind == "size":
+            parse_size(key, value)
+    return values, False
+
+
+def chardev_backend(values: dict) -> dict:
+    """The listening-socket backend a ``--chardev`` describes (QEMU's checks, in order)."""
+    cid = values.get("id")
+    backend = values.get("backend")
+    if cid is None:
+        raise Error("chardev: no id specified")
+    if backend is None:
+        raise Error('chardev: "%s" missing backend' % cid)
+    if backend not in CHARDEV_BACKENDS:
+        raise Error("'%s' is not a valid char driver name" % backend)
+    if backend != "socket":
+        raise Error("chardev: backend '%s' is not supported by blockexport (only socket)"
+                    % backend)
+    if sum(k in values for k in ("path", "fd", "host")) > 1:
+        raise Error("None or one of 'path', 'fd' or 'host' option required.")
+    for key in values:
+        if key != "id" and key not in _CHARDEV_IGNORED and values[key] is not False:
+            raise Error("chardev: socket: option '%s' is not supported by blockexport" % key)
+    if "path" in values:
+        dz.check_unix_path(values["path"])
+        addr = {"type": "unix", "path": values["path"]}
+    elif "host" in values or "port" in values:
+        if "port" not in values:
+            raise Error("chardev: socket: no port given")
+        addr = {"type": "inet", "host": values.get("host", ""), "port": values["port"]}
+    else:
+        raise Error("chardev: socket: only path= or host=/port= sockets are supported "
+                    "by blockexport")
+    if not values.get("server", False):
+        if addr["type"] == "unix":
+            import socket
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                try:
+                    s.connect(addr["path"])
+                except OSError as exc:
+                    raise Error("Failed to connect to '%s': %s" % (addr["path"], exc.strerror))
+        raise Error("chardev: socket: client mode (server=off) is not supported by "
+                    "blockexport")
+    if values.get("wait", True):
+        raise Error("chardev: socket: waiting for a connection (wait=on) is not supported "
+                    "by blockexport; use wait=off")
+    return addr
+
+
+# --------------------------------------------------------------------------------------------
+# applying options
+# --------------------------------------------------------------------------------------------
+
+def _print_object_help(schema, props: dict) -> None:
+    from ..objects import OBJECT_TYPES
+    qom_type = props.get("qom-type")
+    if isinstance(qom_type, str) and qom_type in OBJECT_TYPES:
+        union = schema.type("ObjectOptions")
+        branch = union.branches.get(qom_type)
+        names = {"str": "string", "bool": "bool", "size": "size"}
+        lines = []
+        if branch is not None:
+            for m in schema.type(branch).members:
+                if m.name == "loaded":
+                    continue
+                t = m.type
+                t = names.get(t, "int" if "int" in t else t)
+                lines.append("  %s=<%s>\n" % (m.name, t))
+        _write(sys.stdout, "%s options:\n%s" % (qom_type, "".join(sorted(lines))))
+        return
+    _write(sys.stdout, "List of user creatable objects:\n"
+           + "".join("  %s\n" % t for t in sorted(OBJECT_TYPES)))
+
+
+def _apply_trace(arg: str, rep: Located) -> None:
+    values, help_ = qemu_opts_parse(arg, "enable", warn=rep.warning)
+    if help_:
+        _write(sys.stdout, "trace options:\n" + "".join("  %s=<str>\n" % k for k in TRACE_KEYS))
+        raise CliExit(1)
+    for key in values:
+        if key not in TRACE_KEYS:
+            rep.fail("Invalid parameter '%s'" % key)
+    patterns = []
+    if "enable" in values:
+        if values["enable"] == "help":
+            raise CliExit(0)      # the (empty) list of trace events
+        patterns.append(values["enable"])
+    if "events" in values:
+        path = values["events"]
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                lines = f.read().splitlines()
+        except OSError as exc:
+            rep.raw("%s:%s: %s\n" % (rep.name, path, exc.strerror))
+            raise CliExit(1)
+        patterns += [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    for pattern in patterns:
+        name = pattern[1:] if pattern.startswith("-") else pattern
+        if name and "*" not in name:
+            rep.warning("trace event '%s' does not exist" % name)
+    if "file" in values:
+        try:
+            open(values["file"], "w").close()
+        except OSError as exc:
+            rep.fail("Error opening logfile %s: %s" % (values["file"], exc.strerror))
+
+
+async def apply_option(d, opt: str, arg: str, rep: Located) -> None:
+    """Apply one option (main pass) to the daemon ``d``; raises :class:`Error`."""
+    schema = d.schema
+    if opt == OPERAND:
+        raise Error("Unexpected argument")
+    if opt == "T":
+        _apply_trace(arg, rep)
+    elif opt == "blockdev":
+        await d.execute("blockdev-add", qapi_arg(schema, "BlockdevOptions", arg, "driver"))
+    elif opt == "export":
+        await d.execute("block-export-add", qapi_arg(schema, "BlockExportOptions", arg, "type"))
+    elif opt == "nbd-server":
+        await d.nbd_server_start_options(qapi_arg(schema, "NbdServerOptions", arg, None))
+    elif opt == "object":
+        if arg.startswith("{"):
+            props = schema.check_type("ObjectOptions", parse_json_arg(arg))
+        else:
+            value, help_ = keyval_parse(arg, "qom-type")
+            if help_ or value.get("qom-type") == "help":
+                _print_object_help(schema, value)
+                raise CliExit(0)
+            props = schema.check_type("ObjectOptions", value, keyval=True)
+        _check_id(props["id"])
+        await d.execute("object-add", props)
+    elif opt == "chardev":
+        values, help_ = parse_chardev_opts(arg, rep.warning)
+        if help_:
+            _write(sys.stdout, "chardev options:\n" + "".join(
+                "  %s=<%s>\n" % (k, _CHARDEV_OPT_HELP[v]) for k, v in CHARDEV_OPTS.items()))
+            raise CliExit(1)
+        if values.get("backend") == "help":
+            _write(sys.stdout, "Available chardev backend types: \n"
+                   + "".join("  %s\n" % b for b in CHARDEV_BACKENDS))
+            raise CliExit(0)
+        backend = chardev_backend(values)
+        if values["id"] in d.chardevs:
+            raise Error("duplicate yank instance")
+        await d.add_chardev(values["id"], backend)
+    elif opt == "monitor":
+        mon = qapi_arg(schema, "MonitorOptions", arg, "chardev")
+        if mon["chardev"] not in d.chardevs:
+            raise Error('chardev "%s" not found' % mon["chardev"])
+        if mon.get("mode", "control") != "control":
+            raise Error("Only QMP is supported")
+        d.add_monitor(mon["chardev"], bool(mon.get("pretty", False)))
+    else:  # pragma: no cover - the table and this function go together
+        raise Error("unhandled option %s" % opt)
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+def _pre_init(args, rep: Reporter):
+    """First pass: getopt errors, help, version, --daemonize, --pidfile."""
+    daemon = False
+    pidfile = None
+    try:
+        for opt, optarg, _ in getopt(args, rep.argv0):
+            if opt == "h":
+                _write(sys.stdout, usage_text(rep.name))
+                raise CliExit(0)
+            if opt == "V":
+                _write(sys.stdout, version_text())
+                raise CliExit(0)
+            if opt == "daemonize":
+                daemon = True
+            elif opt == "pidfile":
+                pidfile = optarg
+    except GetoptError as exc:
+        rep.raw("%s\n" % exc)
+        raise CliExit(1)
+    return daemon, pidfile
+
+
+async def _main_async(args, rep: Reporter, background) -> int:
+    from ..daemon import Daemon
+    d = Daemon()
+    d.prepare()
+    pidfile = None
+    pidfile_path = None
+    try:
+        for opt, optarg, loc in getopt(args, rep.argv0):
+            if opt == "pidfile":
+                pidfile_path = optarg
+            if opt in PRE_INIT:
+                continue
+            lrep = Located(rep, loc)
+            try:
+                await apply_option(d, opt, optarg, lrep)
+            except Error as err:
+                lrep.fail_err(err)
+        if pidfile_path is not None:
+            pidfile = dz.PidFile(pidfile_path)
+            try:
+                pidfile.write()
+            except Error as err:
+                rep.fail("cannot create PID file: %s" % err.message)
+        if background is not None:
+            background.ready()
+        return await d.serve()
+    except CliExit:
+        await _quiet_shutdown(d)
+        raise
+    finally:
+        if pidfile is not None:
+            pidfile.remove()
+
+
+async def _quiet_shutdown(d) -> None:
+    try:
+        await d.shutdown()
+    except Exception:  # pragma: no cover - exiting on an error anyway
+        pass
+
+
+def run(argv, argv0: str) -> int:
+    rep = Reporter(argv0)
+    daemon, _ = _pre_init(argv, rep)
+    background = dz.daemonize() if daemon else None
+    return asyncio.run(_main_async(argv, rep, background))
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if prog is None:
+        prog = _display_argv0(sys.argv[0]) if sys.argv and sys.argv[0] else PROG
+        if prog.endswith(".py") or prog == "-m" or prog.endswith("__main__.py"):
+            prog = PROG
+    try:
+        return run(list(argv), prog)
+    except CliExit as exc:
+        return exc.status
+    except KeyboardInterrupt:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""QMP command handlers, one module per area; each registers with ``dispatcher.command``."""

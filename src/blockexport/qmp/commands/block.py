@@ -1,0 +1,60 @@
+"""blockdev-add, blockdev-del and query-named-block-nodes."""
+import os
+
+from ...block.filename import display_name
+from ..dispatcher import command
+
+
+@command("blockdev-add")
+def blockdev_add(daemon, args):
+    daemon.graph.blockdev_add(args)
+
+
+@command("blockdev-del")
+def blockdev_del(daemon, args):
+    daemon.graph.blockdev_del(args["node-name"])
+
+
+def _allocated_size(node):
+    """Bytes allocated on disk for the image (QEMU's actual-size), or None."""
+    while node.driver not in ("file", "host_device"):
+        node = node.children.get("file")
+        if node is None:
+            return None
+    try:
+        return os.stat(node.filename).st_blocks * 512
+    except OSError:
+        return None
+
+
+def node_info(node) -> dict:
+    """QEMU's BlockDeviceInfo for one node."""
+    from ...block.dirty_bitmap import bitmap_info
+    name = display_name(node)
+    image = {"virtual-size": node.length(), "filename": name, "format": node.driver}
+    if node.driver in ("null-co", "null-aio"):
+        image["actual-size"] = 0          # QEMU: nothing allocated, and no image info
+    else:
+        actual = _allocated_size(node)
+        if actual is not None:
+            image["actual-size"] = actual
+        image["dirty-flag"] = False
+    info = {
+        "iops_rd": 0, "detect_zeroes": node.detect_zeroes, "image": image, "iops_wr": 0,
+        "ro": bool(node.read_only), "node-name": node.node_name, "backing_file_depth": 0,
+        "drv": node.driver, "iops": 0, "bps_wr": 0, "write_threshold": 0,
+        "encrypted": False, "bps": 0, "bps_rd": 0,
+        "cache": {"no-flush": bool(node.no_flush), "direct": bool(node.cache_direct),
+                  "writeback": True},
+        "file": name,
+    }
+    bitmaps = getattr(node, "dirty_bitmaps", None)
+    if bitmaps:
+        info["dirty-bitmaps"] = [bitmap_info(bm) for bm in reversed(list(bitmaps.values()))]
+    return info
+
+
+@command("query-named-block-nodes")
+def query_named_block_nodes(daemon, args):
+    # Newest first; an implicit child is created before its parent, so it follows it.
+    return [node_info(n) for n in reversed(daemon.graph.nodes())]

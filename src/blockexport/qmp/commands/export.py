@@ -1,0 +1,77 @@
+"""The commands of block-export.json: the NBD server and block exports."""
+from ...errors import Error
+from ...exports.base import export_factory
+from ..dispatcher import command
+
+
+def _flat_address(legacy: dict) -> dict:
+    """SocketAddressLegacy ({type, data: {...}}) to the flat SocketAddress."""
+    addr = {"type": legacy["type"]}
+    addr.update(legacy["data"])
+    return addr
+
+
+@command("nbd-server-start")
+async def nbd_server_start(daemon, args):
+    await daemon.nbd_server_start(_flat_address(args["addr"]), args.get("tls-creds"),
+                                  args.get("tls-authz"), args.get("max-connections", 0))
+
+
+@command("nbd-server-stop")
+async def nbd_server_stop(daemon, args):
+    await daemon.nbd_server_stop()
+
+
+def block_export_add(daemon, opts: dict):
+    daemon.exports.check_new_id(opts["id"])
+    factory = export_factory(opts["type"])
+    export = factory(daemon, opts)
+    daemon.exports.add(export)
+    return export
+
+
+@command("block-export-add")
+def block_export_add_command(daemon, args):
+    block_export_add(daemon, args)
+
+
+@command("block-export-del")
+def block_export_del(daemon, args):
+    export = daemon.exports.find(args["id"])
+    if export is None:
+        raise Error("Export '%s' is not found" % args["id"])
+    daemon.exports.remove(export, hard=args.get("mode", "safe") == "hard")
+
+
+@command("query-block-exports")
+def query_block_exports(daemon, args):
+    return daemon.exports.query()
+
+
+@command("nbd-server-add")
+def nbd_server_add(daemon, args):
+    device = args["device"]
+    node = daemon.graph.lookup(device)
+    if node is None:
+        raise Error("Cannot find device='%s' nor node-name='%s'" % (device, device))
+    name = args.get("name", device)
+    opts = {"type": "nbd", "id": name, "node-name": device, "name": name,
+            # nbd-server-add exports a read-only node read-only instead of failing
+            "writable": args.get("writable", False) and not node.read_only}
+    if "description" in args:
+        opts["description"] = args["description"]
+    if "bitmap" in args:
+        opts["bitmaps"] = [args["bitmap"]]
+    if daemon.nbd_server is None:
+        raise Error("NBD server not running")
+    block_export_add(daemon, opts)
+
+
+@command("nbd-server-remove")
+def nbd_server_remove(daemon, args):
+    # The legacy command takes the export's id (nbd-server-add made id = name).
+    name = args["name"]
+    export = daemon.exports.find(name)
+    if export is None or export.type != "nbd":
+        raise Error("Export '%s' is not found" % name)
+    daemon.exports.remove(export, hard=args.get("mode", "safe") == "hard")

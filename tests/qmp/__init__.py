@@ -1,0 +1,1 @@
+"""QMP suite (a package, so its conftest does not shadow tests/conftest.py as `conftest`)."""

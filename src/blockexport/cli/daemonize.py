@@ -77,13 +77,25 @@ def _relay_and_exit(read_fd: int) -> None:
     os._exit(1 if errors else 0)
 
 
-def fork_background() -> Background:
-    """Fork; the caller continues in the daemon.  Never returns in the foreground process."""
+def _flush_std() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
             pass
+
+
+def _stdio_to_null() -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+
+
+def fork_background() -> Background:
+    """Fork; the caller continues in the daemon.  Never returns in the foreground process."""
+    _flush_std()
     read_fd, write_fd = os.pipe()            # both close-on-exec
     pid = os.fork()
     if pid > 0:
@@ -94,11 +106,7 @@ def fork_background() -> Background:
     if os.fork() > 0:
         os._exit(0)
     os.setsid()
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    if null > 2:
-        os.close(null)
+    _stdio_to_null()
     # start-up messages go to the foreground process until ready()
     os.dup2(write_fd, 2)
     os.close(write_fd)
@@ -253,6 +261,22 @@ def check_unix_path(path: str) -> None:
                           "Path must be less than %d bytes" % UNIX_PATH_MAX)
 
 
+def listen_unix(path: str, backlog: int) -> socket.socket:
+    """A listening unix socket at ``path`` (an old socket file there is replaced)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock.bind(path)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise Error("Failed to bind socket to %s: %s" % (path, exc.strerror))
+    return sock
+
+
 def listen_inet(host: str, port: str, backlog: int) -> list:
     """Listening TCP sockets for ``host``:``port`` the way QEMU opens them."""
     try:
@@ -319,16 +343,8 @@ class Daemonized:
             pass
         os.close(self._fd)
         self._fd = None
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        if null > 2:
-            os.close(null)
+        _flush_std()
+        _stdio_to_null()
 
 
 def daemonize() -> Daemonized:
@@ -340,11 +356,7 @@ def daemonize() -> Daemonized:
     daemon exits first.  The daemon is a grandchild in a new session with umask 027.
     Never returns in the foreground process.
     """
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
+    _flush_std()
     read_fd, write_fd = os.pipe()            # both close-on-exec
     if os.fork() > 0:
         os.close(write_fd)

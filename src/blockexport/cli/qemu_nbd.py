@@ -28,6 +28,7 @@ from ..errors import Error
 from . import daemonize
 from .keyval import (SIZE_HINT, blockdev_typed, crumple, parse_object_arg,
                      qemu_opts_parse)
+from .trace import parse_trace
 
 DEFAULT_PORT = "10809"
 DEFAULT_BIND = "0.0.0.0"
@@ -88,7 +89,6 @@ QEMU_BLOCK_DRIVERS = frozenset("""
 PROTOCOL_DRIVERS = frozenset(("file", "host_device", "host_cdrom", "null-co", "null-aio"))
 NULL_FILENAMES = {"null-co": "null-co://", "null-aio": "null-aio://"}
 
-TRACE_KEYS = ("enable", "events", "file")
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,38 +357,10 @@ def _print_object_help(props: dict, out) -> None:
 
 
 def _parse_trace(arg: str, opts: NbdOptions, rep: Reporter) -> None:
-    """``-T``: accepted for compatibility; there are no trace events, so only the checks and
-    messages remain (unknown events warn, ``help`` lists none)."""
-    values, help_ = qemu_opts_parse(arg, "enable", warn=rep.warning)
-    if help_:
-        _write(sys.stdout, "trace options:\n" + "".join("  %s=<str>\n" % k for k in TRACE_KEYS))
-        raise CliExit(1)
-    for key in values:
-        if key not in TRACE_KEYS:
-            rep.fail("Invalid parameter '%s'" % key)
-    patterns = []
-    if "enable" in values:
-        if values["enable"] == "help":
-            raise CliExit(0)      # the (empty) list of trace events
-        patterns.append(values["enable"])
-    if "events" in values:
-        path = values["events"]
-        try:
-            with open(path, encoding="utf-8", errors="surrogateescape") as f:
-                lines = f.read().splitlines()
-        except OSError as exc:
-            rep.raw("%s:%s: %s\n" % (rep.name, path, exc.strerror))
-            raise CliExit(1)
-        for line in lines:
-            line = line.strip()
-            if line and not line.startswith("#"):
-                patterns.append(line)
-    for pattern in patterns:
-        name = pattern[1:] if pattern.startswith("-") else pattern
-        if name and "*" not in name:
-            rep.warning("trace event '%s' does not exist" % name)
-    if "file" in values:
-        opts.trace.append(("file", values["file"]))
+    """``-T``: accepted for compatibility (see cli/trace.py)."""
+    path = parse_trace(arg, rep, _write, CliExit)
+    if path is not None:
+        opts.trace.append(("file", path))
 
 
 def _parse_load_snapshot(arg: str, opts: NbdOptions, rep: Reporter) -> None:

@@ -15,14 +15,15 @@ and the daemon serves until ``quit`` or a signal.
 from __future__ import annotations
 
 import asyncio
-import re
 import sys
 
+from ..block.graph import id_wellformed
 from ..errors import Error
 from . import daemonize as dz
 from .keyval import KeyvalError, keyval_parse, parse_bool, parse_size, qemu_opts_parse
 from .qemu_nbd import CliExit, Reporter, _display_argv0, _write
 from .storage_daemon_help import PROG, usage_text, version_text
+from .trace import parse_trace
 
 NO_ARG, REQUIRED_ARG = 0, 1
 # getopt_long table in QSD's order; short options "-hT:V" with a leading "-": operands are
@@ -44,7 +45,6 @@ LONG_OPTS = [
 OPERAND = "\x01"
 PRE_INIT = ("h", "V", "daemonize", "pidfile")
 
-TRACE_KEYS = ("enable", "events", "file")
 CHARDEV_BACKENDS = ("pty", "udp", "memory", "file", "socket", "stdio", "ringbuf", "null",
                     "parallel", "pipe", "mux", "serial")
 # QEMU 7.2's chardev QemuOpts descriptors: name -> kind
@@ -173,7 +173,7 @@ def qapi_arg(schema, type_name: str, text: str, implied_key: str) -> dict:
 
 
 def _check_id(value: str) -> None:
-    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", value):
+    if not id_wellformed(value):
         raise KeyvalError("Parameter 'id' expects an identifier", ID_HINT)
 
 
@@ -269,36 +269,12 @@ def _print_object_help(schema, props: dict) -> None:
 
 
 def _apply_trace(arg: str, rep: Located) -> None:
-    values, help_ = qemu_opts_parse(arg, "enable", warn=rep.warning)
-    if help_:
-        _write(sys.stdout, "trace options:\n" + "".join("  %s=<str>\n" % k for k in TRACE_KEYS))
-        raise CliExit(1)
-    for key in values:
-        if key not in TRACE_KEYS:
-            rep.fail("Invalid parameter '%s'" % key)
-    patterns = []
-    if "enable" in values:
-        if values["enable"] == "help":
-            raise CliExit(0)      # the (empty) list of trace events
-        patterns.append(values["enable"])
-    if "events" in values:
-        path = values["events"]
+    path = parse_trace(arg, rep, _write, CliExit)
+    if path is not None:
         try:
-            with open(path, encoding="utf-8", errors="surrogateescape") as f:
-                lines = f.read().splitlines()
+            open(path, "w").close()
         except OSError as exc:
-            rep.raw("%s:%s: %s\n" % (rep.name, path, exc.strerror))
-            raise CliExit(1)
-        patterns += [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
-    for pattern in patterns:
-        name = pattern[1:] if pattern.startswith("-") else pattern
-        if name and "*" not in name:
-            rep.warning("trace event '%s' does not exist" % name)
-    if "file" in values:
-        try:
-            open(values["file"], "w").close()
-        except OSError as exc:
-            rep.fail("Error opening logfile %s: %s" % (values["file"], exc.strerror))
+            rep.fail("Error opening logfile %s: %s" % (path, exc.strerror))
 
 
 async def apply_option(d, opt: str, arg: str, rep: Located) -> None:

@@ -60,18 +60,8 @@ class NbdServer:
     # TCP sockets are opened the way QEMU opens them by cli.daemonize.listen_inet (dual-stack,
     # every resolved address, QEMU's messages) and handed over with listen_fds().
     def listen_unix(self, path: str, backlog: int = socket.SOMAXCONN) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            sock.bind(path)
-            sock.listen(backlog)
-        except OSError as exc:
-            sock.close()
-            raise Error("Failed to bind socket to %s: %s" % (path, exc.strerror))
-        self._listeners.append((sock, path))
+        from ..cli.daemonize import listen_unix
+        self._listeners.append((listen_unix(path, backlog), path))
 
     def listen_fds(self, fds) -> None:
         for fd in fds:

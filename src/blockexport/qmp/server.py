@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 
+from ..cli.daemonize import listen_inet, listen_unix
 from ..errors import Error
 from . import protocol as P
 
@@ -29,26 +29,10 @@ class Chardev:
         kind = backend.get("type")
         if kind == "unix":
             path = backend["path"]
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    raise Error("Failed to unlink socket %s: %s" % (path, exc.strerror))
-                sock.bind(path)
-                sock.listen(1)
-            except OSError as exc:
-                sock.close()
-                raise Error("Failed to bind socket to %s: %s" % (path, exc.strerror))
-            except Error:
-                sock.close()
-                raise
+            sock = listen_unix(path, 1)
             self.path = path
             self.socks = [sock]
         elif kind == "inet":
-            from ..cli.daemonize import listen_inet
             self.socks = listen_inet(backend.get("host") or "", str(backend["port"]), 1)
         else:
             raise Error("chardev backend '%s' is not supported" % kind)

@@ -14,6 +14,7 @@ with ``hard`` drop the current ones), ``close()`` (release the node), and calls
 """
 from __future__ import annotations
 
+import asyncio
 import importlib
 
 from ..block.graph import id_wellformed
@@ -60,10 +61,12 @@ class ExportTable:
         export.on_released = lambda exp=export: self._released(exp)
         self._exports.insert(0, export)
 
-    def remove(self, export, hard: bool) -> None:
+    async def remove(self, export, hard: bool) -> None:
         """Drop the user's reference (block-export-del)."""
         if export.shutting_down:
             raise Error("Export '%s' is already shutting down" % export.id)
+        if not hard and export.client_count():
+            await self._settle(export)
         if not hard and export.client_count():
             err = Error("export '%s' still in use" % export.id)
             err.hint = "Use mode='hard' to force client disconnect"
@@ -72,6 +75,15 @@ class ExportTable:
         export.begin_shutdown(hard)
         if not export.client_count():
             self._released(export)
+
+    @staticmethod
+    async def _settle(export, limit: float = 0.2) -> None:
+        """Give clients that have already hung up a moment to be noticed: their connection
+        threads may not have read the disconnect yet (QEMU's single loop sees it at once)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while export.client_count() and loop.time() < deadline:
+            await asyncio.sleep(0.01)
 
     def _released(self, export) -> None:
         if export not in self._exports:
@@ -87,7 +99,6 @@ class ExportTable:
 
     async def wait_gone(self, export) -> None:
         """Wait until ``export`` is deleted (its clients have left)."""
-        import asyncio
         if export not in self._exports:
             return
         fut = asyncio.get_running_loop().create_future()

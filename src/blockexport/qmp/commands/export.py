@@ -36,11 +36,11 @@ def block_export_add_command(daemon, args):
 
 
 @command("block-export-del")
-def block_export_del(daemon, args):
+async def block_export_del(daemon, args):
     export = daemon.exports.find(args["id"])
     if export is None:
         raise Error("Export '%s' is not found" % args["id"])
-    daemon.exports.remove(export, hard=args.get("mode", "safe") == "hard")
+    await daemon.exports.remove(export, hard=args.get("mode", "safe") == "hard")
 
 
 @command("query-block-exports")
@@ -68,10 +68,10 @@ def nbd_server_add(daemon, args):
 
 
 @command("nbd-server-remove")
-def nbd_server_remove(daemon, args):
+async def nbd_server_remove(daemon, args):
     # The legacy command takes the export's id (nbd-server-add made id = name).
     name = args["name"]
     export = daemon.exports.find(name)
     if export is None or export.type != "nbd":
         raise Error("Export '%s' is not found" % name)
-    daemon.exports.remove(export, hard=args.get("mode", "safe") == "hard")
+    await daemon.exports.remove(export, hard=args.get("mode", "safe") == "hard")

@@ -10,7 +10,8 @@ Start-up follows qemu-nbd: parse and check options, (fork), listen, open the ima
 the export, write the pid file, chdir to ``/``, report readiness, serve.
 
 Entry points: :func:`main` (console script), :func:`parse_args` (argv -> :class:`NbdOptions`),
-:func:`open_image` (options -> block node), :func:`getopt_long` (GNU getopt emulation).
+:func:`open_image` (options -> block node), :func:`getopt_long` (GNU getopt emulation,
+shared with ``blockexport-daemon`` in :mod:`blockexport.cli.getopt`).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import sys
 from .. import QEMU_COMPAT_VERSION, __version__
 from ..errors import Error
 from . import daemonize
+from .getopt import NO_ARG, REQUIRED_ARG, GetoptError, getopt_long
 from .keyval import (SIZE_HINT, blockdev_typed, crumple, parse_object_arg,
                      qemu_opts_parse)
 from .trace import parse_trace
@@ -39,7 +41,6 @@ INT64_MAX = 2**63 - 1
 
 # getopt_long tables, in qemu-nbd's order (the order shows in "ambiguous" messages)
 SHORT_OPTS = "hVb:o:p:rsnc:dvk:e:f:tl:x:T:D:AB:L"
-NO_ARG, REQUIRED_ARG = 0, 1
 LONG_OPTS = [
     ("help", NO_ARG, "h"),
     ("version", NO_ARG, "V"),
@@ -158,87 +159,6 @@ def _display_argv0(argv0: str) -> str:
         except OSError:
             pass
     return argv0
-
-
-# --------------------------------------------------------------------------------------------
-# GNU getopt_long
-# --------------------------------------------------------------------------------------------
-
-class GetoptError(Exception):
-    pass
-
-
-def getopt_long(args, shortopts: str, longopts, argv0: str, operands: list,
-                posixly_correct: bool | None = None):
-    """Yield ``(val, optarg)`` pairs like glibc's getopt_long, in command-line order.
-
-    Operands are appended to ``operands`` (GNU permutation unless POSIXLY_CORRECT).  On an
-    error glibc's message (prefixed with ``argv0``) is the :class:`GetoptError` text.
-    """
-    if posixly_correct is None:
-        posixly_correct = "POSIXLY_CORRECT" in os.environ
-    i = 0
-    n = len(args)
-    while i < n:
-        arg = args[i]
-        i += 1
-        if arg == "--":
-            operands.extend(args[i:])
-            return
-        if not arg.startswith("-") or arg == "-":
-            operands.append(arg)
-            if posixly_correct:
-                operands.extend(args[i:])
-                return
-            continue
-        if arg.startswith("--"):
-            body = arg[2:]
-            name, eq, value = body.partition("=")
-            exact = [o for o in longopts if o[0] == name]
-            if exact:
-                opt = exact[0]
-            else:
-                matches = [o for o in longopts if o[0].startswith(name)]
-                if not matches:
-                    raise GetoptError("%s: unrecognized option '--%s'" % (argv0, body))
-                first = matches[0]
-                if any(o[1:] != first[1:] for o in matches[1:]):
-                    raise GetoptError("%s: option '--%s' is ambiguous; possibilities:%s"
-                                      % (argv0, body,
-                                         "".join(" '--%s'" % o[0] for o in matches)))
-                opt = first
-            lname, has_arg, val = opt
-            if eq:
-                if has_arg == NO_ARG:
-                    raise GetoptError("%s: option '--%s' doesn't allow an argument"
-                                      % (argv0, lname))
-                yield val, value
-            elif has_arg == REQUIRED_ARG:
-                if i >= n:
-                    raise GetoptError("%s: option '--%s' requires an argument" % (argv0, lname))
-                yield val, args[i]
-                i += 1
-            else:
-                yield val, None
-            continue
-        # a cluster of short options
-        j = 1
-        while j < len(arg):
-            c = arg[j]
-            j += 1
-            k = shortopts.find(c)
-            if c == ":" or k < 0:
-                raise GetoptError("%s: invalid option -- '%s'" % (argv0, c))
-            if shortopts[k + 1:k + 2] == ":":
-                if j < len(arg):
-                    yield c, arg[j:]
-                elif i < n:
-                    yield c, args[i]
-                    i += 1
-                else:
-                    raise GetoptError("%s: option requires an argument -- '%s'" % (argv0, c))
-                break
-            yield c, None
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,15 +20,15 @@ import sys
 from ..block.graph import id_wellformed
 from ..errors import Error
 from . import daemonize as dz
+from .getopt import NO_ARG, OPERAND, REQUIRED_ARG, GetoptError, getopt_long_located
 from .keyval import KeyvalError, keyval_parse, parse_bool, parse_size, qemu_opts_parse
 from .qemu_nbd import CliExit, Reporter, _display_argv0, _write
 from .storage_daemon_help import PROG, usage_text, version_text
 from .trace import parse_trace
 
-NO_ARG, REQUIRED_ARG = 0, 1
 # getopt_long table in QSD's order; short options "-hT:V" with a leading "-": operands are
 # returned in place (as QSD's "Unexpected argument" shows), not permuted.
-SHORT_OPTS = "hT:V"
+SHORT_OPTS = "-hT:V"
 LONG_OPTS = [
     ("help", NO_ARG, "h"),
     ("object", REQUIRED_ARG, "object"),
@@ -42,7 +42,6 @@ LONG_OPTS = [
     ("trace", REQUIRED_ARG, "T"),
     ("version", NO_ARG, "V"),
 ]
-OPERAND = "\x01"
 PRE_INIT = ("h", "V", "daemonize", "pidfile")
 
 CHARDEV_BACKENDS = ("pty", "udp", "memory", "file", "socket", "stdio", "ringbuf", "null",
@@ -65,68 +64,15 @@ _CHARDEV_IGNORED = {"backend", "path", "host", "port", "server", "wait", "ipv4",
 ID_HINT = "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.\n"
 
 
-class GetoptError(Exception):
-    pass
-
-
 # --------------------------------------------------------------------------------------------
 # argv
 # --------------------------------------------------------------------------------------------
 
 def getopt(args, argv0: str):
-    """Yield ``(opt, optarg, loc)`` like glibc getopt_long with a leading ``-`` in the short
-    options: operands come back in place as ``(OPERAND, arg, arg)``; ``--`` ends the scan
-    (what follows is ignored, as in QSD).  ``loc`` is the argv text of the option."""
-    i, n = 0, len(args)
-    while i < n:
-        arg = args[i]
-        i += 1
-        if arg == "--":
-            return
-        if not arg.startswith("-") or arg == "-":
-            yield OPERAND, arg, arg
-            continue
-        if arg.startswith("--"):
-            body = arg[2:]
-            name, eq, value = body.partition("=")
-            matches = [o for o in LONG_OPTS if o[0] == name] or \
-                [o for o in LONG_OPTS if o[0].startswith(name)]
-            if not matches:
-                raise GetoptError("%s: unrecognized option '--%s'" % (argv0, body))
-            if len(matches) > 1:
-                raise GetoptError("%s: option '--%s' is ambiguous; possibilities:%s"
-                                  % (argv0, body, "".join(" '--%s'" % o[0] for o in matches)))
-            lname, has_arg, val = matches[0]
-            if eq:
-                if has_arg == NO_ARG:
-                    raise GetoptError("%s: option '--%s' doesn't allow an argument"
-                                      % (argv0, lname))
-                yield val, value, arg
-            elif has_arg == REQUIRED_ARG:
-                if i >= n:
-                    raise GetoptError("%s: option '--%s' requires an argument" % (argv0, lname))
-                i += 1
-                yield val, args[i - 1], "%s %s" % (arg, args[i - 1])
-            else:
-                yield val, None, arg
-            continue
-        j = 1
-        while j < len(arg):
-            c = arg[j]
-            j += 1
-            k = SHORT_OPTS.find(c)
-            if c == ":" or k < 0:
-                raise GetoptError("%s: invalid option -- '%s'" % (argv0, c))
-            if SHORT_OPTS[k + 1:k + 2] == ":":
-                if j < len(arg):
-                    yield c, arg[j:], arg
-                elif i < n:
-                    i += 1
-                    yield c, args[i - 1], "%s %s" % (arg, args[i - 1])
-                else:
-                    raise GetoptError("%s: option requires an argument -- '%s'" % (argv0, c))
-                break
-            yield c, None, arg
+    """Yield ``(opt, optarg, loc)`` like QSD's getopt_long: operands come back in place as
+    ``(OPERAND, arg, arg)``; ``--`` ends the scan (what follows is ignored, as in QSD).
+    ``loc`` is the argv text of the option."""
+    return getopt_long_located(args, SHORT_OPTS, LONG_OPTS, argv0)
 
 
 class Located(Reporter):

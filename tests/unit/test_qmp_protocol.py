@@ -98,3 +98,26 @@ def test_event_has_timestamp():
     msg = P.event_message("BLOCK_EXPORT_DELETED", {"id": "e"})
     assert set(msg) == {"timestamp", "event", "data"}
     assert set(msg["timestamp"]) == {"seconds", "microseconds"}
+
+
+def _items(st, data, step):
+    out = []
+    for i in range(0, len(data), step):
+        out += st.feed(data[i:i + step])
+    return [("err", str(x)) if isinstance(x, P.ParseError) else x for x in out]
+
+
+def test_garbage_never_raises_and_chunking_does_not_matter():
+    """Invariant (h11-style fuzzing): any bytes give values or parse errors, never an
+    exception, and how the bytes are split into reads does not change the result."""
+    import random
+    rnd = random.Random(1234)
+    alphabet = b'{}[]:,"\'\\ \n\tabcdeflnrstu0123456789.-+eE@\x00\xff'
+    pieces = [b'{"execute": "x"}', b'[1, 2]', b'"s"', b'true', b'{"a": {"b": [null]}}']
+    for _ in range(400):
+        data = b"".join(rnd.choice(pieces) if rnd.random() < 0.3 else
+                        bytes([rnd.choice(alphabet)]) for _ in range(rnd.randrange(1, 40)))
+        data += b" "     # a trailing delimiter ends any pending number or keyword
+        whole = _items(P.JsonStreamer(), data, len(data))
+        for step in (1, 2, 7):
+            assert _items(P.JsonStreamer(), data, step) == whole, data

@@ -95,9 +95,9 @@ class Daemon:
             check_unix_path(addr["path"])
             server.listen_unix(addr["path"])
         elif kind == "inet":
-            from .cli.daemonize import listen_inet
+            from .cli.daemonize import inet_family, listen_inet
             socks = listen_inet(addr.get("host") or "", str(addr["port"]),
-                                _backlog(max_connections))
+                                _backlog(max_connections), inet_family(addr))
             server.listen_fds([sock.detach() for sock in socks])
         elif kind == "fd":
             server.listen_fds([_monitor_fd(addr["str"])])

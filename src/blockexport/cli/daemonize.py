@@ -277,10 +277,24 @@ def listen_unix(path: str, backlog: int) -> socket.socket:
     return sock
 
 
-def listen_inet(host: str, port: str, backlog: int) -> list:
+def inet_family(addr: dict) -> int:
+    """The address family an inet SocketAddress asks for with ``ipv4``/``ipv6``."""
+    v4, v6 = addr.get("ipv4"), addr.get("ipv6")
+    if v4 is False and v6 is False:
+        raise Error("Cannot disable IPv4 and IPv6 at same time")
+    if v4 and v6:
+        return socket.AF_UNSPEC
+    if v6 or v4 is False:
+        return socket.AF_INET6
+    if v4 or v6 is False:
+        return socket.AF_INET
+    return socket.AF_UNSPEC
+
+
+def listen_inet(host: str, port: str, backlog: int, family: int = socket.AF_UNSPEC) -> list:
     """Listening TCP sockets for ``host``:``port`` the way QEMU opens them."""
     try:
-        infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+        infos = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0,
                                    socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise Error("address resolution failed for %s:%s: %s" % (host, port, exc.strerror))

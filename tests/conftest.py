@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import servers as _servers  # noqa: E402
+from helpers.procs import WatchedLauncher  # noqa: E402
 from helpers.servers import SERVER_KINDS, blockexport_available  # noqa: E402
 
 MiB = 1024 * 1024
@@ -34,39 +34,19 @@ def server_kind(request) -> str:
     return request.param
 
 
-# A hung server must not hang the suite: libnbd's blocking calls cannot be interrupted by
-# pytest-timeout's signal, so a watchdog kills this test's servers after WATCHDOG seconds
-# (the blocked client call then fails with a connection error).
-WATCHDOG = 20.0
+class _Launcher(WatchedLauncher):
+    """Starts servers of one kind; a watchdog kills hung ones (helpers.procs.WATCHDOG)."""
 
+    what = "server"
 
-class _Launcher:
     def __init__(self, kind: str, tmp_path: Path):
+        super().__init__()
         self.kind = kind
         self.tmp_path = tmp_path
-        self.servers: list[_servers.Server] = []
-        self.fired = False
-        self._timer = threading.Timer(WATCHDOG, self._fire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def _fire(self) -> None:
-        self.fired = True
-        for s in list(self.servers):
-            if s.proc is not None and s.proc.poll() is None:
-                sys.stderr.write(f"\nWATCHDOG: killing hung {s.kind} {s.argv}\n")
-                s.proc.kill()
 
     def __call__(self, image, args=(), **kw) -> _servers.Server:
-        s = _servers.start_server(self.kind, image, args, tmp_path=self.tmp_path, **kw)
-        self.servers.append(s)
-        return s
-
-    def stop_all(self) -> None:
-        self._timer.cancel()
-        for s in self.servers:
-            s.stop()
-        assert not self.fired, f"test hung: watchdog killed the server after {WATCHDOG}s"
+        return self.add(_servers.start_server(self.kind, image, args, tmp_path=self.tmp_path,
+                                              **kw))
 
 
 @pytest.fixture

@@ -8,10 +8,8 @@ has no monitor), waiting for the process through a pidfd.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import select
 import signal
 import socket
 import subprocess
@@ -20,6 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+from helpers.daemons import qmp_lines
+from helpers.procs import wait_pid_gone
 
 OURS = str(Path(sys.executable).parent / "blockexport-daemon")
 START_TIMEOUT = 15.0
@@ -78,38 +79,6 @@ def _connect(path: Path, deadline: float) -> socket.socket:
             time.sleep(0.01)
 
 
-def _qmp(sock: socket.socket, commands) -> list:
-    f = sock.makefile("rwb")
-    assert "QMP" in json.loads(f.readline())
-    replies = []
-    for cmd in ["qmp_capabilities"] + list(commands):
-        f.write(json.dumps({"execute": cmd}).encode() + b"\n")
-        f.flush()
-        while True:
-            msg = json.loads(f.readline())
-            if "event" not in msg:
-                break
-        replies.append(msg)
-    if commands and commands[-1] == "quit":
-        try:
-            f.read()        # until the daemon closes the connection as it exits
-        except ConnectionResetError:     # QEMU may reset it
-            pass
-    return replies[1:]
-
-
-def _wait_pid(pid: int, timeout: float = STOP_TIMEOUT) -> None:
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        r, _, _ = select.select([fd], [], [], timeout)
-        assert r, "daemon %d did not exit" % pid
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: "ex%d" % EXAMPLES.index(e))
 def test_help_example_runs(example, tmp_path):
     with open(tmp_path / "disk.img", "wb") as f:
@@ -140,12 +109,12 @@ def test_help_example_runs(example, tmp_path):
             del h
         if "qmp.sock" in example:
             with _connect(tmp_path / "qmp.sock", deadline) as s:
-                exports, quit_ = _qmp(s, ["query-block-exports", "quit"])
+                exports, quit_ = qmp_lines(s, ["query-block-exports", "quit"])
                 assert quit_ == {"return": {}}
                 assert len(exports["return"]) == example.count("--export")
         else:
             os.kill(pid, signal.SIGTERM)
-        _wait_pid(pid)
+        wait_pid_gone(pid, STOP_TIMEOUT)
         if not daemonized:
             assert proc.wait(STOP_TIMEOUT) == 0
         assert not (tmp_path / "daemon.pid").exists()

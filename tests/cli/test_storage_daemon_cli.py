@@ -9,9 +9,7 @@ then stopped with SIGTERM or QMP ``quit`` and waited for through a pidfd.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -21,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from blockexport.cli import storage_daemon as sd
+from helpers.daemons import qmp_lines
+from helpers.procs import kill_pid, wait_pid_gone
 
 QSD = "/usr/bin/qemu-storage-daemon"
 OURS = str(Path(sys.executable).parent / "blockexport-daemon")
@@ -223,25 +223,6 @@ def test_help_version_first_pass(argv, workdir):
 
 # --- daemons that start ------------------------------------------------------------------------
 
-def _wait_pid(pid: int, timeout: float = STOP_TIMEOUT) -> None:
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        r, _, _ = select.select([fd], [], [], timeout)
-        assert r, "process %d did not exit" % pid
-    finally:
-        os.close(fd)
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 class Started:
     """A daemon started with --daemonize --pidfile: its pid comes from the pid file."""
 
@@ -256,9 +237,9 @@ class Started:
         if self.pid is not None:
             try:
                 os.kill(self.pid, sig)
-                _wait_pid(self.pid)
+                wait_pid_gone(self.pid, STOP_TIMEOUT)
             finally:
-                _kill(self.pid)
+                kill_pid(self.pid)
             self.pid = None
 
     def __enter__(self):
@@ -266,8 +247,8 @@ class Started:
 
     def __exit__(self, *exc):
         if self.pid is not None:
-            _kill(self.pid)
-            _wait_pid(self.pid)
+            kill_pid(self.pid)
+            wait_pid_gone(self.pid, STOP_TIMEOUT)
 
 
 def _qmp(path: Path, commands):
@@ -275,24 +256,7 @@ def _qmp(path: Path, commands):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10)
         s.connect(str(path))
-        f = s.makefile("rwb")
-        greeting = json.loads(f.readline())
-        assert "QMP" in greeting
-        replies = []
-        for cmd in ["qmp_capabilities"] + list(commands):
-            f.write(json.dumps({"execute": cmd}).encode() + b"\n")
-            f.flush()
-            while True:
-                msg = json.loads(f.readline())
-                if "event" not in msg:
-                    break
-            replies.append(msg)
-        if commands and commands[-1] == "quit":
-            try:
-                f.read()        # until the daemon closes the connection as it exits
-            except ConnectionResetError:     # QEMU may reset it
-                pass
-        return replies[1:]
+        return qmp_lines(s, commands)
 
 
 def _nbd_size(sock: Path, name: str = "") -> int:
@@ -333,7 +297,7 @@ def test_quit_stops_daemon(prog, workdir):
         assert d.result[0] == 0
         pid = d.pid
         assert _qmp(workdir / "m.sock", ["quit"]) == [{"return": {}}]
-        _wait_pid(pid)
+        wait_pid_gone(pid, STOP_TIMEOUT)
         d.pid = None
     assert not d.pidfile.exists()
 

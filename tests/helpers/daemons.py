@@ -19,21 +19,18 @@ import json
 import os
 import re
 import select
-import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers.servers import _die_with_parent, free_port  # noqa: F401  (re-exported)
+from helpers import procs
+from helpers.procs import ProcessHandle, die_with_parent, log_paths, venv_binary
+from helpers.servers import free_port  # noqa: F401  (re-exported)
 
-REPO = Path(__file__).resolve().parents[2]
 QSD = "/usr/bin/qemu-storage-daemon"
-BLOCKEXPORT_DAEMON = str(Path(sys.executable).parent / "blockexport-daemon")
-if not os.path.exists(BLOCKEXPORT_DAEMON):  # pragma: no cover - running outside the venv
-    BLOCKEXPORT_DAEMON = str(REPO / ".venv" / "bin" / "blockexport-daemon")
+BLOCKEXPORT_DAEMON = venv_binary("blockexport-daemon")
 
 DAEMON_KINDS = ("qemu-storage-daemon", "blockexport-daemon")
 START_TIMEOUT = 15.0
@@ -68,7 +65,7 @@ class DaemonStartError(RuntimeError):
 
 
 @dataclass
-class Daemon:
+class Daemon(ProcessHandle):
     kind: str
     argv: list[str]
     proc: subprocess.Popen | None
@@ -87,21 +84,10 @@ class Daemon:
         path = self.monitors[mon] if mon else self.qmp_path
         return connect_unix_retry(path, timeout)
 
-    def stderr(self) -> str:
-        if self.stderr_path and self.stderr_path.exists():
-            return self.stderr_path.read_text(errors="replace")
-        return ""
-
     def stdout(self) -> str:
         if self.stdout_path and self.stdout_path.exists():
             return self.stdout_path.read_text(errors="replace")
         return ""
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def wait_exit(self, timeout: float = 10.0) -> int:
-        return self.proc.wait(timeout=timeout)
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -111,14 +97,7 @@ class Daemon:
         for q in self.clients:
             q.close()
         self.clients.clear()
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=STOP_TIMEOUT)
+        self.terminate(STOP_TIMEOUT)
 
     # --- qemu.qmp -----------------------------------------------------------------------
     def qmp(self, mon: str | None = None, negotiate: bool = True) -> "QMP":
@@ -146,54 +125,49 @@ def connect_unix_retry(path: str, timeout: float = 5.0) -> socket.socket:
             select.select([], [], [], 0.005)      # bounded back-off, not synchronisation
 
 
+def qmp_lines(sock: socket.socket, commands) -> list:
+    """Negotiate on a connected QMP socket, then run `commands` (names, no arguments) as raw
+    JSON lines; returns their replies (events skipped).  After a final ``quit`` it reads until
+    the daemon closes the connection as it exits."""
+    f = sock.makefile("rwb")
+    greeting = json.loads(f.readline())
+    assert "QMP" in greeting
+    replies = []
+    for cmd in ["qmp_capabilities"] + list(commands):
+        f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+        f.flush()
+        while True:
+            msg = json.loads(f.readline())
+            if "event" not in msg:
+                break
+        replies.append(msg)
+    if commands and commands[-1] == "quit":
+        try:
+            f.read()        # until the daemon closes the connection as it exits
+        except ConnectionResetError:     # QEMU may reset it
+            pass
+    return replies[1:]
+
+
 def monitor_args(mon_id: str, path: str, pretty: bool = False) -> list[str]:
     mon = f"chardev={mon_id}" + (",pretty=on" if pretty else "")
     return ["--chardev", f"socket,id={mon_id},path={path},server=on,wait=off",
             "--monitor", mon]
 
 
+def _read_greeting(s: socket.socket):
+    data = b""
+    while b'"QMP"' not in data and len(data) < 65536:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return None if b'"QMP"' in data else EOFError(f"no QMP greeting: {data!r}")
+
+
 def wait_ready(d: Daemon, timeout: float = START_TIMEOUT) -> None:
     """Poll until the first monitor accepts a connection and sends its greeting."""
-    deadline = time.monotonic() + timeout
-    last_err: Exception | None = None
-    path = d.qmp_path
-    while time.monotonic() < deadline:
-        if d.proc.poll() is not None:
-            raise DaemonStartError(f"{d.kind} exited with {d.proc.returncode} during startup: "
-                                   f"{d.argv}\n{d.stderr()}")
-        if not os.path.exists(path):
-            _wait_proc_briefly(d)
-            continue
-        try:
-            s = d.connect_raw(timeout=max(0.1, deadline - time.monotonic()))
-        except OSError as e:
-            last_err = e
-            _wait_proc_briefly(d)
-            continue
-        try:
-            data = b""
-            while b'"QMP"' not in data and len(data) < 65536:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-            if b'"QMP"' in data:
-                return
-            last_err = EOFError(f"no QMP greeting: {data!r}")
-        except OSError as e:
-            last_err = e
-        finally:
-            s.close()
-        _wait_proc_briefly(d)
-    raise DaemonStartError(f"{d.kind} not ready after {timeout}s ({last_err}): "
-                           f"{d.argv}\n{d.stderr()}")
-
-
-def _wait_proc_briefly(d: Daemon, t: float = 0.01) -> None:
-    try:
-        d.proc.wait(timeout=t)
-    except subprocess.TimeoutExpired:
-        pass
+    d.wait_greeting(_read_greeting, d.qmp_path, timeout, DaemonStartError)
 
 
 def start_daemon(kind: str, args=(), *, tmp_path: Path, monitors=("mon",),
@@ -210,14 +184,10 @@ def start_daemon(kind: str, args=(), *, tmp_path: Path, monitors=("mon",),
         mons[mon_id] = path
         argv += monitor_args(mon_id, path, pretty)
     argv += [str(a) for a in args]
-    logdir = tmp_path / "logs"
-    logdir.mkdir(exist_ok=True)
-    k = len(list(logdir.iterdir()))
-    stderr_path = logdir / f"{kind}-{k}.stderr"
-    stdout_path = logdir / f"{kind}-{k}.stdout"
+    stderr_path, stdout_path = log_paths(tmp_path, kind, ".stderr", ".stdout")
     with open(stderr_path, "wb") as err, open(stdout_path, "wb") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                                start_new_session=True, preexec_fn=die_with_parent)
     d = Daemon(kind=kind, argv=argv, proc=proc, monitors=mons, stderr_path=stderr_path,
                stdout_path=stdout_path, tmp_path=tmp_path)
     if wait and mons:
@@ -233,7 +203,7 @@ def run_to_exit(kind: str, args=(), *, timeout: float = 10.0) -> subprocess.Comp
     """Run `kind` without monitors expecting it to exit (startup errors, --help)."""
     return subprocess.run([daemon_binary(kind)] + [str(a) for a in args],
                           stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=_die_with_parent)
+                          timeout=timeout, preexec_fn=die_with_parent)
 
 
 # --- small builders shared by the QMP tests -----------------------------------------------
@@ -242,12 +212,7 @@ IMAGE_SIZE = 4 * MiB
 
 
 def make_image(path: Path, size: int = IMAGE_SIZE, data: dict[int, bytes] | None = None) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off, buf in (data or {}).items():
-            f.seek(off)
-            f.write(buf)
-    return path
+    return procs.make_image(path, size, data)
 
 
 def file_node(path, name: str = "f", **extra) -> dict:
@@ -357,7 +322,6 @@ class QMP:
                 pass
 
 
-# --- "same script, same answers" ----------------------------------------------------------
 # --- "same script, same answers" ----------------------------------------------------------
 class Normalizer:
     """Replace what must differ between runs/daemons: tmp paths, ports, versions, and the

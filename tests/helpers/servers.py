@@ -8,20 +8,17 @@ non-persistent server, so this probe never makes the server exit.
 from __future__ import annotations
 
 import os
-import select
-import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers.procs import (REPO, ProcessHandle, die_with_parent, kill_pid, log_paths,
+                           make_image, venv_binary)
+
 QEMU_NBD = "/usr/bin/qemu-nbd"
-BLOCKEXPORT_NBD = str(Path(sys.executable).parent / "blockexport-nbd")
-if not os.path.exists(BLOCKEXPORT_NBD):  # pragma: no cover - running outside the venv
-    BLOCKEXPORT_NBD = str(REPO / ".venv" / "bin" / "blockexport-nbd")
+BLOCKEXPORT_NBD = venv_binary("blockexport-nbd")
 
 SERVER_KINDS = ("qemu-nbd", "blockexport-nbd")
 GREETING_LEN = 18
@@ -67,7 +64,7 @@ class ServerStartError(RuntimeError):
 
 
 @dataclass
-class Server:
+class Server(ProcessHandle):
     kind: str
     argv: list[str]
     proc: subprocess.Popen | None
@@ -105,99 +102,29 @@ class Server:
         s.connect(self.address)
         return s
 
-    # --- process ------------------------------------------------------------------------
-    def stderr(self) -> str:
-        if self.stderr_path and self.stderr_path.exists():
-            return self.stderr_path.read_text(errors="replace")
-        return ""
-
-    def wait_exit(self, timeout: float = 10.0) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
+    # --- process (stderr, alive, wait_exit: ProcessHandle) --------------------------------
     def stop(self) -> None:
         for pid in self.extra_pids:
-            _kill_pid(pid)
+            kill_pid(pid)
         self.extra_pids.clear()
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+        self.terminate(5)
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: the server gets SIGKILL if the test process dies (no leaked servers)."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)       # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def _kill_pid(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def _read_greeting(s: socket.socket):
+    data = b""
+    while len(data) < GREETING_LEN:
+        chunk = s.recv(GREETING_LEN - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return None if len(data) == GREETING_LEN else EOFError("greeting truncated")
 
 
 def wait_ready(server: Server, timeout: float = START_TIMEOUT) -> None:
     """Poll until a connect() succeeds and the NBD greeting arrives (no sleeping)."""
-    deadline = time.monotonic() + timeout
-    last_err: Exception | None = None
-    while time.monotonic() < deadline:
-        if server.proc is not None and server.proc.poll() is not None:
-            raise ServerStartError(
-                f"{server.kind} exited with {server.proc.returncode} during startup: "
-                f"{server.argv}\n{server.stderr()}"
-            )
-        if server.transport == "unix" and not os.path.exists(server.socket_path):
-            # wait for the socket file; select() on nothing with a tiny timeout is a bounded
-            # wait on the process, not a sleep-based synchronisation with it
-            _wait_proc_briefly(server)
-            continue
-        try:
-            s = server.connect_raw(timeout=max(0.1, deadline - time.monotonic()))
-        except OSError as e:
-            last_err = e
-            _wait_proc_briefly(server)
-            continue
-        try:
-            data = b""
-            while len(data) < GREETING_LEN:
-                chunk = s.recv(GREETING_LEN - len(data))
-                if not chunk:
-                    break
-                data += chunk
-            if len(data) == GREETING_LEN:
-                return
-            last_err = EOFError("greeting truncated")
-        except OSError as e:
-            last_err = e
-        finally:
-            s.close()
-        _wait_proc_briefly(server)
-    raise ServerStartError(
-        f"{server.kind} not ready after {timeout}s ({last_err}): {server.argv}\n{server.stderr()}"
-    )
-
-
-def _wait_proc_briefly(server: Server, t: float = 0.01) -> None:
-    """Bounded wait on the server process (returns early if it exits)."""
-    if server.proc is not None:
-        try:
-            server.proc.wait(timeout=t)
-        except subprocess.TimeoutExpired:
-            pass
-    else:
-        select.select([], [], [], t)
+    server.wait_greeting(_read_greeting,
+                         server.socket_path if server.transport == "unix" else None,
+                         timeout, ServerStartError)
 
 
 def export_name_of(args) -> str:
@@ -251,13 +178,11 @@ def start_server(kind: str, image, args=(), *, tmp_path: Path, transport: str = 
     export_name = export_name_of(args)
     argv = build_argv(kind, image, args, transport=transport, socket_path=socket_path,
                       host=host, port=port, fmt=fmt, persistent=persistent)
-    logdir = tmp_path / "logs"
-    logdir.mkdir(exist_ok=True)
-    stderr_path = logdir / f"{kind}-{len(list(logdir.iterdir()))}.stderr"
+    stderr_path, = log_paths(tmp_path, kind, ".stderr")
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                 env=env, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=die_with_parent)
     server = Server(kind=kind, argv=argv, proc=proc, transport=transport,
                     socket_path=socket_path, host=host, port=port, export_name=export_name,
                     stderr_path=stderr_path)
@@ -270,14 +195,7 @@ def start_server(kind: str, image, args=(), *, tmp_path: Path, transport: str = 
     return server
 
 
-def make_sparse_image(path: Path, size: int, data: dict[int, bytes] | None = None) -> Path:
-    """A sparse raw image of `size` bytes with `data` written at the given offsets."""
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off, buf in (data or {}).items():
-            f.seek(off)
-            f.write(buf)
-    return path
+make_sparse_image = make_image
 
 
 LAUNCHER = str(Path(__file__).resolve().parent / "socket_activate.py")
@@ -305,16 +223,14 @@ def start_activated(kind: str, image, args=(), *, tmp_path: Path, transport: str
     lsock.listen(16)
     argv = build_argv(kind, image, list(args), transport="fd", socket_path=None, host=None,
                       port=None, fmt=fmt, persistent=persistent)
-    logdir = tmp_path / "logs"
-    logdir.mkdir(exist_ok=True)
-    stderr_path = logdir / f"{kind}-act-{len(list(logdir.iterdir()))}.stderr"
+    stderr_path, = log_paths(tmp_path, f"{kind}-act", ".stderr")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
     try:
         with open(stderr_path, "wb") as err:
             proc = subprocess.Popen([sys.executable, LAUNCHER, str(lsock.fileno())] + argv,
                                     stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                     pass_fds=(lsock.fileno(),), env=env,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
+                                    start_new_session=True, preexec_fn=die_with_parent)
     finally:
         lsock.close()       # the server holds the only listening copy now
     server = Server(kind=kind, argv=argv, proc=proc, transport=transport,

@@ -1,13 +1,14 @@
 """Several connections to one export: multi-conn consistency and the -e/--shared limit."""
 from __future__ import annotations
 
-import os
 import select
 import socket
 
 import pytest
 
 from conftest import IMAGE_DATA, MiB
+from helpers.nbd_clients import check_multi_conn_consistency
+from helpers.nbd_clients import connect as _connect
 from helpers.prober import Prober
 
 nbd = pytest.importorskip("nbd")
@@ -16,28 +17,10 @@ NO_GREETING_WAIT = 0.5     # how long a waiting client is watched for a (wrong) 
 GREETING_DEADLINE = 10.0
 
 
-def _connect(uri):
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    return h
-
-
 @pytest.mark.parametrize("shared", ["3", "4", "0"])
 def test_write_flush_read_across_connections(start_server, sparse_image, shared):
     s = start_server(sparse_image, ["-e", shared])
-    a, b, c = (_connect(s.uri()) for _ in range(3))
-    try:
-        assert a.can_multi_conn() and b.can_multi_conn() and c.can_multi_conn()
-        data = os.urandom(65536)
-        a.pwrite(data, 2 * MiB)
-        b.flush()
-        assert c.pread(65536, 2 * MiB) == data
-        c.zero(4096, 0)
-        a.flush()
-        assert b.pread(8192, 0) == bytes(4096) + IMAGE_DATA[0][:4096]
-    finally:
-        for h in (a, b, c):
-            h.shutdown()
+    check_multi_conn_consistency(s.uri(), zero_at=0, tail=IMAGE_DATA[0][:4096])
 
 
 @pytest.mark.parametrize("args,multi", [

@@ -13,6 +13,7 @@ import pytest
 from conftest import IMAGE_DATA, IMAGE_SIZE, MiB
 from helpers import servers as S
 from helpers.prober import Closed, Prober
+from helpers.procs import kill_pid, wait_pid_gone
 
 nbd = pytest.importorskip("nbd")
 
@@ -169,27 +170,10 @@ def test_fork_and_pid_file(server_kind, sparse_image, tmp_path, transport):
         h.shutdown()
         os.kill(pid, 0)                                  # -t: still alive
         os.kill(pid, signal.SIGTERM)
-        _wait_pid_gone(pid)
+        wait_pid_gone(pid, EXIT_TIMEOUT)       # not our child: watched through a pidfd
     finally:
         if pid is not None:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def _wait_pid_gone(pid: int, timeout: float = EXIT_TIMEOUT) -> None:
-    """The daemon is not our child: watch it through a pidfd (a bounded wait on an event)."""
-    import select
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        r, _, _ = select.select([fd], [], [], timeout)
-        assert r, f"pid {pid} still alive after {timeout}s"
-    finally:
-        os.close(fd)
+            kill_pid(pid)
 
 
 def test_pid_file_without_fork(start_server, sparse_image, tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -16,11 +15,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helpers import daemons as D  # noqa: E402
-from helpers.daemons import make_image  # noqa: E402
-
-# A hung daemon or libnbd call must not hang the suite: kill this test's daemons after
-# WATCHDOG seconds (a blocked client call then fails with a connection error).
-WATCHDOG = 20.0
+from helpers.daemons import file_node, make_image  # noqa: E402
+from helpers.procs import WatchedLauncher  # noqa: E402
 
 
 def skip_unavailable(kind: str) -> None:
@@ -38,34 +34,18 @@ def daemon_kind(request) -> str:
     return request.param
 
 
-class Launcher:
-    """Starts daemons of any kind; stops them all (and their QMP clients) at teardown."""
+class Launcher(WatchedLauncher):
+    """Starts daemons of any kind; stops them all (and their QMP clients) at teardown; a
+    watchdog kills hung ones (helpers.procs.WATCHDOG)."""
+
+    what = "daemon"
 
     def __init__(self, tmp_path: Path):
+        super().__init__()
         self.tmp_path = tmp_path
-        self.daemons: list[D.Daemon] = []
-        self.fired = False
-        self._timer = threading.Timer(WATCHDOG, self._fire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def _fire(self) -> None:
-        self.fired = True
-        for d in list(self.daemons):
-            if d.alive():
-                sys.stderr.write(f"\nWATCHDOG: killing hung {d.kind} {d.argv}\n")
-                d.proc.kill()
 
     def __call__(self, kind: str, args=(), *, workdir: Path | None = None, **kw) -> D.Daemon:
-        d = D.start_daemon(kind, args, tmp_path=workdir or self.tmp_path, **kw)
-        self.daemons.append(d)
-        return d
-
-    def stop_all(self) -> None:
-        self._timer.cancel()
-        for d in self.daemons:
-            d.stop()
-        assert not self.fired, f"test hung: watchdog killed the daemon after {WATCHDOG}s"
+        return self.add(D.start_daemon(kind, args, tmp_path=workdir or self.tmp_path, **kw))
 
 
 @pytest.fixture
@@ -102,6 +82,16 @@ def qmp(daemon) -> D.QMP:
 def image(tmp_path) -> Path:
     """A 4 MiB sparse raw image."""
     return make_image(tmp_path / "disk.img")
+
+
+@pytest.fixture
+def graph(qmp, tmp_path, image):
+    """Nodes f (writable file over `image`) and ro (read-only raw over a 1 MiB file)."""
+    ro = make_image(tmp_path / "ro.img", 1 << 20)
+    qmp.cmd("blockdev-add", file_node(image))
+    qmp.cmd("blockdev-add", {"driver": "raw", "node-name": "ro", "read-only": True,
+                             "file": {"driver": "file", "filename": str(ro)}})
+    return qmp
 
 
 class Transcripts:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers.daemons import MiB, file_node, make_image, nbd_uri, unix_addr
+from helpers.daemons import MiB, nbd_uri, unix_addr
 
 nbd = pytest.importorskip("nbd")
 
@@ -22,15 +22,6 @@ def bitmaps_of(q, node="f"):
 def bm(name, granularity=G, count=0, busy=False, recording=True, persistent=False):
     return {"name": name, "granularity": granularity, "count": count, "busy": busy,
             "recording": recording, "persistent": persistent}
-
-
-@pytest.fixture
-def graph(qmp, tmp_path, image):
-    ro = make_image(tmp_path / "ro.img", 1 << 20)
-    qmp.cmd("blockdev-add", file_node(image))
-    qmp.cmd("blockdev-add", {"driver": "raw", "node-name": "ro", "read-only": True,
-                             "file": {"driver": "file", "filename": str(ro)}})
-    return qmp
 
 
 def test_bitmap_command_errors(graph):

@@ -14,16 +14,6 @@ def info(id_, node="f", shutting_down=False):
     return {"id": id_, "type": "nbd", "node-name": node, "shutting-down": shutting_down}
 
 
-@pytest.fixture
-def graph(qmp, tmp_path, image):
-    """Nodes f (writable file) and ro (read-only raw over a file); no NBD server yet."""
-    ro = make_image(tmp_path / "ro.img", 1 << 20)
-    qmp.cmd("blockdev-add", file_node(image))
-    qmp.cmd("blockdev-add", {"driver": "raw", "node-name": "ro", "read-only": True,
-                             "file": {"driver": "file", "filename": str(ro)}})
-    return qmp
-
-
 def start_server(qmp, tmp_path, **extra) -> str:
     sock = str(tmp_path / "nbd.sock")
     qmp.cmd("nbd-server-start", {"addr": unix_addr(sock), **extra})

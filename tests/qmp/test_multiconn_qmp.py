@@ -1,12 +1,12 @@
 """Multi-conn and the connection limit of an NBD server started over QMP."""
 from __future__ import annotations
 
-import os
 import threading
 
 import pytest
 
 from helpers.daemons import MiB, file_node, nbd_uri, unix_addr
+from helpers.nbd_clients import check_multi_conn_consistency, connect
 
 nbd = pytest.importorskip("nbd")
 
@@ -22,28 +22,9 @@ def setup(q, tmp_path, image, **server):
     return nbd_uri(sock, "f")
 
 
-def connect(uri):
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    return h
-
-
 @pytest.mark.parametrize("server", [{}, {"max-connections": 0}, {"max-connections": 3}])
 def test_multi_conn_consistency(qmp, tmp_path, image, server):
-    uri = setup(qmp, tmp_path, image, **server)
-    a, b, c = (connect(uri) for _ in range(3))
-    try:
-        assert a.can_multi_conn() and b.can_multi_conn() and c.can_multi_conn()
-        data = os.urandom(65536)
-        a.pwrite(data, 2 * MiB)
-        b.flush()
-        assert c.pread(65536, 2 * MiB) == data
-        c.zero(4096, 2 * MiB)
-        a.flush()
-        assert b.pread(8192, 2 * MiB) == bytes(4096) + data[4096:8192]
-    finally:
-        for h in (a, b, c):
-            h.shutdown()
+    check_multi_conn_consistency(setup(qmp, tmp_path, image, **server), zero_at=2 * MiB)
 
 
 def test_max_connections_one(qmp, tmp_path, image):

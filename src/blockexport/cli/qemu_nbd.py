@@ -951,19 +951,26 @@ def run(argv, argv0: str) -> int:
     return serve(o, activation, rep)
 
 
-def main(argv=None, prog: str | None = None) -> int:
+def run_main(run, argv, prog: str | None, default_prog: str) -> int:
+    """A console script's ``main``: ``run(argv, prog)`` with argv defaulting to
+    ``sys.argv[1:]`` and the program name to argv[0] as typed (``default_prog`` when run as
+    ``python -m`` or as a ``.py`` file); :class:`CliExit`'s status is the exit status, ^C 1."""
     if argv is None:
         argv = sys.argv[1:]
     if prog is None:
-        prog = _display_argv0(sys.argv[0]) if sys.argv and sys.argv[0] else "blockexport-nbd"
+        prog = _display_argv0(sys.argv[0]) if sys.argv and sys.argv[0] else default_prog
         if prog.endswith(".py") or prog == "-m" or prog.endswith("__main__.py"):
-            prog = "blockexport-nbd"
+            prog = default_prog
     try:
         return run(list(argv), prog)
     except CliExit as exc:
         return exc.status
     except KeyboardInterrupt:
         return 1
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    return run_main(run, argv, prog, "blockexport-nbd")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from ..errors import Error
 from . import daemonize as dz
 from .getopt import NO_ARG, OPERAND, REQUIRED_ARG, GetoptError, getopt_long_located
 from .keyval import KeyvalError, keyval_parse, parse_bool, parse_size, qemu_opts_parse
-from .qemu_nbd import CliExit, Reporter, _display_argv0, _write
+from .qemu_nbd import CliExit, Reporter, _write, run_main
 from .storage_daemon_help import PROG, usage_text, version_text
 from .trace import parse_trace
 
@@ -347,18 +347,7 @@ def run(argv, argv0: str) -> int:
 
 
 def main(argv=None, prog: str | None = None) -> int:
-    if argv is None:
-        argv = sys.argv[1:]
-    if prog is None:
-        prog = _display_argv0(sys.argv[0]) if sys.argv and sys.argv[0] else PROG
-        if prog.endswith(".py") or prog == "-m" or prog.endswith("__main__.py"):
-            prog = PROG
-    try:
-        return run(list(argv), prog)
-    except CliExit as exc:
-        return exc.status
-    except KeyboardInterrupt:
-        return 1
+    return run_main(run, argv, prog, PROG)
 
 
 if __name__ == "__main__":

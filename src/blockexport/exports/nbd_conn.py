@@ -121,23 +121,27 @@ class NbdConnection:
         while True:
             ev = hs.next_event()
             out = hs.data_to_send()
+            if isinstance(ev, Negotiated):
+                # Hold the export before the client hears it may start: from then on a safe
+                # block-export-del must see this client.
+                export = ev.export.handle
+                if not server.attach_connection(self, export):
+                    return False
+                self.export = export
+                self.negotiated = True
+                if out:
+                    sock.sendall(out)
+                break
             if out:
                 sock.sendall(out)
             if ev is NEED_DATA:
                 hs.receive_data(sock.recv(65536))
                 continue
-            if isinstance(ev, Negotiated):
-                break
             if isinstance(ev, Closed):
                 log.debug("client %s: %s", self.peer, ev.reason)
                 return False
             if isinstance(ev, StartTLS):  # pragma: no cover - TLS is not configured yet
                 return False
-        export = ev.export.handle
-        if not server.attach_connection(self, export):
-            return False
-        self.export = export
-        self.negotiated = True
         self.tx = T.Transmission(ev.export.size, ev.flags, ev.structured, ev.contexts)
         self._providers = [(cid, export.context_provider(name, cid)) for cid, name in ev.contexts]
         rest = hs.trailing_data()

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 
 from ..errors import Error
 from .nbd_conn import NbdConnection
@@ -29,6 +30,7 @@ class NbdServer:
         self._accepting = False
         self._closing = False
         self._connections = set()
+        self._attach_lock = threading.Lock()
         self._loop = None
         self._stopped = None
         self._idle = None
@@ -44,8 +46,9 @@ class NbdServer:
         self._views[export.name] = export.view()
 
     def remove_export(self, name: str, hard: bool = True) -> None:
-        export = self.exports.pop(name)
-        self._views.pop(name, None)
+        with self._attach_lock:
+            export = self.exports.pop(name)
+            self._views.pop(name, None)
         for conn in list(export.connections):
             conn.shutdown(hard=hard)
 
@@ -159,10 +162,11 @@ class NbdServer:
 
     # --- called from connection threads ---------------------------------------------------------
     def attach_connection(self, conn, export) -> bool:
-        if self.exports.get(export.name) is not export:
-            return False
-        export.connections.add(conn)
-        return True
+        with self._attach_lock:      # against remove_export in the loop thread
+            if self.exports.get(export.name) is not export:
+                return False
+            export.connections.add(conn)
+            return True
 
     def connection_closed(self, conn) -> None:
         loop = self._loop

@@ -9,24 +9,18 @@ def add(daemon, args):
                   persistent=args.get("persistent", False), disabled=args.get("disabled", False))
 
 
-@command("block-dirty-bitmap-remove")
-def remove(daemon, args):
-    DB.bitmap_remove(daemon.graph, args["node"], args["name"])
+def _by_name(operation):
+    """A handler for the commands that take just {node, name}."""
+    def handler(daemon, args):
+        operation(daemon.graph, args["node"], args["name"])
+    return handler
 
 
-@command("block-dirty-bitmap-clear")
-def clear(daemon, args):
-    DB.bitmap_clear(daemon.graph, args["node"], args["name"])
-
-
-@command("block-dirty-bitmap-enable")
-def enable(daemon, args):
-    DB.bitmap_enable(daemon.graph, args["node"], args["name"])
-
-
-@command("block-dirty-bitmap-disable")
-def disable(daemon, args):
-    DB.bitmap_disable(daemon.graph, args["node"], args["name"])
+for _name, _op in (("block-dirty-bitmap-remove", DB.bitmap_remove),
+                   ("block-dirty-bitmap-clear", DB.bitmap_clear),
+                   ("block-dirty-bitmap-enable", DB.bitmap_enable),
+                   ("block-dirty-bitmap-disable", DB.bitmap_disable)):
+    command(_name)(_by_name(_op))
 
 
 @command("block-dirty-bitmap-merge")

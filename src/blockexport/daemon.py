@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import signal
+import stat
 
 from . import QEMU_COMPAT_VERSION, __version__
 from .block.graph import BlockGraph
@@ -100,7 +102,7 @@ class Daemon:
                                 _backlog(max_connections), inet_family(addr))
             server.listen_fds([sock.detach() for sock in socks])
         elif kind == "fd":
-            server.listen_fds([_monitor_fd(addr["str"])])
+            server.listen_fds([_listen_fd(addr["str"])])
         else:
             raise Error("Socket type '%s' is not supported by blockexport" % kind)
         try:
@@ -187,8 +189,15 @@ def _backlog(max_connections: int) -> int:
     return max_connections if max_connections > 0 else socket.SOMAXCONN
 
 
-def _monitor_fd(text: str) -> int:
-    # QEMU looks the name up among the monitor's fds (getfd) first; we have none of those.
-    if text.isdigit():
-        return int(text)
-    raise Error("Unable to parse FD number %s" % text)
+def _listen_fd(text: str) -> int:
+    """A listening socket inherited by number (the command line's addr.type=fd)."""
+    if not text.isdigit():
+        raise Error("Unable to parse FD number %s" % text)
+    fd = int(text)
+    try:
+        is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        is_socket = False
+    if not is_socket:
+        raise Error("File descriptor '%s' is not a socket" % text)
+    return fd

@@ -127,6 +127,11 @@ ERRORS = [
     ["--nbd-server", ""], ["--nbd-server", "addr.type=unix"], ["--nbd-server", "foo"],
     ["--nbd-server", NBD + ",max-connections=x"], ["--nbd-server", "addr.type=foo"],
     ["--nbd-server", "addr=x"], ["--nbd-server", "addr.type=unix,addr.path=/nonexist/s"],
+    ["--nbd-server", "addr.type=fd,addr.str=99"], ["--nbd-server", "addr.type=fd,addr.str=1"],
+    ["--nbd-server", "addr.type=fd,addr.str=x"],
+    ["--nbd-server", "addr.type=inet,addr.host=127.0.0.1,addr.port=1,addr.ipv6=on"],
+    ["--nbd-server", "addr.type=inet,addr.host=127.0.0.1,addr.port=1,addr.ipv4=off,addr.ipv6=off"],
+    ["--nbd-server", "addr.type=unix,addr.path=/tmp/" + "p" * 120],
     ["--nbd-server", '{"addr":{"type":"unix","path":"{d}/n.sock"}}', "--nbd-server",
      "addr.type=unix,addr.path={d}/n2.sock"],
     # --chardev

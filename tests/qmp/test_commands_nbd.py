@@ -67,6 +67,7 @@ def test_server_start_inet(graph):
 
 def test_server_start_errors(graph, tmp_path):
     T = str(tmp_path)
+    graph.cmd("object-add", {"qom-type": "secret", "id": "sec0", "data": "x"})
     cases = [
         ({"addr": {"type": "inet", "data": {"host": "no.such.host.invalid", "port": "1"}}},
          "address resolution failed for no.such.host.invalid:1: Name or service not known"),
@@ -78,6 +79,19 @@ def test_server_start_errors(graph, tmp_path):
          "Parameter 'max-connections' expects uint32_t"),
         ({"addr": unix_addr(f"{T}/n.sock"), "tls-creds": "nocreds"},
          "No TLS credentials with id 'nocreds'"),
+        ({"addr": unix_addr(f"{T}/n.sock"), "tls-creds": "sec0"},
+         "Object with id 'sec0' is not TLS credentials"),
+        ({"addr": {"type": "unix", "data": {"path": f"{T}/" + "p" * 120}}},
+         f"UNIX socket path '{T}/{'p' * 120}' is too long"),
+        ({"addr": {"type": "fd", "data": {"str": "nofd"}}},
+         "only QEMU supports file descriptor passing"),
+        ({"addr": {"type": "fd", "data": {"str": "0"}}},
+         "only QEMU supports file descriptor passing"),
+        ({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "1", "ipv6": True}}},
+         "address resolution failed for 127.0.0.1:1: Address family for hostname not supported"),
+        ({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "1", "ipv4": False,
+                                             "ipv6": False}}},
+         "Cannot disable IPv4 and IPv6 at same time"),
         ({}, "Parameter 'addr' is missing"),
     ]
     for args, desc in cases:

@@ -13,6 +13,10 @@ def _flat_address(legacy: dict) -> dict:
 
 @command("nbd-server-start")
 async def nbd_server_start(daemon, args):
+    if args["addr"]["type"] == "fd":
+        # A monitor names fds passed with getfd, which a storage daemon does not have
+        # (qemu-storage-daemon 7.2 answers the same); the command line takes numbers.
+        raise Error("only QEMU supports file descriptor passing")
     await daemon.nbd_server_start(_flat_address(args["addr"]), args.get("tls-creds"),
                                   args.get("tls-authz"), args.get("max-connections", 0))
 

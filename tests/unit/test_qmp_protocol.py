@@ -121,3 +121,11 @@ def test_garbage_never_raises_and_chunking_does_not_matter():
         whole = _items(P.JsonStreamer(), data, len(data))
         for step in (1, 2, 7):
             assert _items(P.JsonStreamer(), data, step) == whole, data
+
+
+def test_limits_reset_the_stream():
+    assert feed_all(b"[" * 1025) == [("err", "JSON nesting depth limit exceeded")]
+    st = P.JsonStreamer()
+    out = st.feed(b"[" + b"1," * (P.MAX_TOKEN_COUNT // 2 + 1))
+    assert str(out[0]) == "JSON token count limit exceeded"   # then the rest is junk
+    assert st.feed(b' {"execute": "x"}')[-1] == {"execute": "x"}

@@ -19,8 +19,10 @@ from ..errors import Error
 __all__ = ["JsonStreamer", "ParseError", "check_request", "Request", "encode",
            "return_message", "error_message", "event_message", "timestamp"]
 
+# QEMU's json-streamer limits on one top-level value.
 MAX_NESTING = 1024
 MAX_TOKEN_SIZE = 64 << 20
+MAX_TOKEN_COUNT = 2 << 20
 
 
 class ParseError(Exception):
@@ -43,7 +45,6 @@ class JsonStreamer:
     def __init__(self):
         self._buf = bytearray()
         self._tokens: list = []
-        self._depth = 0          # braces + brackets open
         self._brace = 0
         self._bracket = 0
 
@@ -142,7 +143,7 @@ class JsonStreamer:
             pos += 1
         if n - start > MAX_TOKEN_SIZE:
             self._error_end = n
-            return ParseError("token too large")
+            return ParseError("JSON token size limit exceeded")
         return None
 
     @staticmethod
@@ -184,7 +185,10 @@ class JsonStreamer:
             return _parse(tokens)
         if self._brace + self._bracket > MAX_NESTING:
             self._reset()
-            return ParseError("too many nested data structures")
+            return ParseError("JSON nesting depth limit exceeded")
+        if len(self._tokens) > MAX_TOKEN_COUNT:
+            self._reset()
+            return ParseError("JSON token count limit exceeded")
         return None
 
 

@@ -257,3 +257,36 @@ def test_bitmap_context_names(graph, tmp_path):
                        "qemu:dirty-bitmap:b1"]
     finally:
         h.opt_abort()
+
+
+def test_qemu_img_map_reads_the_bitmap(graph, tmp_path):
+    """QEMU's own NBD client as a backup tool would use it: `qemu-img map` with
+    x-dirty-bitmap shows the dirty granules (as data: false, QEMU's convention)."""
+    import json
+    import subprocess
+    q = graph
+    sock = str(tmp_path / "nbd.sock")
+    q.cmd("block-dirty-bitmap-add", {"node": "f", "name": "b"})
+    q.cmd("nbd-server-start", {"addr": unix_addr(sock)})
+    q.cmd("block-export-add", {"type": "nbd", "id": "A", "node-name": "f", "name": "a",
+                               "writable": True})
+    a = connect(sock, "a")
+    try:
+        a.pwrite(b"\x01" * 4096, 0)
+        a.pwrite(b"\x02" * 10, 2 * MiB + 100)
+        a.trim(G, 3 * MiB)      # discard=ignore on the node: nothing happens, nothing marked
+    finally:
+        a.shutdown()
+    q.cmd("block-dirty-bitmap-disable", {"node": "f", "name": "b"})
+    q.cmd("block-export-add", {"type": "nbd", "id": "B", "node-name": "f", "name": "b",
+                               "bitmaps": ["b"]})
+    r = subprocess.run(
+        ["qemu-img", "map", "--output=json", "--image-opts",
+         f"driver=nbd,server.type=unix,server.path={sock},export=b,"
+         "x-dirty-bitmap=qemu:dirty-bitmap:b"],
+        capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    got = [(e["start"], e["length"], e["data"]) for e in json.loads(r.stdout)]
+    # qemu-storage-daemon 7.2.22: the two written granules, dirty = data: false
+    assert got == [(0, G, False), (G, 2 * MiB - G, True), (2 * MiB, G, False),
+                   (2 * MiB + G, 2 * MiB - G, True)]

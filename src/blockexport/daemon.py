@@ -39,6 +39,7 @@ class Daemon:
         self.nbd_server = None
         self.exports = ExportTable(self.emit_event)
         self.objects = ObjectTable()
+        self.graph.objects = self.objects
         self.chardevs: dict[str, Chardev] = {}
         self.monitors: list[Monitor] = []
         self._lock = None
@@ -73,6 +74,10 @@ class Daemon:
         name = opts.get("iothread")
         if name is not None:
             obj = self.objects.get(name)
+            if name == "":
+                # QEMU resolves the id as a partial QOM path: "" finds the only iothread
+                threads = self.objects.of_type("iothread")
+                obj = threads[0] if len(threads) == 1 else None
             if obj is None or getattr(obj, "qom_type", None) != "iothread":
                 raise Error('iothread "%s" not found' % name)
 
@@ -83,12 +88,6 @@ class Daemon:
         from .exports.nbd_server import NbdServer
         if self.nbd_server is not None:
             raise Error("NBD server already running")
-        if tls_creds is not None:
-            # No TLS credential types yet (they come with the TLS work); QEMU 7.2 ignores
-            # tls-authz without tls-creds.
-            if self.objects.get(tls_creds) is None:
-                raise Error("No TLS credentials with id '%s'" % tls_creds)
-            raise Error("Object with id '%s' is not TLS credentials" % tls_creds)
         server = NbdServer(max_connections=max_connections, persistent=True)
         kind = addr["type"]
         if kind == "unix":
@@ -104,8 +103,19 @@ class Daemon:
         elif kind == "fd":
             server.listen_fds([_listen_fd(addr["str"])])
         else:
+            if kind == "vsock":     # QEMU parses the address before it opens a socket
+                for key in ("cid", "port"):
+                    if not _strtoui(addr[key]):
+                        raise Error("Failed to parse %s '%s'" % (key, addr[key]))
             raise Error("Socket type '%s' is not supported by blockexport" % kind)
         try:
+            if tls_creds is not None:
+                # QEMU listens first, then looks the credentials up.  No TLS credential
+                # types yet (they come with the TLS work); QEMU 7.2 ignores tls-authz
+                # without tls-creds.
+                if self.objects.get(tls_creds) is None:
+                    raise Error("No TLS credentials with id '%s'" % tls_creds)
+                raise Error("Object with id '%s' is not TLS credentials" % tls_creds)
             await server.start()
         except BaseException:
             server.close_listeners()
@@ -184,9 +194,18 @@ class Daemon:
         self.graph.close()
 
 
+def _strtoui(text: str) -> bool:
+    """Whether QEMU's qemu_strtoui(text, NULL, 10) accepts ``text`` (whole string, no sign
+    but '+', at most UINT_MAX)."""
+    import re
+    m = re.fullmatch(r"[ \t\n\v\f\r]*\+?([0-9]+)", text)
+    return m is not None and int(m.group(1)) <= 0xFFFFFFFF
+
+
 def _backlog(max_connections: int) -> int:
     import socket
-    return max_connections if max_connections > 0 else socket.SOMAXCONN
+    # listen() takes a C int; the kernel caps the backlog at somaxconn anyway
+    return min(max_connections, 0x7fffffff) if max_connections > 0 else socket.SOMAXCONN
 
 
 def _listen_fd(text: str) -> int:

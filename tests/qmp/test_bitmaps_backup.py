@@ -107,6 +107,20 @@ def test_exported_bitmaps_are_busy(graph, tmp_path):
     # merging *from* a busy bitmap is refused as well
     assert q.error("block-dirty-bitmap-merge", {"node": "f", "target": "free",
                                                 "bitmaps": ["b"]}) == busy.format("b")
+    # each merge checks the target, then the source, then the sizes
+    q.cmd("block-dirty-bitmap-add", {"node": "ro", "name": "rb"})
+    assert q.error("block-dirty-bitmap-merge", {"node": "f", "target": "g", "bitmaps": [
+        {"node": "ro", "name": "rb"}]}) == busy.format("g")
+    assert q.error("block-dirty-bitmap-merge", {"node": "f", "target": "free", "bitmaps": [
+        {"node": "ro", "name": "rb"}]}) == "Bitmaps are of different sizes (destination " \
+        "size is 4194304, source size is 1048576) and can't be merged"
+    q.cmd("block-dirty-bitmap-remove", {"node": "ro", "name": "rb"})
+    # a read-only export refuses an enabled bitmap before a busy one
+    assert q.error("block-export-add", {"type": "nbd", "id": "e3", "node-name": "f",
+                                        "name": "e3", "bitmaps": ["b"]}) == \
+        "Enabled bitmap 'b' incompatible with readonly export"
+    assert q.error("nbd-server-add", {"device": "f", "name": "e3", "bitmap": "b"}) == \
+        "Enabled bitmap 'b' incompatible with readonly export"
     assert bitmaps_of(q) == [bm("free"), bm("g", busy=True, recording=False),
                              bm("b", busy=True)]
     # the failed adds left no export and no busy marks behind
@@ -290,3 +304,24 @@ def test_qemu_img_map_reads_the_bitmap(graph, tmp_path):
     # qemu-storage-daemon 7.2.22: the two written granules, dirty = data: false
     assert got == [(0, G, False), (G, 2 * MiB - G, True), (2 * MiB, G, False),
                    (2 * MiB + G, 2 * MiB - G, True)]
+
+
+def test_readonly_export_enabled_bitmap_forms(graph, tmp_path):
+    """QEMU 7.2 refuses an enabled bitmap on a read-only export only when the bitmap is named
+    by a string, before checking whether it is busy; the {"node", "name"} form is only checked
+    for busy."""
+    q = graph
+    q.cmd("block-dirty-bitmap-add", {"node": "f", "name": "b"})
+    q.cmd("nbd-server-start", {"addr": unix_addr(tmp_path / "nbd.sock")})
+    enabled = "Enabled bitmap 'b' incompatible with readonly export"
+    busy = "Bitmap 'b' is currently in use by another operation and cannot be used"
+    assert q.error("block-export-add", {"type": "nbd", "id": "e0", "node-name": "f",
+                                        "bitmaps": ["b"]}) == enabled
+    assert q.cmd("block-export-add", {"type": "nbd", "id": "e1", "node-name": "f",
+                                      "bitmaps": [{"node": "f", "name": "b"}]}) == {}
+    assert q.error("block-export-add", {"type": "nbd", "id": "e2", "node-name": "f",
+                                        "name": "e2", "bitmaps": ["b"]}) == enabled
+    assert q.error("block-export-add", {"type": "nbd", "id": "e2", "node-name": "f",
+                                        "name": "e2", "bitmaps": [{"node": "f", "name": "b"}]}) \
+        == busy
+    assert [e["id"] for e in q.cmd("query-block-exports")] == ["e1"]

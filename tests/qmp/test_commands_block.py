@@ -120,6 +120,7 @@ def test_query_qmp_schema_is_consistent(qmp):
 def test_blockdev_add_errors(qmp, tmp_path, image):
     T = str(tmp_path)
     assert qmp.cmd("blockdev-add", file_node(image)) == {}
+    assert qmp.cmd("object-add", {"qom-type": "iothread", "id": "io0"}) == {}
     cases = [
         (file_node(image), "Duplicate nodes with node-name='f'"),
         (file_node(tmp_path / "missing.img", "g"),
@@ -144,6 +145,31 @@ def test_blockdev_add_errors(qmp, tmp_path, image):
          " actual size of the containing file (4194304)"),
         ({"driver": "null-co", "node-name": "n", "size": "big"},
          "Invalid parameter type for 'size', expected: integer"),
+        # bdrv_open_common()'s order: force-share, file name, detect-zeroes, node name, then
+        # the driver (pr-manager, open, aio); a format node's child is opened first
+        (file_node(image, "f", **{"detect-zeroes": "unmap"}),
+         "setting detect-zeroes to unmap is not allowed without setting discard operation "
+         "to unmap"),
+        ({"driver": "file", "node-name": "f", "filename": ""},
+         "The 'file' block driver requires a file name"),
+        ({"driver": "raw", "node-name": "f", "file": {"driver": "file", "filename": ""}},
+         "The 'file' block driver requires a file name"),
+        ({"driver": "raw", "node-name": "r", "file": "nof", "force-share": True},
+         "Cannot find device='nof' nor node-name='nof'"),
+        (file_node(image, "g", **{"pr-manager": "nopr"}),
+         "No persistent reservation manager with id 'nopr'"),
+        (file_node(image, "g", **{"pr-manager": "io0"}),
+         "Object with id 'io0' is not a persistent reservation manager"),
+        (file_node(tmp_path / "missing.img", "g", aio="native"),
+         f"Could not open '{T}/missing.img': No such file or directory"),
+        # an empty "cache": {} is not flattened away: an unknown option once the node is open
+        ({"driver": "null-co", "node-name": "n", "cache": {}},
+         "Block protocol 'null-co' doesn't support the option 'cache'"),
+        ({"driver": "raw", "node-name": "r", "file": "f", "cache": {}},
+         "Block format 'raw' does not support the option 'cache'"),
+        ({"driver": "raw", "node-name": "f", "cache": {"direct": False},
+          "file": {"driver": "null-co", "cache": {}}},
+         "Block protocol 'null-co' doesn't support the option 'cache'"),
     ]
     for args, desc in cases:
         assert qmp.error("blockdev-add", args) == desc, args
@@ -248,4 +274,26 @@ def test_block_graph_transcript(transcripts):
     assert [n["node-name"] for n in t[5]["return"]] == ["n", "ro", "#blockN", "r", "f"]
     assert t[5]["return"][3]["image"]["virtual-size"] == 4 * 1024 * 1024 - 512
     assert [n["node-name"] for n in t[8]["return"]] == ["n", "r", "f"]
+    transcripts.assert_same()
+
+
+def test_stacked_nodes_transcript(transcripts):
+    """Names and image info of raw nodes over null nodes and over other raw nodes: a raw
+    node takes its child's plain name only from a protocol child (else json:{...}); raw
+    reports its protocol child's actual-size and dirty-flag (null nodes have no dirty-flag)."""
+    def script(w):
+        make_image(w / "disk.img")
+        return [
+            ("blockdev-add", {"driver": "null-co", "node-name": "n"}),
+            ("blockdev-add", {"driver": "raw", "node-name": "r1", "file": "n"}),
+            ("blockdev-add", {"driver": "raw", "node-name": "r2",
+                              "file": {"driver": "null-aio", "size": 4096}}),
+            ("blockdev-add", {"driver": "raw", "node-name": "r3", "file": "r1"}),
+            ("blockdev-add", {"driver": "raw", "node-name": "r4", "file": {
+                "driver": "raw", "file": {"driver": "file", "filename": str(w / "disk.img")}}}),
+            ("query-named-block-nodes", None),
+        ]
+    t = transcripts(script)
+    names = {n["node-name"]: n["file"] for n in t[-1]["return"]}
+    assert names["r1"] == "null-co://" and names["r3"].startswith("json:")
     transcripts.assert_same()

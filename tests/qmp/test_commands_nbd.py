@@ -30,12 +30,26 @@ def test_server_not_running(graph):
     # nbd-server-add looks the device up before it checks the server
     assert q.error("nbd-server-add", {"device": "zz"}) == "Cannot find device='zz' nor node-name='zz'"
     assert q.error("nbd-server-add", {"device": "f"}) == "NBD server not running"
+    # ... and the export id (its name) before the server
+    assert q.error("nbd-server-add", {"device": "f", "name": ""}) == "Invalid block export id"
+    # the node is taken (permissions checked) before the server is looked at: a writable
+    # export of a writable raw node over a read-only one
+    q.cmd("blockdev-add", {"driver": "raw", "node-name": "rw", "file": "ro"})
+    for cmd, args in (("block-export-add", {"type": "nbd", "id": "e1", "node-name": "rw",
+                                            "writable": True}),
+                      ("nbd-server-add", {"device": "rw", "writable": True})):
+        assert q.error(cmd, args) == "Block node is read-only"
+    assert q.error("block-export-add", {"type": "nbd", "id": "e1", "node-name": "rw"}) == \
+        "NBD server not running"
     assert q.cmd("query-block-exports") == []
 
 
 def test_server_start_unix_and_already_running(graph, tmp_path):
-    sock = start_server(graph, tmp_path)
+    # (a max-connections beyond a C int is fine: the listen() backlog is capped)
+    sock = start_server(graph, tmp_path, **{"max-connections": 2**31})
     assert graph.error("nbd-server-start", {"addr": unix_addr(tmp_path / "other.sock")}) == \
+        "NBD server already running"
+    assert graph.error("nbd-server-start", {"addr": {"type": "fd", "data": {"str": "x"}}}) == \
         "NBD server already running"
     graph.cmd("block-export-add", {"type": "nbd", "id": "e1", "node-name": "f"})
     h = nbd.NBD()
@@ -81,6 +95,19 @@ def test_server_start_errors(graph, tmp_path):
          "No TLS credentials with id 'nocreds'"),
         ({"addr": unix_addr(f"{T}/n.sock"), "tls-creds": "sec0"},
          "Object with id 'sec0' is not TLS credentials"),
+        # the listener is opened before the credentials are looked up
+        ({"addr": {"type": "inet", "data": {"host": "no.such.host.invalid", "port": "1"}},
+          "tls-creds": "nocreds"},
+         "address resolution failed for no.such.host.invalid:1: Name or service not known"),
+        # vsock addresses are parsed before the socket is made (ours then refuses vsock)
+        ({"addr": {"type": "vsock", "data": {"cid": "-1", "port": "1"}}},
+         "Failed to parse cid '-1'"),
+        ({"addr": {"type": "vsock", "data": {"cid": " 3", "port": "0x1"}}},
+         "Failed to parse port '0x1'"),
+        # QEMU keeps the first 32 characters of the port
+        ({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "x" * 40}}},
+         f"address resolution failed for 127.0.0.1:{'x' * 32}: Servname not supported for "
+         "ai_socktype"),
         ({"addr": {"type": "unix", "data": {"path": f"{T}/" + "p" * 120}}},
          f"UNIX socket path '{T}/{'p' * 120}' is too long"),
         ({"addr": {"type": "fd", "data": {"str": "nofd"}}},

@@ -11,6 +11,10 @@ def test_object_add_del(qmp, tmp_path):
     assert q.cmd("object-add", {"qom-type": "secret", "id": "s0", "data": "hunter2"}) == {}
     assert q.cmd("object-add", {"qom-type": "secret", "id": "s1", "data": "eA==",
                                 "format": "base64"}) == {}
+    assert q.cmd("object-add", {"qom-type": "secret", "id": "k32", "data": "k" * 32}) == {}
+    # GLib's base64 decoder checks neither length nor padding
+    assert q.cmd("object-add", {"qom-type": "secret", "id": "s3", "data": "abc",
+                                "format": "base64"}) == {}
     cases = [
         ({"qom-type": "iothread", "id": "io0"},
          "attempt to add duplicate property 'io0' to object (type 'container')"),
@@ -31,6 +35,41 @@ def test_object_add_del(qmp, tmp_path):
         ({"qom-type": "secret", "id": "s2", "file": f"{T}/nofile"},
          f"Unable to read {T}/nofile: Failed to open file \u201c{T}/nofile\u201d: "
          "No such file or directory"),
+        # property setters fail before the duplicate-id check, in QEMU's QDict order
+        ({"qom-type": "iothread", "id": "io0", "poll-max-ns": -1},
+         "poll-max-ns value must be in range [0, 9223372036854775807]"),
+        ({"qom-type": "iothread", "id": "io1", "thread-pool-min": -1, "poll-max-ns": -1},
+         "thread-pool-min value must be in range [0, 9223372036854775807]"),
+        ({"qom-type": "iothread", "id": "io1", "thread-pool-min": -1, "thread-pool-max": -1},
+         "thread-pool-max value must be in range [0, 9223372036854775807]"),
+        ({"qom-type": "secret", "id": "io0", "data": "x", "loaded": False},
+         "Property 'secret.loaded' is not writable"),
+        # then the duplicate id, then what completing the object finds
+        ({"qom-type": "iothread", "id": "io0", "thread-pool-max": 0},
+         "attempt to add duplicate property 'io0' to object (type 'container')"),
+        ({"qom-type": "iothread", "id": "io1", "thread-pool-max": 0},
+         "bad thread-pool-min/thread-pool-max values"),
+        ({"qom-type": "iothread", "id": "io1", "thread-pool-min": 65},   # max defaults to 64
+         "bad thread-pool-min/thread-pool-max values"),
+        ({"qom-type": "iothread", "id": "io1", "thread-pool-min": 1,
+          "thread-pool-max": 2147483648}, "bad thread-pool-min/thread-pool-max values"),
+        ({"qom-type": "secret", "id": "s2", "data": "x", "file": f"{T}/nofile"},
+         "'file' and 'data' are mutually exclusive"),
+        ({"qom-type": "secret", "id": "s2", "data": "a b", "format": "base64"},
+         "Base64 data contains invalid characters"),
+        ({"qom-type": "secret", "id": "s2", "data": "a\0b", "format": "base64"},
+         "Base64 data contains invalid characters"),
+        # keyid: the object is already in QEMU's tree (without data) while it completes
+        ({"qom-type": "secret", "id": "s2", "data": "x", "keyid": "s2"},
+         "Secret with id 's2' has no data"),
+        ({"qom-type": "secret", "id": "s2", "data": "x", "keyid": "io0"},
+         "Object with id 'io0' is not a secret"),
+        ({"qom-type": "secret", "id": "s2", "data": "x", "keyid": "s0"},
+         "Key should be 32 bytes in length"),
+        ({"qom-type": "secret", "id": "s2", "data": "x", "keyid": "k32"},
+         "IV is required to decrypt secret"),
+        ({"qom-type": "secret", "id": "s2", "data": "x", "keyid": "k32", "iv": "AAAA"},
+         "IV should be 16 bytes in length not 3"),
     ]
     for args, desc in cases:
         assert q.error("object-add", args) == desc, args
@@ -64,5 +103,13 @@ def test_export_in_iothread(qmp, tmp_path, image):
         {"id": "e", "type": "nbd", "node-name": "f", "shutting-down": False}]
     q.cmd("block-export-del", {"id": "e"})
     assert q.event("BLOCK_EXPORT_DELETED") == {"id": "e"}
+    # QEMU resolves the iothread id as a partial QOM path: "" names the only iothread
+    assert q.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "f",
+                                      "iothread": ""}) == {}
+    q.cmd("block-export-del", {"id": "e"})
+    assert q.event("BLOCK_EXPORT_DELETED") == {"id": "e"}
+    q.cmd("object-add", {"qom-type": "iothread", "id": "io1"})
+    assert q.error("block-export-add", {"type": "nbd", "id": "e", "node-name": "f",
+                                        "iothread": ""}) == 'iothread "" not found'
     # (QSD 7.2 aborts if an iothread is deleted while a node still runs in it, so the
     # node's iothread is not deleted here)

@@ -106,6 +106,11 @@ def test_capabilities_twice(raw):
     raw.negotiate()
     assert raw.ask({"execute": "qmp_capabilities"}) == err(
         "CommandNotFound", "Capabilities negotiation is already complete, command ignored")
+    # the arguments are checked first
+    assert raw.ask({"execute": "qmp_capabilities", "arguments": {"zz": 1}}) == err(
+        "GenericError", "Parameter 'zz' is unexpected")
+    assert raw.ask({"execute": "qmp_capabilities", "arguments": {"enable": ["x"]}}) == err(
+        "GenericError", "Parameter 'null' does not accept value 'x'")
 
 
 def test_capabilities_enable(raw):

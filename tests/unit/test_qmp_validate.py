@@ -201,6 +201,22 @@ JSON_CASES = [
     ("object-add", {"qom-type": "authz-list", "id": "i", "rules": [1]},
      "Invalid parameter type for 'rules[0]', expected: object"),
     ("object-add", {"qom-type": "authz-simple", "id": "i"}, "Parameter 'identity' is missing"),
+    # several unexpected members: QEMU names the first its GHashTable of leftover keys
+    # returns (validate.first_unexpected), not the first in the request
+    ("object-add", {"qom-type": "iothread", "id": "i", "policy": "deny", "rules": []},
+     "Parameter 'rules' is unexpected"),
+    ("object-add", {"qom-type": "secret", "id": "i", "aio-max-batch": 1, "thread-pool-min": 1,
+                    "thread-pool-max": 1, "poll-max-ns": 1, "poll-grow": 1, "poll-shrink": 1},
+     "Parameter 'poll-max-ns' is unexpected"),
+    ("blockdev-add", {"driver": "null-aio", "node-name": "x", "file": "x", "offset": 1,
+                      "size": 1}, "Parameter 'offset' is unexpected"),
+    ("blockdev-add", {"driver": "null-co", "node-name": "r", "cache": {"x": 1, "y": 2, "z": 3}},
+     "Parameter 'cache.z' is unexpected"),
+    ("nbd-server-start", {"addr": {"type": "unix", "data": {
+        "path": "/x", "a": 1, "b": 2, "c": 3, "d": 4, "e": 5, "f": 6, "g": 7, "h": 8, "i": 9}}},
+     "Parameter 'addr.data.b' is unexpected"),
+    # after negotiation QEMU still checks qmp_capabilities' arguments first
+    ("qmp_capabilities", {"zz": 1}, "Parameter 'zz' is unexpected"),
 ]
 
 
@@ -380,6 +396,8 @@ KEYVAL_CASES = [
      "Parameter 'policy' does not accept value 'bad'"),
     ("--object", "authz-list,id=a,rules.0=x", "Invalid parameter type for 'rules.0', expected: object"),
     ("--object", "iothread,id=a,foo=1", "Parameter 'foo' is unexpected"),
+    ("--object", "iothread,id=a,foo=1,bar=2,baz=3", "Parameter 'baz' is unexpected"),
+    ("--blockdev", "null-co,node-name=n,zz=1,aa=2,bb=3", "Parameter 'aa' is unexpected"),
     ("--object", "nope,id=a", "Parameter 'qom-type' does not accept value 'nope'"),
     ("--object", "iothread", "Parameter 'id' is missing"),
     ("--monitor", "chardev=x,pretty=maybe", "Parameter 'pretty' expects 'on' or 'off'"),

@@ -310,6 +310,8 @@ def bitmap_disable(graph, node: str, name: str) -> None:
 
 
 def _check_mergeable(target: DirtyBitmap, src: DirtyBitmap) -> None:
+    """QEMU's bdrv_merge_dirty_bitmap() checks: the target, the source, their sizes."""
+    check(target)
     check(src, allow_ro=True)
     if src.size != target.size:
         raise Error("Bitmaps are of different sizes (destination size is %d, source size is "
@@ -318,8 +320,9 @@ def _check_mergeable(target: DirtyBitmap, src: DirtyBitmap) -> None:
 
 def bitmap_merge(graph, node: str, target: str, bitmaps) -> None:
     """block-dirty-bitmap-merge: every source (``str`` on ``node`` or ``{"node", "name"}``)
-    is looked up and checked in order before the target's own check, as QEMU does (it
-    merges into an anonymous bitmap first); nothing changes on error."""
+    is looked up, then merged into the target as in QEMU 7.2 (which checks the target, the
+    source and their sizes at each merge); nothing changes on error (QEMU restores the
+    target)."""
     dst = lookup(graph, node, target)
     sources = []
     for item in bitmaps:
@@ -330,7 +333,7 @@ def bitmap_merge(graph, node: str, target: str, bitmaps) -> None:
         _check_mergeable(dst, src)
         sources.append(src)
     check(dst)
-    # QEMU 7.2 crashes on an empty list; we merge nothing.
+    # QEMU 7.2 crashes on an empty list; we merge nothing (checking the target all the same).
     for src in sources:
         dst.merge_from(src)
 
@@ -401,9 +404,12 @@ def resolve_export_bitmaps(node, specs, readonly: bool, graph=None) -> list[Dirt
             bm = owner.dirty_bitmaps.get(spec["name"])
             if bm is None:
                 raise Error("Dirty bitmap '%s' not found" % spec["name"])
-        check(bm, allow_ro=True)
-        if readonly and not bm.node.read_only and bm.enabled:
+        # QEMU 7.2 refuses an enabled bitmap of a writable node on a read-only export only
+        # when it was named by a string (not {"node", "name"}), and before checking it busy
+        if (readonly and not isinstance(spec, dict) and not bm.node.read_only
+                and bm.enabled):
             raise Error("Enabled bitmap '%s' incompatible with readonly export" % bm.name)
+        check(bm, allow_ro=True)
         out.append(bm)
     return out
 

@@ -1,19 +1,20 @@
 """The name QEMU shows for a node (``file`` and ``image.filename`` in query-named-block-nodes).
 
 A node whose options say nothing beyond its child is shown by its child's name (a plain
-``raw`` over a file is the file's path); a protocol node by its own (a path, ``null-co://``);
-a node with options that change what it shows (``raw`` with ``offset``/``size``, ``null-co``
+``raw`` over a file is the file's path) when the child is a protocol node with a plain name,
+else by ``json:{...}`` of its own options; a protocol node by its own name (a path,
+``null-co://``); a node with options that change what it shows (``raw`` with ``offset``/``size``, ``null-co``
 with ``size``/``read-zeroes``) by ``json:{...}`` of those options and its children's.
 
 QEMU prints the ``json:`` text from its hash-table dictionary, so the key order is the
-table's: keys sorted by hash bucket, and within a bucket the latest inserted first.  The
-hash below gives the same buckets, so our names are byte-identical to QEMU's.
+table's: keys sorted by hash bucket, and within a bucket the latest inserted first
+(``blockexport.qemu_order.qdict_order``), so our names are byte-identical to QEMU's.
 """
 from __future__ import annotations
 
 import json
 
-_BUCKETS = 512
+from blockexport.qemu_order import qdict_order
 
 #: Options of each driver that change the data it shows (QEMU's "strong" options), in the
 #: order QEMU adds them.
@@ -26,19 +27,9 @@ _STRONG = {
 }
 
 
-def _bucket(key: str) -> int:
-    data = key.encode()
-    v = (0x238F13AF * len(data)) & 0xFFFFFFFF
-    for i, c in enumerate(data):
-        v = (v + (c << (i * 5 % 24))) & 0xFFFFFFFF
-    return ((1103515243 * v + 12345) & 0xFFFFFFFF) % _BUCKETS
-
-
 def qdict_items(d: dict) -> list:
     """``d``'s items in QEMU's QDict iteration order (``d`` in insertion order)."""
-    keys = list(d)
-    pos = {k: i for i, k in enumerate(keys)}
-    return [(k, d[k]) for k in sorted(keys, key=lambda k: (_bucket(k), -pos[k]))]
+    return [(k, d[k]) for k in qdict_order(d)]
 
 
 def qdict_json(value) -> str:
@@ -70,16 +61,21 @@ def full_options(node) -> dict:
     return opts
 
 
-def display_name(node) -> str:
+def _exact_filename(node) -> str:
+    """QEMU's ``exact_filename``: a plain name, or "" when only ``json:`` describes it."""
     drv = node.driver
     if drv in ("file", "host_device"):
         return node.filename
-    has_strong = len(_strong_options(node)) > 1
-    if not has_strong:
-        if drv in ("null-co", "null-aio"):
-            return drv + "://"
-        child = node.children.get("file")
-        if child is not None:
-            return display_name(child)
-        return node.filename or node.node_name
-    return "json:" + qdict_json(full_options(node))
+    if len(_strong_options(node)) > 1:
+        return ""
+    if drv in ("null-co", "null-aio"):
+        return drv + "://"
+    child = node.children.get("file")
+    if child is not None:
+        # bdrv_refresh_filename(): only a protocol child's plain name will do
+        return _exact_filename(child) if getattr(child, "is_protocol", True) else ""
+    return node.filename or node.node_name
+
+
+def display_name(node) -> str:
+    return _exact_filename(node) or "json:" + qdict_json(full_options(node))

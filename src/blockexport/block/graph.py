@@ -100,6 +100,7 @@ class BlockGraph:
         self._lock = threading.RLock()
         self._stack: list[_OpenContext] = []
         self._counter = itertools.count()
+        self.objects = None     # the daemon's ObjectTable (pr-manager lookups), if any
 
     # ---- lookup ----------------------------------------------------------------------------
 
@@ -139,6 +140,13 @@ class BlockGraph:
         """What QEMU checks in bdrv_open_common(), after a format node's child is open."""
         ctx.checked = True
         opts = ctx.options
+        if opts.get("force-share") and not opts.get("read-only"):
+            raise Error("force-share=on can only be used with read-only images")
+        if opts.get("filename") == "":      # file and host_device need one
+            raise Error(f"The '{opts['driver']}' block driver requires a file name")
+        if opts.get("detect-zeroes") == "unmap" and opts.get("discard", "ignore") != "unmap":
+            raise Error("setting detect-zeroes to unmap is not allowed without setting "
+                        "discard operation to unmap")
         name = opts.get("node-name")
         if name is not None:
             if not id_wellformed(name):
@@ -147,13 +155,20 @@ class BlockGraph:
                 raise Error(f"Duplicate nodes with node-name='{name}'")
             if len(name.encode()) > NODE_NAME_MAX:
                 raise Error("Node name too long")
-        if opts.get("detect-zeroes") == "unmap" and opts.get("discard", "ignore") != "unmap":
-            raise Error("setting detect-zeroes to unmap is not allowed without setting "
-                        "discard operation to unmap")
 
-    def _open(self, options: dict) -> BlockNode:
-        if options.get("force-share") and not options.get("read-only"):
-            raise Error("force-share=on can only be used with read-only images")
+    @staticmethod
+    def _check_leftover(options: dict, protocol: bool, empty_cache: bool | None) -> None:
+        """QEMU flattens the options but leaves an empty ``cache: {}`` as it is; no driver
+        takes it, so it is reported as unknown once the node is open."""
+        if empty_cache is None:
+            empty_cache = options.get("cache") == {}
+        if empty_cache:
+            driver = options["driver"]
+            if protocol:
+                raise Error(f"Block protocol '{driver}' doesn't support the option 'cache'")
+            raise Error(f"Block format '{driver}' does not support the option 'cache'")
+
+    def _open(self, options: dict, empty_cache: bool | None = None) -> BlockNode:
         driver = options["driver"]
         factory = drivers.lookup(driver)
         if factory is None:
@@ -162,17 +177,19 @@ class BlockGraph:
         ctx = _OpenContext(name if name is not None else "", options)
         self._stack.append(ctx)
         try:
-            if getattr(factory, "is_protocol", True):
+            protocol = getattr(factory, "is_protocol", True)
+            if protocol:
                 self._check_common(ctx)
             if name is None:
                 ctx.name = self._generate_name()
             node = factory(self, ctx.name, options)
-            if not ctx.checked:
-                try:
+            try:
+                if not ctx.checked:
                     self._check_common(ctx)
-                except BaseException:
-                    node.close()
-                    raise
+                self._check_leftover(options, protocol, empty_cache)
+            except BaseException:
+                node.close()
+                raise
         except BaseException:
             self._cleanup_children(ctx)
             raise
@@ -190,7 +207,9 @@ class BlockGraph:
             if child is None:
                 raise Error(f"Cannot find device='{ref}' nor node-name='{ref}'")
         else:
-            child = self._open(_inherit(ref, parent_options))
+            # an explicit empty "cache": {} stays in QEMU's options next to the inherited
+            # cache.* keys and fails the child's open
+            child = self._open(_inherit(ref, parent_options), empty_cache=ref.get("cache") == {})
         ctx.children.append(child)
         if not ctx.checked:
             self._check_common(ctx)

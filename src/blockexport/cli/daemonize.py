@@ -293,6 +293,7 @@ def inet_family(addr: dict) -> int:
 
 def listen_inet(host: str, port: str, backlog: int, family: int = socket.AF_UNSPEC) -> list:
     """Listening TCP sockets for ``host``:``port`` the way QEMU opens them."""
+    port = port[:32]    # inet_listen_saddr() copies the port into a char[33]
     try:
         infos = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0,
                                    socket.AI_PASSIVE)

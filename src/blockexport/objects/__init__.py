@@ -2,7 +2,9 @@
 
 A type is a class taking ``(object_id, props, objects)`` — props already checked against
 the QAPI schema's ``ObjectOptions`` branch, ``objects`` this table (for references to other
-objects) — with an optional ``close()``.  ``iothread`` and ``secret``
+objects) — with an optional ``close()`` and an optional static ``set_properties(props)``
+raising what QEMU's property setters raise (checked before the duplicate-id check; the
+constructor raises what QEMU's ``complete`` raises).  ``iothread`` and ``secret``
 are here; the TLS credential and authz types arrive with the TLS work.
 """
 from __future__ import annotations
@@ -26,6 +28,9 @@ class ObjectTable:
     def get(self, object_id: str):
         return self._objects.get(object_id)
 
+    def of_type(self, qom_type: str) -> list:
+        return [o for o in self._objects.values() if getattr(o, "qom_type", None) == qom_type]
+
     def add(self, options: dict):
         qom_type = options["qom-type"]
         object_id = options["id"]
@@ -34,11 +39,16 @@ class ObjectTable:
             raise Error("Object type '%s' is not supported by blockexport yet" % qom_type)
         if not id_wellformed(object_id):
             raise Error("Parameter 'id' expects an identifier")
+        cls = getattr(importlib.import_module(entry[0]), entry[1])
+        props = {k: v for k, v in options.items() if k not in ("qom-type", "id")}
+        # QEMU sets the properties (their setters' errors first), then adds the object to
+        # the tree (duplicate ids), then completes it (the class's constructor here).
+        set_properties = getattr(cls, "set_properties", None)
+        if set_properties is not None:
+            set_properties(props)
         if object_id in self._objects:
             raise Error("attempt to add duplicate property '%s' to object (type 'container')"
                         % object_id)
-        cls = getattr(importlib.import_module(entry[0]), entry[1])
-        props = {k: v for k, v in options.items() if k not in ("qom-type", "id")}
         obj = cls(object_id, props, self)
         obj.qom_type = qom_type
         self._objects[object_id] = obj

@@ -178,10 +178,11 @@ class MonitorClient:
                 raise Error("The command %s has not been found" % req.name, "CommandNotFound")
             raise Error("The command %s does not support OOB" % req.name)
         if req.name == "qmp_capabilities":
+            # QEMU checks the arguments first, then whether negotiation is over.
+            args = daemon.schema.check_command_args(req.name, req.arguments)
             if self.negotiated:
                 raise Error("Capabilities negotiation is already complete, command ignored",
                             "CommandNotFound")
-            args = daemon.schema.check_command_args(req.name, req.arguments)
             self.oob = "oob" in args.get("enable", [])
             self.negotiated = True
             self.monitor.clients.add(self)

@@ -9,7 +9,9 @@ Observed on qemu-storage-daemon 7.2 (see tests/unit/test_qmp_validate.py):
   of no matching JSON type ("Invalid parameter type for 'file', expected: BlockdevRef") and
   a sized integer out of range ("Parameter 'to' expects uint16_t").
 * Members are visited in schema order (base, then the union branch); unexpected members are
-  reported after all members of that object were visited.
+  reported after all members of that object were visited.  Of several unexpected members
+  QEMU names the first its GHashTable of remaining keys returns: ``first_unexpected()``
+  (in blockexport.qemu_order) replays the QDict's order and GLib's hash table to find it.
 * JSON ``uint64``/``size`` accept negative numbers (QEMU wraps them for backward
   compatibility; the range check of ``uint8``..``uint32`` applies to the wrapped value); the
   value returned keeps the number as given.
@@ -28,6 +30,7 @@ import math
 import re
 
 from blockexport.errors import Error
+from blockexport.qemu_order import first_unexpected
 
 _SIZED = {
     "int8": (-2**7, 2**7 - 1, "int8_t"), "int16": (-2**15, 2**15 - 1, "int16_t"),
@@ -95,7 +98,7 @@ class Visitor:
             if not isinstance(value, dict):
                 raise Error(f"Invalid parameter type for '{path or 'null'}', expected: object")
             out = {}
-            seen = set()
+            seen: dict = {}     # member names in the order visited (an ordered set)
             self._object(t, value, path, out, seen)
             self._unexpected(value, seen, path)
             return {k: out[k] if k in out else value[k] for k in value}
@@ -111,10 +114,10 @@ class Visitor:
 
     # ---- objects ---------------------------------------------------------------------------
 
-    def _object(self, t, value: dict, path: str, out: dict, seen: set) -> None:
+    def _object(self, t, value: dict, path: str, out: dict, seen: dict) -> None:
         """Visit the members of struct/union ``t`` (base first, then the branch)."""
         for m in t.members:
-            seen.add(m.name)
+            seen[m.name] = None
             if m.name not in value:
                 if m.optional:
                     continue
@@ -130,14 +133,14 @@ class Visitor:
                 branch = self.extra_branch(t.name, tag)
             if branch is None:
                 # A QEMU type we do not implement: let the handler reject it (see module doc).
-                seen.update(value)
+                seen.update(dict.fromkeys(value))
                 return
             self._object(branch, value, path, out, seen)
 
-    def _unexpected(self, value: dict, seen: set, path: str) -> None:
-        for key in value:
-            if key not in seen:
-                raise Error(f"Parameter '{_join(path, key)}' is unexpected")
+    def _unexpected(self, value: dict, seen: dict, path: str) -> None:
+        if any(key not in seen for key in value):
+            key = first_unexpected(value, [k for k in seen if k in value])
+            raise Error(f"Parameter '{_join(path, key)}' is unexpected")
 
     # ---- scalars ---------------------------------------------------------------------------
 

@@ -93,14 +93,21 @@ class FileNode(BlockNode):
         filename = options["filename"]
         self.filename = filename
         self.aio = options.get("aio", "threads")
-        if self.aio == "native" and not self.cache_direct:
-            raise Error("aio=native was specified, but it requires cache.direct=on, which "
-                        "was not specified.")
         locking_opt = options.get("locking", "auto")
         self.use_lock = locking_opt == "on" or (locking_opt == "auto"
                                                 and locking.has_ofd_locks())
+        pr_manager = options.get("pr-manager")
+        if pr_manager is not None:     # no pr-manager object types (yet)
+            objects = getattr(graph, "objects", None)
+            if objects is None or objects.get(pr_manager) is None:
+                raise Error(f"No persistent reservation manager with id '{pr_manager}'")
+            raise Error(f"Object with id '{pr_manager}' is not a persistent reservation "
+                        "manager")
         self._fd = self._open(filename)
         try:
+            if self.aio == "native" and not self.cache_direct:   # checked after the open
+                raise Error("aio=native was specified, but it requires cache.direct=on, "
+                            "which was not specified.")
             st = os.fstat(self._fd)
             self._check_type(st)
             self.is_block_device = stat.S_ISBLK(st.st_mode)

@@ -15,12 +15,17 @@ def blockdev_del(daemon, args):
     daemon.graph.blockdev_del(args["node-name"])
 
 
+def _protocol_node(node):
+    """The node at the bottom of ``node``'s ``file`` chain (QEMU's raw delegates actual-size
+    and get_info to it), or None."""
+    while node is not None and node.driver not in ("file", "host_device", "null-co",
+                                                   "null-aio"):
+        node = node.children.get("file")
+    return node
+
+
 def _allocated_size(node):
     """Bytes allocated on disk for the image (QEMU's actual-size), or None."""
-    while node.driver not in ("file", "host_device"):
-        node = node.children.get("file")
-        if node is None:
-            return None
     try:
         return os.stat(node.filename).st_blocks * 512
     except OSError:
@@ -32,10 +37,11 @@ def node_info(node) -> dict:
     from ...block.dirty_bitmap import bitmap_info
     name = display_name(node)
     image = {"virtual-size": node.length(), "filename": name, "format": node.driver}
-    if node.driver in ("null-co", "null-aio"):
+    bottom = _protocol_node(node)
+    if bottom is not None and bottom.driver in ("null-co", "null-aio"):
         image["actual-size"] = 0          # QEMU: nothing allocated, and no image info
     else:
-        actual = _allocated_size(node)
+        actual = _allocated_size(bottom) if bottom is not None else None
         if actual is not None:
             image["actual-size"] = actual
         image["dirty-flag"] = False

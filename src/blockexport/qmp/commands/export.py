@@ -13,6 +13,8 @@ def _flat_address(legacy: dict) -> dict:
 
 @command("nbd-server-start")
 async def nbd_server_start(daemon, args):
+    if daemon.nbd_server is not None:
+        raise Error("NBD server already running")
     if args["addr"]["type"] == "fd":
         # A monitor names fds passed with getfd, which a storage daemon does not have
         # (qemu-storage-daemon 7.2 answers the same); the command line takes numbers.
@@ -66,8 +68,7 @@ def nbd_server_add(daemon, args):
         opts["description"] = args["description"]
     if "bitmap" in args:
         opts["bitmaps"] = [args["bitmap"]]
-    if daemon.nbd_server is None:
-        raise Error("NBD server not running")
+    # the export id is checked before the server (blk_exp_add, then the NBD driver)
     block_export_add(daemon, opts)
 
 

@@ -2,6 +2,9 @@
 cycle read with libnbd's block_status on qemu:dirty-bitmap:NAME (qemu-storage-daemon 7.2)."""
 from __future__ import annotations
 
+import json
+import subprocess
+
 import pytest
 
 from helpers.daemons import MiB, nbd_uri, unix_addr
@@ -171,16 +174,21 @@ def connect(sock, name, meta=()):
     return h
 
 
+def writable_export_with_bitmap(q, sock):
+    """Bitmap b on node f, the NBD server on ``sock``, writable export "a" of f; a client."""
+    q.cmd("block-dirty-bitmap-add", {"node": "f", "name": "b"})
+    q.cmd("nbd-server-start", {"addr": unix_addr(sock)})
+    q.cmd("block-export-add", {"type": "nbd", "id": "A", "node-name": "f", "name": "a",
+                               "writable": True})
+    return connect(sock, "a")
+
+
 def test_incremental_backup_cycle(graph, tmp_path):
     q = graph
     sock = str(tmp_path / "nbd.sock")
     size = 4 * MiB
     ctx = "qemu:dirty-bitmap:b"
-    q.cmd("block-dirty-bitmap-add", {"node": "f", "name": "b"})
-    q.cmd("nbd-server-start", {"addr": unix_addr(sock)})
-    q.cmd("block-export-add", {"type": "nbd", "id": "A", "node-name": "f", "name": "a",
-                               "writable": True})
-    a = connect(sock, "a")
+    a = writable_export_with_bitmap(q, sock)
     try:
         a.pwrite(b"\x01" * 4096, 0)                 # first granule
         a.pwrite(b"\x02" * 10, 1 * MiB + 100)       # inside one granule
@@ -276,15 +284,9 @@ def test_bitmap_context_names(graph, tmp_path):
 def test_qemu_img_map_reads_the_bitmap(graph, tmp_path):
     """QEMU's own NBD client as a backup tool would use it: `qemu-img map` with
     x-dirty-bitmap shows the dirty granules (as data: false, QEMU's convention)."""
-    import json
-    import subprocess
     q = graph
     sock = str(tmp_path / "nbd.sock")
-    q.cmd("block-dirty-bitmap-add", {"node": "f", "name": "b"})
-    q.cmd("nbd-server-start", {"addr": unix_addr(sock)})
-    q.cmd("block-export-add", {"type": "nbd", "id": "A", "node-name": "f", "name": "a",
-                               "writable": True})
-    a = connect(sock, "a")
+    a = writable_export_with_bitmap(q, sock)
     try:
         a.pwrite(b"\x01" * 4096, 0)
         a.pwrite(b"\x02" * 10, 2 * MiB + 100)

@@ -42,9 +42,9 @@ class Daemon:
         self.graph.objects = self.objects
         self.chardevs: dict[str, Chardev] = {}
         self.monitors: list[Monitor] = []
-        self._lock = None
-        self._quit = None
-        self.exit_status = 0
+        # asyncio primitives bind to the running loop on first use, so they can be made here
+        self._lock = asyncio.Lock()
+        self._quit = asyncio.Event()
 
     # --- commands -------------------------------------------------------------------------
     def version_info(self) -> dict:
@@ -57,8 +57,6 @@ class Daemon:
         if handler is None or name not in self.schema.commands:
             raise Error("The command %s has not been found" % name, "CommandNotFound")
         args = self.schema.check_command_args(name, arguments)
-        if self._lock is None:
-            self._lock = asyncio.Lock()
         async with self._lock:
             result = handler(self, args)
             if inspect.isawaitable(result):
@@ -154,14 +152,11 @@ class Daemon:
 
     # --- lifetime --------------------------------------------------------------------------------
     def request_quit(self) -> None:
-        if self._quit is not None:
-            self._quit.set()
+        self._quit.set()
 
     async def serve(self) -> int:
         """Run until ``quit`` or a signal, then shut down; returns the exit status."""
         loop = asyncio.get_running_loop()
-        if self._quit is None:
-            self._quit = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.request_quit)
         try:
@@ -170,12 +165,7 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self.shutdown()
-        return self.exit_status
-
-    def prepare(self) -> None:
-        """Create the loop-bound primitives (call inside the running loop, before options)."""
-        if self._quit is None:
-            self._quit = asyncio.Event()
+        return 0
 
     async def shutdown(self) -> None:
         """Remove every export (with its event), stop the NBD server, close everything."""

@@ -26,9 +26,7 @@ class InProcessDaemon:
         self.daemon = self._call(self._make())
 
     async def _make(self):
-        d = Daemon()
-        d.prepare()
-        return d
+        return Daemon()
 
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)

@@ -113,11 +113,6 @@ class DirtyBitmap:
             pos += n
         bits[bb] |= 0xFF >> (7 - ((b - 1) & 7))
 
-    def mark_all(self) -> None:
-        if self._nbits:
-            with self._lock:
-                self._set_range(0, self._nbits)
-
     def clear(self) -> None:
         with self._lock:
             self._bits = bytearray(len(self._bits))
@@ -146,12 +141,6 @@ class DirtyBitmap:
             self.mark(offset, length)
 
     # ---- queries -------------------------------------------------------------------------
-
-    def is_dirty(self, offset: int) -> bool:
-        i = offset >> self._shift
-        if i >= self._nbits:
-            return False
-        return bool(self._bits[i >> 3] >> (i & 7) & 1)
 
     def extents(self, offset: int, length: int, max_extents: int) -> list:
         """``[len, flags, len, flags, ...]`` over ``[offset, offset + length)``, flags 1 =

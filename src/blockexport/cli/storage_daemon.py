@@ -301,7 +301,6 @@ def _pre_init(args, rep: Reporter):
 async def _main_async(args, rep: Reporter, background) -> int:
     from ..daemon import Daemon
     d = Daemon()
-    d.prepare()
     pidfile = None
     pidfile_path = None
     try:

@@ -41,9 +41,6 @@ class ExportTable:
         self._emit = emit_event
         self._waiters: dict = {}
 
-    def __iter__(self):
-        return iter(list(self._exports))
-
     def find(self, export_id: str):
         for exp in self._exports:
             if exp.id == export_id:
@@ -71,6 +68,11 @@ class ExportTable:
             err = Error("export '%s' still in use" % export.id)
             err.hint = "Use mode='hard' to force client disconnect"
             raise err
+        self._shut_down(export, hard)
+
+    def _shut_down(self, export, hard: bool) -> None:
+        """Drop the user's reference: stop new clients (drop current ones if ``hard``); the
+        export is deleted now if no client holds it, else when the last one leaves."""
         export.shutting_down = True
         export.begin_shutdown(hard)
         if not export.client_count():
@@ -112,10 +114,7 @@ class ExportTable:
             if type_name is not None and exp.type != type_name:
                 continue
             if not exp.shutting_down:
-                exp.shutting_down = True
-                exp.begin_shutdown(True)
-                if not exp.client_count():
-                    self._released(exp)
+                self._shut_down(exp, True)
             await self.wait_gone(exp)
 
     def query(self) -> list:

@@ -1,6 +1,7 @@
 """blockdev-add, blockdev-del and query-named-block-nodes."""
 import os
 
+from ...block.dirty_bitmap import node_bitmaps_info
 from ...block.filename import display_name
 from ..dispatcher import command
 
@@ -34,7 +35,6 @@ def _allocated_size(node):
 
 def node_info(node) -> dict:
     """QEMU's BlockDeviceInfo for one node."""
-    from ...block.dirty_bitmap import bitmap_info
     name = display_name(node)
     image = {"virtual-size": node.length(), "filename": name, "format": node.driver}
     bottom = _protocol_node(node)
@@ -54,9 +54,8 @@ def node_info(node) -> dict:
                   "writeback": True},
         "file": name,
     }
-    bitmaps = getattr(node, "dirty_bitmaps", None)
-    if bitmaps:
-        info["dirty-bitmaps"] = [bitmap_info(bm) for bm in reversed(list(bitmaps.values()))]
+    if node.dirty_bitmaps:
+        info["dirty-bitmaps"] = node_bitmaps_info(node)
     return info
 
 

@@ -11,20 +11,20 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import os
 import signal
-import stat
+import socket
 
-from . import QEMU_COMPAT_VERSION, __version__
-from .block.graph import BlockGraph
-from .cli.daemonize import check_unix_path
-from .errors import Error
-from .exports.base import ExportTable
-from .objects import ObjectTable
-from .qmp import protocol as P
-from .qmp.dispatcher import handlers
-from .qmp.schema import default_schema
-from .qmp.server import Chardev, Monitor
+from blockexport import QEMU_COMPAT_VERSION, __version__
+from blockexport.block.graph import BlockGraph
+from blockexport.errors import Error
+from blockexport.exports.base import ExportTable
+from blockexport.exports.nbd_server import NbdServer
+from blockexport.objects import ObjectTable
+from blockexport.qapi.schema import default_schema
+from blockexport.qmp import protocol as P
+from blockexport.qmp.dispatcher import handlers
+from blockexport.qmp.server import Chardev, Monitor
+from blockexport.util.sockets import socket_listen
 
 log = logging.getLogger(__name__)
 
@@ -68,44 +68,17 @@ class Daemon:
         for mon in self.monitors:
             mon.emit(msg)
 
-    def check_iothread(self, opts: dict) -> None:
-        name = opts.get("iothread")
-        if name is not None:
-            obj = self.objects.get(name)
-            if name == "":
-                # QEMU resolves the id as a partial QOM path: "" finds the only iothread
-                threads = self.objects.of_type("iothread")
-                obj = threads[0] if len(threads) == 1 else None
-            if obj is None or getattr(obj, "qom_type", None) != "iothread":
-                raise Error('iothread "%s" not found' % name)
-
     # --- NBD server --------------------------------------------------------------------------
     async def nbd_server_start(self, addr: dict, tls_creds=None, tls_authz=None,
                                max_connections: int = 0) -> None:
-        """``addr`` is a flat SocketAddress (``{"type": "unix", "path": ...}``)."""
-        from .exports.nbd_server import NbdServer
+        """``addr`` is a flat SocketAddress (``{"type": "unix", "path": ...}``); an ``fd``
+        address names an inherited descriptor by number (the command line's form)."""
         if self.nbd_server is not None:
             raise Error("NBD server already running")
         server = NbdServer(max_connections=max_connections, persistent=True)
-        kind = addr["type"]
-        if kind == "unix":
-            if addr.get("abstract"):
-                raise Error("Abstract unix sockets are not supported by blockexport")
-            check_unix_path(addr["path"])
-            server.listen_unix(addr["path"])
-        elif kind == "inet":
-            from .cli.daemonize import inet_family, listen_inet
-            socks = listen_inet(addr.get("host") or "", str(addr["port"]),
-                                _backlog(max_connections), inet_family(addr))
-            server.listen_fds([sock.detach() for sock in socks])
-        elif kind == "fd":
-            server.listen_fds([_listen_fd(addr["str"])])
-        else:
-            if kind == "vsock":     # QEMU parses the address before it opens a socket
-                for key in ("cid", "port"):
-                    if not _strtoui(addr[key]):
-                        raise Error("Failed to parse %s '%s'" % (key, addr[key]))
-            raise Error("Socket type '%s' is not supported by blockexport" % kind)
+        # qemu-storage-daemon 7.2 listens with a backlog of SOMAXCONN whatever
+        # max-connections says (seen with ss(8)); over the limit it stops accepting instead.
+        server.add_listeners(socket_listen(addr, socket.SOMAXCONN))
         try:
             if tls_creds is not None:
                 # QEMU listens first, then looks the credentials up.  No TLS credential
@@ -182,31 +155,3 @@ class Daemon:
             await chardev.close()
         self.objects.close()
         self.graph.close()
-
-
-def _strtoui(text: str) -> bool:
-    """Whether QEMU's qemu_strtoui(text, NULL, 10) accepts ``text`` (whole string, no sign
-    but '+', at most UINT_MAX)."""
-    import re
-    m = re.fullmatch(r"[ \t\n\v\f\r]*\+?([0-9]+)", text)
-    return m is not None and int(m.group(1)) <= 0xFFFFFFFF
-
-
-def _backlog(max_connections: int) -> int:
-    import socket
-    # listen() takes a C int; the kernel caps the backlog at somaxconn anyway
-    return min(max_connections, 0x7fffffff) if max_connections > 0 else socket.SOMAXCONN
-
-
-def _listen_fd(text: str) -> int:
-    """A listening socket inherited by number (the command line's addr.type=fd)."""
-    if not text.isdigit():
-        raise Error("Unable to parse FD number %s" % text)
-    fd = int(text)
-    try:
-        is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
-    except OSError:
-        is_socket = False
-    if not is_socket:
-        raise Error("File descriptor '%s' is not a socket" % text)
-    return fd

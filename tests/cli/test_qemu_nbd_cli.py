@@ -2,8 +2,8 @@
 
 The compatibility tables run qemu-nbd and blockexport-nbd with the same argv (both found by
 name through $PATH, so both see a plain argv[0]) and require the same exit status and the
-same stdout/stderr once the program names are replaced.  Unit tests cover the keyval/QemuOpts
-parsers and the getopt emulation.  No test sleeps to synchronise: servers are waited for with
+same stdout/stderr once the program names are replaced.  Unit tests cover the getopt
+emulation (the option syntaxes are tested in tests/unit/test_util_keyval.py).  No test sleeps to synchronise: servers are waited for with
 --fork (the parent exits once the daemon listens) or socket activation (the listening socket
 exists before the server starts), and daemons are waited for through pidfds.
 """
@@ -19,9 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from blockexport.cli import keyval
 from blockexport.cli import qemu_nbd
-from blockexport.errors import Error
 
 QEMU_NBD = "/usr/bin/qemu-nbd"
 OURS = str(Path(sys.executable).parent / "blockexport-nbd")
@@ -627,118 +625,6 @@ def test_getopt_operands_and_double_dash():
     got = list(qemu_nbd.getopt_long(["-", "--export-name=", "--vers"], qemu_nbd.SHORT_OPTS,
                                     qemu_nbd.LONG_OPTS, "p", ops, posixly_correct=False))
     assert got == [("x", ""), ("V", None)] and ops == ["-"]
-
-
-# keyval
-
-@pytest.mark.parametrize("text,implied,expect", [
-    ("secret,id=x,data=a,,b", "qom-type",
-     {"qom-type": "secret", "id": "x", "data": "a,b"}),
-    ("a.b=1,a.c=2", None, {"a": {"b": "1", "c": "2"}}),
-    ("a.0=x,a.1=y", None, {"a": ["x", "y"]}),
-    ("a.1=y,a.0=x", None, {"a": ["x", "y"]}),
-    ("a.0.b=1,a.0.c=2,a.1.b=3", None, {"a": [{"b": "1", "c": "2"}, {"b": "3"}]}),
-    ("id=x,id=y", None, {"id": "y"}),
-    ("k=", None, {"k": ""}),
-    ("k=a,,,,b,l=2", None, {"k": "a,,b", "l": "2"}),
-    ("__com.example_foo=1", None, {"__com.example_foo": "1"}),
-    ("x,y=1", "t", {"t": "x", "y": "1"}),
-    ("", "t", {}),
-])
-def test_keyval_parse(text, implied, expect):
-    assert keyval.keyval_parse(text, implied) == (expect, False)
-
-
-@pytest.mark.parametrize("text,implied,message", [
-    ("id", None, "Expected '=' after parameter 'id'"),
-    ("secret,id", "qom-type", "Expected '=' after parameter 'id'"),
-    ("=x", None, "Invalid parameter ''"),
-    (",id=x", "qom-type", "Invalid parameter ''"),
-    ("a..b=1", None, "Invalid parameter 'a..b'"),
-    ("a.=1", None, "Invalid parameter 'a.'"),
-    (".a=1", None, "Invalid parameter '.a'"),
-    ("1a=1", None, "Invalid parameter '1a'"),
-    ("a.1b=1", None, "Invalid parameter 'a.1b'"),
-    ("a@b=1", None, "Invalid parameter 'a@b'"),
-    ("a" * 128 + "=1", None, "Parameter '%s' is too long" % ("a" * 128)),
-    ("x." + "a" * 128 + "=1", None, "Parameter fragment '%s' is too long" % ("a" * 128)),
-    ("a.b=1,a=2", None, "Parameters 'a.*' used inconsistently"),
-    ("a=2,a.b=1", None, "Parameters 'a.*' used inconsistently"),
-    ("a.0=x,a.b=y", None, "Parameters 'a.*' used inconsistently"),
-    ("a.0=x,a.2=y", None, "Parameter 'a.1' missing"),
-    ("a.1=x", None, "Parameter 'a.0' missing"),
-])
-def test_keyval_errors(text, implied, message):
-    with pytest.raises(Error) as ei:
-        keyval.keyval_parse(text, implied)
-    assert ei.value.message == message
-
-
-def test_keyval_help():
-    assert keyval.keyval_parse("help", "qom-type") == ({}, True)
-    assert keyval.keyval_parse("secret,help", "qom-type") == ({"qom-type": "secret"}, True)
-    assert keyval.keyval_parse("?,id=x", "qom-type") == ({"id": "x"}, True)
-    with pytest.raises(Error, match="Help is not available"):
-        keyval.keyval_parse("help", None, allow_help=False)
-
-
-def test_qemu_opts_parse():
-    warnings = []
-    warn = lambda m, h: warnings.append((m, h))   # noqa: E731
-    flat, help_ = keyval.qemu_opts_parse("driver=raw,file.filename=a,,b,ro,noro2,x=1,x=2",
-                                         None, warn)
-    assert flat == {"driver": "raw", "file.filename": "a,b", "ro": "on", "ro2": "off", "x": "2"}
-    assert warnings == [("short-form boolean option 'ro' deprecated", "Please use ro=on instead"),
-                        ("short-form boolean option 'noro2' deprecated",
-                         "Please use ro2=off instead")]
-    assert keyval.qemu_opts_parse("img,,1,a=b", "file") == ({"file": "img,1", "a": "b"}, False)
-    assert keyval.qemu_opts_parse("a=1,help", None)[1] is True
-
-
-def test_crumple_and_types():
-    flat, _ = keyval.qemu_opts_parse(
-        "driver=raw,file.driver=file,file.filename=x,read-only=on,cache.direct=yes,"
-        "cache.no-flush=off,offset=1k,size=0x200,file.read-only=false", None)
-    opts = keyval.blockdev_typed(keyval.crumple(flat))
-    assert opts == {"driver": "raw", "read-only": True, "offset": 1024, "size": 512,
-                    "cache": {"direct": True, "no-flush": False},
-                    "file": {"driver": "file", "filename": "x", "read-only": False}}
-    with pytest.raises(Error, match=r"^Parameter 'cache.direct' expects 'on' or 'off'$"):
-        keyval.blockdev_typed({"cache": {"direct": "On"}})
-    with pytest.raises(Error, match=r"^Parameter 'read-only' expects 'on' or 'off'$"):
-        keyval.blockdev_typed({"file": {"read-only": "x"}})
-
-
-@pytest.mark.parametrize("text,value", [
-    ("1.5k", 1536), ("0x10", 16), ("1K", 1024), ("1b", 1), ("1B", 1), (" 5", 5),
-    ("5e", 5 << 60), ("1E", 1 << 60), ("18446744073709551615", 2**64 - 1), ("1.k", 1024),
-    ("1.0000001k", 1024), ("0", 0), ("2M", 2 << 20),
-])
-def test_parse_size(text, value):
-    assert keyval.parse_size("offset", text) == value
-
-
-@pytest.mark.parametrize("text", ["1.5", "-0", "-1", "0.5", "abc", "", "1kk", "1.5e3k",
-                                  "0x1.5"])
-def test_parse_size_invalid(text):
-    with pytest.raises(keyval.KeyvalError) as ei:
-        keyval.parse_size("offset", text)
-    assert ei.value.message == "Parameter 'offset' expects a non-negative number below 2^64"
-    assert ei.value.hint == keyval.SIZE_HINT
-
-
-@pytest.mark.parametrize("text", ["18446744073709551616", "16E"])
-def test_parse_size_range(text):
-    with pytest.raises(Error, match="^Value '%s' is out of range for parameter 'offset'$"
-                       % text):
-        keyval.parse_size("offset", text)
-
-
-def test_probe_format():
-    assert qemu_nbd._probe_format(b"") == "raw"
-    assert qemu_nbd._probe_format(b"QFI\xfb\x00\x00\x00\x03" + bytes(100)) == "qcow2"
-    assert qemu_nbd._probe_format(b"QFI\xfb\x00\x00\x00\x01" + bytes(100)) == "qcow"
-    assert qemu_nbd._probe_format(b"\x00" * 2048) == "raw"
 
 
 # --- -L -----------------------------------------------------------------------------------------

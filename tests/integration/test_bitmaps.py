@@ -21,8 +21,9 @@ nbd = pytest.importorskip("nbd")
 from blockexport.block import dirty_bitmap as D  # noqa: E402
 from blockexport.block.graph import BlockGraph  # noqa: E402
 from blockexport.errors import Error  # noqa: E402
-from blockexport.exports.nbd import NbdExport  # noqa: E402
+from blockexport.exports.base import ExportEnv, export_add  # noqa: E402
 from blockexport.exports.nbd_server import NbdServer  # noqa: E402
+from blockexport.util.sockets import socket_listen  # noqa: E402
 from helpers.servers import BLOCKEXPORT_NBD, QEMU_NBD  # noqa: E402
 
 SIZE = 1000448  # the 1000000-byte image rounded up to 512
@@ -46,12 +47,14 @@ COUNT_S, COUNT_B, COUNT_FB = 139776, 458752, 159744
 
 
 class InProcessServer:
-    """An NbdServer on a unix socket, its asyncio loop in a thread."""
+    """An NbdServer on a unix socket, its asyncio loop in a thread; exports are made by the
+    export framework (export_add) on node ``r`` of ``graph``."""
 
-    def __init__(self, path):
+    def __init__(self, path, graph):
         self.path = str(path)
         self.server = NbdServer(max_connections=0, persistent=True)
-        self.server.listen_unix(self.path)
+        self.server.add_listeners(socket_listen({"type": "unix", "path": self.path}, 16))
+        self.env = ExportEnv(graph, nbd_server=self.server)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -60,16 +63,21 @@ class InProcessServer:
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
 
-    def add(self, export):
+    def add(self, name, writable=False, **opts):
+        """block-export-add of node ``r`` as ``name`` (options as in QMP)."""
+        opts.update({"type": "nbd", "id": name, "node-name": "r", "name": name,
+                     "writable": writable})
+
         async def add():
-            self.server.add_export(export)
+            export_add(self.env, opts)
         self._call(add())
 
     def remove(self, name):
+        """Hard removal, waiting until the export is gone (its clients have left)."""
         async def remove():
-            export = self.server.exports[name]
-            self.server.remove_export(name, hard=True)
-            export.close()
+            export = self.env.exports.find(name)
+            await self.env.exports.remove(export, hard=True)
+            await self.env.exports.wait_gone(export)
         self._call(remove())
 
     def uri(self, name):
@@ -93,7 +101,7 @@ def setup(tmp_path):
     graph.blockdev_add({"driver": "file", "node-name": "f", "filename": str(img),
                         "discard": "unmap"})
     graph.blockdev_add({"driver": "raw", "node-name": "r", "file": "f", "discard": "unmap"})
-    srv = InProcessServer(tmp_path / "nbd.sock")
+    srv = InProcessServer(tmp_path / "nbd.sock", graph)
     handles = []
     try:
         yield graph, srv, handles
@@ -144,12 +152,11 @@ def test_writes_through_another_export_show_in_bitmaps(setup):
     D.bitmap_add(graph, "r", "b")
     D.bitmap_add(graph, "r", "s", granularity=512)
     D.bitmap_add(graph, "f", "fb", granularity=4096)
-    srv.add(NbdExport("w", r, writable=True, graph=graph))
-    srv.add(NbdExport("v", r, writable=True, graph=graph,
-                      bitmaps=["s", "b", {"node": "f", "name": "fb"}]))
+    srv.add("w", writable=True)
+    srv.add("v", writable=True, bitmaps=["s", "b", {"node": "f", "name": "fb"}])
     # exported bitmaps are busy (the same errors QEMU gives)
     with pytest.raises(Error, match="^Bitmap 's' is currently in use by another operation"):
-        NbdExport("v2", r, writable=True, graph=graph, bitmaps=["s"])
+        srv.add("v2", writable=True, bitmaps=["s"])
     for fn in (D.bitmap_remove, D.bitmap_clear, D.bitmap_enable, D.bitmap_disable):
         with pytest.raises(Error, match="^Bitmap 'b' is currently in use"):
             fn(graph, "r", "b")
@@ -193,12 +200,13 @@ def test_writes_through_another_export_show_in_bitmaps(setup):
     D.bitmap_add(graph, "r", "d", disabled=True)
     D.bitmap_merge(graph, "r", "d", [{"node": "f", "name": "fb"}])
     with pytest.raises(Error, match="^Enabled bitmap 'b' incompatible with readonly export$"):
-        NbdExport("ro", r, graph=graph, bitmaps=["b"])
+        srv.add("ro", bitmaps=["b"])
     with pytest.raises(Error, match="^Enabled bitmap 's' incompatible with readonly export$"):
-        NbdExport("ro", r, graph=graph, bitmaps=["d", "s"])
+        srv.add("ro", bitmaps=["d", "s"])
     assert not any(i["busy"] for i in D.node_bitmaps_info(r))  # nothing left busy
+    assert [a.user for a in r.users] == ["export 'w'"]          # nor the node held
     D.bitmap_disable(graph, "r", "s")
-    srv.add(NbdExport("ro", r, graph=graph, bitmaps=["d", "s"]))
+    srv.add("ro", bitmaps=["d", "s"])
     ro = _connect(srv, handles, "ro", ["qemu:dirty-bitmap:d", S])
     assert _status(ro, "qemu:dirty-bitmap:d", 0, SIZE) == EXPECTED_B
     assert _status(ro, S, 0, SIZE) == EXPECTED_S
@@ -212,10 +220,9 @@ def test_writes_through_another_export_show_in_bitmaps(setup):
 
 def test_meta_context_ids_and_listing(setup):
     graph, srv, handles = setup
-    r = graph.get("r")
     D.bitmap_add(graph, "r", "a", disabled=True)
     D.bitmap_add(graph, "r", "b2", disabled=True)
-    srv.add(NbdExport("e", r, graph=graph, allocation_depth=True, bitmaps=["b2", "a"]))
+    srv.add("e", **{"allocation-depth": True, "bitmaps": ["b2", "a"]})
     h = nbd.NBD()
     handles.append(h)
     h.set_opt_mode(True)
@@ -233,9 +240,8 @@ def test_meta_context_ids_and_listing(setup):
 
 def test_write_zeroes_marks_a_bitmap_exported_on_the_same_export(setup):
     graph, srv, handles = setup
-    r = graph.get("r")
     D.bitmap_add(graph, "r", "b", granularity=512)
-    srv.add(NbdExport("v", r, writable=True, graph=graph, bitmaps=["b"]))
+    srv.add("v", writable=True, bitmaps=["b"])
     h = _connect(srv, handles, "v", [B])
     h.zero(512, 1024)
     h.trim(512, 4096)

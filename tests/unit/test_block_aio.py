@@ -2,7 +2,9 @@
 
 import asyncio
 
-from blockexport.block import BS_DATA, BlockGraph, aio
+from blockexport.block import aio
+from blockexport.block.graph import BlockGraph
+from blockexport.block.node import BS_DATA
 
 
 def test_aio_wrappers(tmp_path):

@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from blockexport.block import PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, BlockGraph
 from blockexport.block import drivers
-from blockexport.block.node import BlockNode
+from blockexport.block.graph import BlockGraph
+from blockexport.block.node import PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, BlockNode
 from blockexport.errors import Error
 
 

@@ -9,10 +9,9 @@ import subprocess
 
 import pytest
 
-from blockexport.block import (
-    PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, BlockGraph,
-)
 from blockexport.block import locking
+from blockexport.block.graph import BlockGraph
+from blockexport.block.node import PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE
 from blockexport.errors import Error
 
 EXPORT = "an unnamed block device"

@@ -2,11 +2,11 @@
 
 import pytest
 
-from blockexport.block import (
-    PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, BlockGraph,
-    perm_names,
+from blockexport.block.graph import BlockGraph
+from blockexport.block.node import (
+    PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, is_zero,
+    perm_names, zero_fill,
 )
-from blockexport.block.node import is_zero, zero_fill
 from blockexport.errors import Error
 
 EXPORT = "an unnamed block device"

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from blockexport.block import BS_ALLOCATED, BS_ZERO, BlockGraph
+from blockexport.block.graph import BlockGraph
+from blockexport.block.node import BS_ALLOCATED, BS_ZERO
 from blockexport.errors import Error
 
 

@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from blockexport.block import BS_ALLOCATED, BS_DATA, BS_ZERO, BlockGraph
+from blockexport.block.graph import BlockGraph
+from blockexport.block.node import BS_ALLOCATED, BS_DATA, BS_ZERO
 from blockexport.errors import Error
 
 MiB = 1 << 20

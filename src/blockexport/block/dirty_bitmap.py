@@ -218,9 +218,8 @@ def check(bm: DirtyBitmap, allow_ro: bool = False) -> None:
     if not allow_ro and bm.readonly:
         raise Error("Bitmap '%s' is readonly and cannot be modified" % bm.name)
     if bm.inconsistent:
-        err = Error("Bitmap '%s' is inconsistent and cannot be used" % bm.name)
-        err.hint = "Try block-dirty-bitmap-remove to delete this bitmap from disk"
-        raise err
+        raise Error("Bitmap '%s' is inconsistent and cannot be used" % bm.name,
+                    hint="Try block-dirty-bitmap-remove to delete this bitmap from disk")
 
 
 def default_granularity(node) -> int:

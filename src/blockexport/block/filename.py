@@ -8,13 +8,13 @@ with ``size``/``read-zeroes``) by ``json:{...}`` of those options and its childr
 
 QEMU prints the ``json:`` text from its hash-table dictionary, so the key order is the
 table's: keys sorted by hash bucket, and within a bucket the latest inserted first
-(``blockexport.qemu_order.qdict_order``), so our names are byte-identical to QEMU's.
+(``blockexport.util.qemu_order.qdict_order``), so our names are byte-identical to QEMU's.
 """
 from __future__ import annotations
 
 import json
 
-from blockexport.qemu_order import qdict_order
+from blockexport.util.qemu_order import qdict_order
 
 #: Options of each driver that change the data it shows (QEMU's "strong" options), in the
 #: order QEMU adds them.

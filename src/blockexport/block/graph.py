@@ -2,7 +2,7 @@
 
 ``BlockGraph.blockdev_add`` takes a QAPI ``BlockdevOptions`` dict (keys as in QMP, values
 already typed).  It first validates it against the QAPI schema (``BlockdevOptions`` in
-``qmp/schema/block-core.json``) the way QEMU's QAPI visitor does (same messages:
+``qapi/schema/block-core.json``) the way QEMU's QAPI visitor does (same messages:
 "Parameter 'x' is missing", "Parameter 'x' is unexpected", "Invalid parameter type for 'x',
 expected: boolean", "Parameter 'driver' does not accept value 'x'"), then opens the node and,
 for a format driver, its child (a node-name string, or a nested options dict that becomes an
@@ -20,22 +20,13 @@ import itertools
 import random
 import threading
 
-from blockexport.errors import Error
 from blockexport.block import drivers
 from blockexport.block.node import BlockNode
-from blockexport.qmp.schema import default_schema
+from blockexport.errors import Error
+from blockexport.qapi.schema import default_schema
+from blockexport.util.ids import id_wellformed
 
 NODE_NAME_MAX = 31  # QEMU stores node names in a 32-byte array
-
-
-def id_wellformed(name: str) -> bool:
-    """QEMU's id_wellformed(): an ASCII letter, then letters, digits, '-', '.', '_'."""
-    if not name or not ("a" <= name[0] <= "z" or "A" <= name[0] <= "Z"):
-        return False
-    for c in name[1:]:
-        if not (c.isascii() and (c.isalnum() or c in "-._")):
-            return False
-    return True
 
 
 def _plugin_branch(union: str, driver: str):

@@ -79,10 +79,8 @@ class ImageLock:
     def _error(self, text: str, exc: OSError | None = None) -> Error:
         if exc is not None and exc.errno not in (11, 13):  # EAGAIN, EACCES
             text = f"{text}: {os.strerror(exc.errno)}"
-        err = Error(text)
         # QEMU adds this hint (printed by its command-line tools, dropped by QMP).
-        err.hint = f"Is another process using the image [{self.filename}]?"
-        return err
+        return Error(text, hint=f"Is another process using the image [{self.filename}]?")
 
     def apply(self, perm: int, unshared: int) -> None:
         """Hold exactly the lock bytes for ``perm`` and ``unshared``."""

@@ -57,10 +57,6 @@ def perm_names(perm: int) -> str:
     return ", ".join(name for bit, name in _PERM_NAMES if perm & bit)
 
 
-def round_up(n: int, align: int = SECTOR_SIZE) -> int:
-    return (n + align - 1) // align * align
-
-
 def is_zero(buf) -> bool:
     """True when the bytes-like ``buf`` is all zeroes (memcmp speed)."""
     mv = memoryview(buf)

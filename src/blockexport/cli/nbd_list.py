@@ -14,9 +14,10 @@ import socket
 import sys
 from dataclasses import dataclass, field
 
-from ..nbd import constants as C
-from ..nbd import client as NC
-from ..nbd.errors import ProtocolError
+from blockexport.nbd import client as NC
+from blockexport.nbd import constants as C
+from blockexport.nbd.common import NEED_DATA
+from blockexport.nbd.errors import ProtocolError
 
 # qemu-nbd's names for the transmission flag bits, in bit order.
 FLAG_NAMES = {
@@ -97,7 +98,7 @@ class _Conversation:
         while True:
             self.flush()
             ev = self.m.next_event()
-            if ev is not NC.NEED_DATA:
+            if ev is not NEED_DATA:
                 return ev
             try:
                 data = self.sock.recv(65536)

@@ -10,8 +10,9 @@ Start-up follows qemu-nbd: parse and check options, (fork), listen, open the ima
 the export, write the pid file, chdir to ``/``, report readiness, serve.
 
 Entry points: :func:`main` (console script), :func:`parse_args` (argv -> :class:`NbdOptions`),
-:func:`open_image` (options -> block node), :func:`getopt_long` (GNU getopt emulation,
-shared with ``blockexport-daemon`` in :mod:`blockexport.cli.getopt`).
+:func:`open_image` (options -> block node), :func:`serve`.  The export is made by the export
+framework (:func:`blockexport.exports.base.export_add`), as qemu-nbd's goes through QEMU's
+``blk_exp_add``.
 """
 from __future__ import annotations
 
@@ -19,24 +20,27 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import sys
 
-from .. import QEMU_COMPAT_VERSION, __version__
-from ..errors import Error
-from . import daemonize
-from .getopt import NO_ARG, REQUIRED_ARG, GetoptError, getopt_long
-from .keyval import (SIZE_HINT, blockdev_typed, crumple, parse_object_arg,
-                     qemu_opts_parse)
-from .trace import parse_trace
+from blockexport import QEMU_COMPAT_VERSION, __version__
+from blockexport.block.probe import (PROTOCOL_DRIVERS, QEMU_BLOCK_DRIVERS, probe_node_format,
+                                     protocol_options)
+from blockexport.cli import daemonize
+from blockexport.cli.common import CliExit, Reporter, run_main, write
+from blockexport.cli.getopt import NO_ARG, REQUIRED_ARG, GetoptError, getopt_long
+from blockexport.cli.trace import parse_trace
+from blockexport.errors import Error
+from blockexport.qapi.qemu_opts import blockdev_typed
+from blockexport.util import sockets
+from blockexport.util.cutils import SIZE_HINT, strtoi, strtou64
+from blockexport.util.keyval import crumple, parse_object_arg, qemu_opts_parse
 
 DEFAULT_PORT = "10809"
 DEFAULT_BIND = "0.0.0.0"
 NBD_MAX_STRING_SIZE = 4096
 EXPORT_ID = "qemu-nbd-export"
-PROBE_BUF_SIZE = 2048
 INT64_MAX = 2**63 - 1
 
 # getopt_long tables, in qemu-nbd's order (the order shows in "ambiguous" messages)
@@ -77,88 +81,6 @@ LONG_OPTS = [
     ("pid-file", REQUIRED_ARG, "pid-file"),
     ("selinux-label", REQUIRED_ARG, "selinux-label"),
 ]
-
-# Block drivers QEMU 7.2 knows: "-f NAME" with any other name is "Unknown driver".  Names we
-# do not implement are handed to the block layer, which reports them its own way.
-QEMU_BLOCK_DRIVERS = frozenset("""
-    blkdebug blklogwrites blkreplay blkverify bochs cloop compress copy-before-write
-    copy-on-read dmg file ftp ftps gluster host_cdrom host_device http https iscsi iser luks
-    nbd nfs null-aio null-co nvme nvme-io_uring parallels preallocate qcow qcow2 qed quorum raw
-    rbd replication snapshot-access ssh throttle vdi vhdx virtio-blk-vfio-pci
-    virtio-blk-vhost-user virtio-blk-vhost-vdpa vmdk vpc vvfat
-""".split())
-PROTOCOL_DRIVERS = frozenset(("file", "host_device", "host_cdrom", "null-co", "null-aio"))
-NULL_FILENAMES = {"null-co": "null-co://", "null-aio": "null-aio://"}
-
-
-
-# --------------------------------------------------------------------------------------------
-# exits and messages
-# --------------------------------------------------------------------------------------------
-
-class CliExit(Exception):
-    """Stop with ``status`` (messages have already been printed)."""
-
-    def __init__(self, status: int):
-        super().__init__(status)
-        self.status = status
-
-
-class Reporter:
-    """Prints messages as QEMU does: ``error_report`` uses the program's base name,
-    getopt's own messages use argv[0] as invoked."""
-
-    def __init__(self, argv0: str):
-        self.argv0 = argv0
-        self.name = os.path.basename(argv0) or argv0
-
-    def error(self, message: str, hint: str | None = None) -> None:
-        text = "%s: %s\n" % (self.name, message)
-        if hint:
-            text += hint if hint.endswith("\n") else hint + "\n"
-        _write(sys.stderr, text)
-
-    def warning(self, message: str, hint: str | None = None) -> None:
-        self.error("warning: " + message, hint)
-
-    def raw(self, text: str) -> None:
-        _write(sys.stderr, text)
-
-    def fail(self, message: str, hint: str | None = None):
-        self.error(message, hint)
-        raise CliExit(1)
-
-    def fail_err(self, err: Error, prefix: str = ""):
-        self.fail(prefix + err.message, getattr(err, "hint", None))
-
-
-def _write(stream, text: str) -> None:
-    """Write ``text``; arguments that were not valid UTF-8 go back out as their raw bytes."""
-    try:
-        buf = getattr(stream, "buffer", None)
-        if buf is not None:
-            stream.flush()
-            buf.write(text.encode(stream.encoding or "utf-8", "surrogateescape"))
-            buf.flush()
-        else:
-            stream.write(text)
-            stream.flush()
-    except (OSError, ValueError, UnicodeError):
-        pass
-
-
-def _display_argv0(argv0: str) -> str:
-    """argv[0] as the user typed it: a console script only sees its full path, so a script
-    found through $PATH is shown by its name, as a binary run that way would be."""
-    base = os.path.basename(argv0)
-    if os.path.isabs(argv0) and base:
-        found = shutil.which(base)
-        try:
-            if found and os.path.samefile(found, argv0):
-                return base
-        except OSError:
-            pass
-    return argv0
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,41 +137,6 @@ class NbdOptions:
         return min(self.shared, socket.SOMAXCONN)
 
 
-_C_INT = re.compile(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
-
-
-def _c_strto(text: str):
-    """C ``strtol(..., 0)`` syntax over the whole string: (negative, magnitude) or None."""
-    m = _C_INT.fullmatch(text)
-    if not m:
-        return None
-    digits = m.group(2)
-    if digits[:2] in ("0x", "0X"):
-        v = int(digits[2:], 16)
-    elif digits.startswith("0") and len(digits) > 1:
-        v = int(digits[1:], 8)
-    else:
-        v = int(digits)
-    return m.group(1) == "-", v
-
-
-def _strtoi(text: str):
-    """qemu_strtoi(base 0): None unless the whole string is an int in range."""
-    r = _c_strto(text)
-    if r is None:
-        return None
-    v = -r[1] if r[0] else r[1]
-    return v if -2**31 <= v < 2**31 else None
-
-
-def _strtou64(text: str):
-    """qemu_strtou64(base 0) as in 7.2: a leading '-' negates modulo 2^64."""
-    r = _c_strto(text)
-    if r is None or r[1] >= 2**64:
-        return None
-    return (-r[1]) % 2**64 if r[0] else r[1]
-
-
 def _object_types() -> dict:
     """User-creatable object types (name -> creator).  None exist yet; TLS credentials,
     secrets and authz objects will register here."""
@@ -278,7 +165,7 @@ def _print_object_help(props: dict, out) -> None:
 
 def _parse_trace(arg: str, opts: NbdOptions, rep: Reporter) -> None:
     """``-T``: accepted for compatibility (see cli/trace.py)."""
-    path = parse_trace(arg, rep, _write, CliExit)
+    path = parse_trace(arg, rep)
     if path is not None:
         opts.trace.append(("file", path))
 
@@ -375,7 +262,7 @@ def _apply_option(o: NbdOptions, val: str, arg, rep: Reporter) -> None:
     elif val == "p":
         o.port = arg
     elif val == "o":
-        value = _strtou64(arg)
+        value = strtou64(arg)
         if value is None:
             rep.fail("Invalid offset '%s'" % arg)
         o.offset = value
@@ -396,7 +283,7 @@ def _apply_option(o: NbdOptions, val: str, arg, rep: Reporter) -> None:
     elif val == "c":
         o.device = arg
     elif val == "e":
-        value = _strtoi(arg)
+        value = strtoi(arg)
         if value is None or value < 0:
             rep.fail("Invalid shared device number '%s'" % arg)
         o.shared = value
@@ -415,10 +302,10 @@ def _apply_option(o: NbdOptions, val: str, arg, rep: Reporter) -> None:
     elif val == "v":
         o.verbose = True
     elif val == "V":
-        _write(sys.stdout, version_text(rep.argv0))
+        write(sys.stdout, version_text(rep.argv0))
         raise CliExit(0)
     elif val == "h":
-        _write(sys.stdout, usage_text(rep.argv0))
+        write(sys.stdout, usage_text(rep.argv0))
         raise CliExit(0)
     elif val == "object":
         try:
@@ -525,47 +412,6 @@ def version_text(argv0: str) -> str:
 # opening the image
 # --------------------------------------------------------------------------------------------
 
-def _probe_format(buf: bytes) -> str:
-    """The format QEMU's probing would pick among formats it knows (raw when none)."""
-    if buf[:4] == b"QFI\xfb" and len(buf) >= 8:
-        return "qcow2" if int.from_bytes(buf[4:8], "big") >= 2 else "qcow"
-    if buf[:4] == b"QED\x00":
-        return "qed"
-    if buf[:6] == b"LUKS\xba\xbe":
-        return "luks"
-    if buf[:4] == b"KDMV" or buf[:4] == b"COWD" or buf.startswith(b"# Disk DescriptorFile"):
-        return "vmdk"
-    if buf[:8] == b"conectix":
-        return "vpc"
-    if buf[:8] == b"vhdxfile":
-        return "vhdx"
-    if len(buf) >= 0x44 and int.from_bytes(buf[0x40:0x44], "little") == 0xbeda107f:
-        return "vdi"
-    if buf[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt"):
-        return "parallels"
-    return "raw"
-
-
-def _protocol_options(filename: str) -> dict:
-    """Protocol node options for a plain FILE argument (QEMU's protocol detection)."""
-    p = len(filename)
-    for k, c in enumerate(filename):
-        if c in ":/":
-            p = k
-            break
-    if p < len(filename) and filename[p] == ":":
-        proto = filename[:p]
-        if proto == "file":
-            return {"driver": "file", "filename": filename[len("file:"):]}
-        if proto in NULL_FILENAMES:
-            if filename != NULL_FILENAMES[proto]:
-                raise Error("The only allowed filename for this driver is '%s'"
-                            % NULL_FILENAMES[proto])
-            return {"driver": proto}
-        raise Error("Unknown protocol '%s'" % proto)
-    return {"driver": "file", "filename": filename}
-
-
 # node names of the roots we create (QEMU's own are "#blockNNN", which QMP-style
 # blockdev-add does not accept)
 NODE_PROTOCOL = "qemu-nbd-protocol"
@@ -621,11 +467,7 @@ def _open_probed(graph, proto, top_opts: dict, o: NbdOptions, rep: Reporter):
     else:
         filename = None
     try:
-        length = min(proto.length(), PROBE_BUF_SIZE)
-        buf = bytearray(length)
-        if length:
-            proto.read_into(0, memoryview(buf))
-        fmt = _probe_format(bytes(buf))
+        fmt = probe_node_format(proto)
         if fmt == "raw" and not top_opts.get("read-only"):
             _probe_warning(rep, filename if filename is not None else proto.node_name)
         opts = dict(top_opts)
@@ -661,7 +503,7 @@ def _open_options(graph, opts: dict, o: NbdOptions, rep: Reporter):
             raise Error("Cannot find device='%s' nor node-name='%s'" % (child, child))
         return _open_probed(graph, node, _apply_defaults(rest, o, NODE_IMAGE, top), o, rep)
     if "filename" in opts:
-        proto = _apply_defaults(_protocol_options(opts["filename"]), o, NODE_PROTOCOL)
+        proto = _apply_defaults(protocol_options(opts["filename"]), o, NODE_PROTOCOL)
         return _open_probed(graph, proto, _apply_defaults(rest, o, NODE_IMAGE, top), o, rep)
     raise Error("Must specify either driver or file")
 
@@ -747,12 +589,12 @@ def _blk_new_open(graph, o: NbdOptions, rep: Reporter):
         if o.fmt not in QEMU_BLOCK_DRIVERS:
             raise Error("Unknown driver '%s'" % o.fmt)
         if o.fmt in PROTOCOL_DRIVERS:
-            proto = _protocol_options(filename)
+            proto = protocol_options(filename)
             proto["driver"] = o.fmt
             return graph.blockdev_add(_apply_defaults(proto, o, NODE_IMAGE, top))
         return graph.blockdev_add(_apply_defaults(
-            {"driver": o.fmt, "file": _protocol_options(filename)}, o, NODE_IMAGE, top))
-    proto = _apply_defaults(_protocol_options(filename), o, NODE_PROTOCOL)
+            {"driver": o.fmt, "file": protocol_options(filename)}, o, NODE_IMAGE, top))
+    proto = _apply_defaults(protocol_options(filename), o, NODE_PROTOCOL)
     return _open_probed(graph, proto, _apply_defaults({}, o, NODE_IMAGE, top), o, rep)
 
 
@@ -801,7 +643,7 @@ def _check_environment(o: NbdOptions, rep: Reporter) -> int:
                 rep.fail("Error opening logfile %s: %s" % (value, exc.strerror))
 
     try:
-        activation = daemonize.check_socket_activation()
+        activation = sockets.check_socket_activation()
     except Error as err:
         rep.fail_err(err)
     if activation:
@@ -846,7 +688,7 @@ def _check_environment(o: NbdOptions, rep: Reporter) -> int:
 
 
 def _run_list(o: NbdOptions, rep: Reporter) -> int:
-    from .nbd_list import main_list
+    from blockexport.cli.nbd_list import main_list
     # TLS credentials cannot exist yet (no object types), so there is no TLS context here
     return main_list(host=o.bind or DEFAULT_BIND, port=o.port or DEFAULT_PORT,
                      socket_path=o.socket_path, tls_hostname=o.tls_hostname, prog=rep.name)
@@ -855,19 +697,17 @@ def _run_list(o: NbdOptions, rep: Reporter) -> int:
 def _listen(server, o: NbdOptions, activation: int, rep: Reporter) -> None:
     if activation:
         try:
-            fd = daemonize.activated_socket(daemonize.FIRST_SOCKET_ACTIVATION_FD)
+            fd = sockets.activated_socket(sockets.FIRST_SOCKET_ACTIVATION_FD)
         except Error as err:
             rep.fail_err(err, "Failed to use socket activation: ")
-        server.listen_fds([fd])
+        server.add_listeners([sockets.Listener(socket.socket(fileno=fd))])
         return
+    if o.socket_path is not None:
+        addr = {"type": "unix", "path": o.socket_path}
+    else:
+        addr = {"type": "inet", "host": o.bind or DEFAULT_BIND, "port": o.port or DEFAULT_PORT}
     try:
-        if o.socket_path is not None:
-            daemonize.check_unix_path(o.socket_path)
-            server.listen_unix(o.socket_path, o.backlog())
-        else:
-            socks = daemonize.listen_inet(o.bind or DEFAULT_BIND, o.port or DEFAULT_PORT,
-                                          o.backlog())
-            server.listen_fds([s.detach() for s in socks])
+        server.add_listeners(sockets.socket_listen(addr, o.backlog()))
     except Error as err:
         rep.fail_err(err)
 
@@ -885,9 +725,9 @@ def _early_stop(signum, frame):
 
 def serve(o: NbdOptions, activation: int, rep: Reporter) -> int:
     """Everything after the checks: fork, listen, open, export, pid file, run."""
-    from ..block.graph import BlockGraph
-    from ..exports.nbd import NbdExport
-    from ..exports.nbd_server import NbdServer
+    from blockexport.block.graph import BlockGraph
+    from blockexport.exports.base import ExportEnv, export_add
+    from blockexport.exports.nbd_server import NbdServer
 
     background = daemonize.fork_background() if o.fork else None
     # Until the server's own handlers are in place, SIGTERM/SIGINT/SIGHUP end start-up
@@ -901,14 +741,15 @@ def serve(o: NbdOptions, activation: int, rep: Reporter) -> int:
         _listen(server, o, activation, rep)
         graph = BlockGraph()
         node = open_image(graph, o, rep)
+        # qemu-nbd prepends each -B to its list: the bitmaps come out in reverse order.
+        export_opts = {"type": "nbd", "id": EXPORT_ID, "node-name": node.node_name,
+                       "writable": not o.read_only, "writethrough": o.writethrough,
+                       "name": o.export_name, "allocation-depth": o.allocation_depth,
+                       "bitmaps": list(reversed(o.bitmaps))}
+        if o.description is not None:
+            export_opts["description"] = o.description
         try:
-            # qemu-nbd prepends each -B to its list: the bitmaps come out in reverse order.
-            export = NbdExport(name=o.export_name, node=node, writable=not o.read_only,
-                               description=o.description, writethrough=o.writethrough,
-                               allocation_depth=o.allocation_depth,
-                               bitmaps=list(reversed(o.bitmaps)), export_id=EXPORT_ID,
-                               graph=graph)
-            server.add_export(export)
+            export_add(ExportEnv(graph, nbd_server=server), export_opts)
         except Error as err:
             rep.fail_err(err)
         if o.pid_file is not None:
@@ -949,24 +790,6 @@ def run(argv, argv0: str) -> int:
     if o.snapshot:
         rep.fail("-s/--snapshot is not supported yet (it needs a temporary qcow2 overlay)")
     return serve(o, activation, rep)
-
-
-def run_main(run, argv, prog: str | None, default_prog: str) -> int:
-    """A console script's ``main``: ``run(argv, prog)`` with argv defaulting to
-    ``sys.argv[1:]`` and the program name to argv[0] as typed (``default_prog`` when run as
-    ``python -m`` or as a ``.py`` file); :class:`CliExit`'s status is the exit status, ^C 1."""
-    if argv is None:
-        argv = sys.argv[1:]
-    if prog is None:
-        prog = _display_argv0(sys.argv[0]) if sys.argv and sys.argv[0] else default_prog
-        if prog.endswith(".py") or prog == "-m" or prog.endswith("__main__.py"):
-            prog = default_prog
-    try:
-        return run(list(argv), prog)
-    except CliExit as exc:
-        return exc.status
-    except KeyboardInterrupt:
-        return 1
 
 
 def main(argv=None, prog: str | None = None) -> int:

@@ -15,16 +15,19 @@ and the daemon serves until ``quit`` or a signal.
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 
-from ..block.graph import id_wellformed
-from ..errors import Error
-from . import daemonize as dz
-from .getopt import NO_ARG, OPERAND, REQUIRED_ARG, GetoptError, getopt_long_located
-from .keyval import KeyvalError, keyval_parse, parse_bool, parse_size, qemu_opts_parse
-from .qemu_nbd import CliExit, Reporter, _write, run_main
-from .storage_daemon_help import PROG, usage_text, version_text
-from .trace import parse_trace
+from blockexport.cli import daemonize as dz
+from blockexport.cli.common import CliExit, Reporter, run_main, write
+from blockexport.cli.getopt import NO_ARG, OPERAND, REQUIRED_ARG, GetoptError, getopt_long_located
+from blockexport.cli.storage_daemon_help import PROG, usage_text, version_text
+from blockexport.cli.trace import parse_trace
+from blockexport.errors import Error
+from blockexport.util.cutils import parse_bool, parse_size
+from blockexport.util.ids import id_wellformed
+from blockexport.util.keyval import keyval_parse, qemu_opts_parse
+from blockexport.util.sockets import check_unix_path
 
 # getopt_long table in QSD's order; short options "-hT:V" with a leading "-": operands are
 # returned in place (as QSD's "Unexpected argument" shows), not permuted.
@@ -95,7 +98,7 @@ class Located(Reporter):
 
 def parse_json_arg(text: str) -> dict:
     """One JSON object from the command line, with QEMU's messages."""
-    from ..qmp.protocol import JsonStreamer, ParseError
+    from blockexport.qmp.protocol import JsonStreamer, ParseError
     streamer = JsonStreamer()
     items = streamer.feed(text.encode("utf-8", "surrogateescape") + b" ")
     if items and isinstance(items[0], ParseError):
@@ -120,7 +123,7 @@ def qapi_arg(schema, type_name: str, text: str, implied_key: str) -> dict:
 
 def _check_id(value: str) -> None:
     if not id_wellformed(value):
-        raise KeyvalError("Parameter 'id' expects an identifier", ID_HINT)
+        raise Error("Parameter 'id' expects an identifier", hint=ID_HINT)
 
 
 def parse_chardev_opts(text: str, warn) -> tuple[dict, bool]:
@@ -164,7 +167,7 @@ def chardev_backend(values: dict) -> dict:
         if key != "id" and key not in _CHARDEV_IGNORED and values[key] is not False:
             raise Error("chardev: socket: option '%s' is not supported by blockexport" % key)
     if "path" in values:
-        dz.check_unix_path(values["path"])
+        check_unix_path(values["path"])
         addr = {"type": "unix", "path": values["path"]}
     elif "host" in values or "port" in values:
         if "port" not in values:
@@ -175,7 +178,6 @@ def chardev_backend(values: dict) -> dict:
                     "by blockexport")
     if not values.get("server", False):
         if addr["type"] == "unix":
-            import socket
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 try:
                     s.connect(addr["path"])
@@ -194,7 +196,7 @@ def chardev_backend(values: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def _print_object_help(schema, props: dict) -> None:
-    from ..objects import OBJECT_TYPES
+    from blockexport.objects import OBJECT_TYPES
     qom_type = props.get("qom-type")
     if isinstance(qom_type, str) and qom_type in OBJECT_TYPES:
         union = schema.type("ObjectOptions")
@@ -208,14 +210,14 @@ def _print_object_help(schema, props: dict) -> None:
                 t = m.type
                 t = names.get(t, "int" if "int" in t else t)
                 lines.append("  %s=<%s>\n" % (m.name, t))
-        _write(sys.stdout, "%s options:\n%s" % (qom_type, "".join(sorted(lines))))
+        write(sys.stdout, "%s options:\n%s" % (qom_type, "".join(sorted(lines))))
         return
-    _write(sys.stdout, "List of user creatable objects:\n"
+    write(sys.stdout, "List of user creatable objects:\n"
            + "".join("  %s\n" % t for t in sorted(OBJECT_TYPES)))
 
 
 def _apply_trace(arg: str, rep: Located) -> None:
-    path = parse_trace(arg, rep, _write, CliExit)
+    path = parse_trace(arg, rep)
     if path is not None:
         try:
             open(path, "w").close()
@@ -250,11 +252,11 @@ async def apply_option(d, opt: str, arg: str, rep: Located) -> None:
     elif opt == "chardev":
         values, help_ = parse_chardev_opts(arg, rep.warning)
         if help_:
-            _write(sys.stdout, "chardev options:\n" + "".join(
+            write(sys.stdout, "chardev options:\n" + "".join(
                 "  %s=<%s>\n" % (k, _CHARDEV_OPT_HELP[v]) for k, v in CHARDEV_OPTS.items()))
             raise CliExit(1)
         if values.get("backend") == "help":
-            _write(sys.stdout, "Available chardev backend types: \n"
+            write(sys.stdout, "Available chardev backend types: \n"
                    + "".join("  %s\n" % b for b in CHARDEV_BACKENDS))
             raise CliExit(0)
         backend = chardev_backend(values)
@@ -283,10 +285,10 @@ def _pre_init(args, rep: Reporter):
     try:
         for opt, optarg, _ in getopt(args, rep.argv0):
             if opt == "h":
-                _write(sys.stdout, usage_text(rep.name))
+                write(sys.stdout, usage_text(rep.name))
                 raise CliExit(0)
             if opt == "V":
-                _write(sys.stdout, version_text())
+                write(sys.stdout, version_text())
                 raise CliExit(0)
             if opt == "daemonize":
                 daemon = True
@@ -299,7 +301,7 @@ def _pre_init(args, rep: Reporter):
 
 
 async def _main_async(args, rep: Reporter, background) -> int:
-    from ..daemon import Daemon
+    from blockexport.daemon import Daemon
     d = Daemon()
     pidfile = None
     pidfile_path = None

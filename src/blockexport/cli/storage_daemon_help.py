@@ -7,7 +7,7 @@ stops it.  Keep them runnable as written.
 """
 from __future__ import annotations
 
-from .. import QEMU_COMPAT_VERSION, __version__
+from blockexport import QEMU_COMPAT_VERSION, __version__
 
 PROG = "blockexport-daemon"
 
@@ -104,7 +104,7 @@ Documentation: docs/blockexport-daemon.md in the blockexport sources.
 
 
 def _drivers_text() -> str:
-    from ..block import drivers
+    from blockexport.block import drivers
     words = ("drivers: " + ", ".join(drivers.names())).split(" ")
     lines, cur = [], ""
     for w in words:

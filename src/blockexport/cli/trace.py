@@ -7,26 +7,26 @@ from __future__ import annotations
 
 import sys
 
-from .keyval import qemu_opts_parse
+from blockexport.cli.common import CliExit, write
+from blockexport.util.keyval import qemu_opts_parse
 
 TRACE_KEYS = ("enable", "events", "file")
 
 
-def parse_trace(arg: str, rep, write, exit_exc) -> str | None:
-    """Check one ``-T`` argument; returns its ``file=`` value (or None).  ``rep`` reports
-    (``warning``/``fail``/``raw``/``name``), ``write(stream, text)`` prints, ``exit_exc(code)``
-    is the exception that ends the program."""
+def parse_trace(arg: str, rep) -> str | None:
+    """Check one ``-T`` argument; returns its ``file=`` value (or None).  ``rep`` (a
+    :class:`~blockexport.cli.common.Reporter`) reports; help ends the program."""
     values, help_ = qemu_opts_parse(arg, "enable", warn=rep.warning)
     if help_:
         write(sys.stdout, "trace options:\n" + "".join("  %s=<str>\n" % k for k in TRACE_KEYS))
-        raise exit_exc(1)
+        raise CliExit(1)
     for key in values:
         if key not in TRACE_KEYS:
             rep.fail("Invalid parameter '%s'" % key)
     patterns = []
     if "enable" in values:
         if values["enable"] == "help":
-            raise exit_exc(0)      # the (empty) list of trace events
+            raise CliExit(0)      # the (empty) list of trace events
         patterns.append(values["enable"])
     if "events" in values:
         path = values["events"]
@@ -35,7 +35,7 @@ def parse_trace(arg: str, rep, write, exit_exc) -> str | None:
                 lines = f.read().splitlines()
         except OSError as exc:
             rep.raw("%s:%s: %s\n" % (rep.name, path, exc.strerror))
-            raise exit_exc(1)
+            raise CliExit(1)
         patterns += [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
     for pattern in patterns:
         name = pattern[1:] if pattern.startswith("-") else pattern

@@ -1,10 +1,19 @@
-"""The ``nbd`` export type: what one NBD export offers (size, flags, meta contexts)."""
-from ..errors import Error
-from ..block.node import BS_ALLOCATED, BS_DATA, BS_ZERO, PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE
-from ..nbd import constants as C
-from ..nbd.handshake import ExportView
-from ..nbd.metacontext import ID_DIRTY_BITMAP, ContextTable
-from ..block.dirty_bitmap import acquire, release, resolve_export_bitmaps
+"""The ``nbd`` export type: its driver (the checks of QEMU's NBD export after the common
+ones of :func:`~blockexport.exports.base.export_add`) and what one NBD export offers (size,
+flags, meta contexts).
+
+The driver's checks run in QEMU 7.2's order: NBD server running, name and description length,
+duplicate name; then the export takes the node without sharing RESIZE and resolves its
+bitmaps.
+"""
+from blockexport.block.dirty_bitmap import acquire, release, resolve_export_bitmaps
+from blockexport.block.node import BS_ALLOCATED, BS_DATA, BS_ZERO, PERM_ALL, PERM_RESIZE
+from blockexport.errors import Error
+from blockexport.exports.base import BlockExport, ExportDriver
+from blockexport.nbd import constants as C
+from blockexport.nbd.handshake import ExportView
+from blockexport.nbd.metacontext import ID_DIRTY_BITMAP, ContextTable
+from blockexport.util.cutils import round_up
 
 _HOLE = C.STATE_HOLE
 _ZERO = C.STATE_ZERO
@@ -19,41 +28,66 @@ def _depth(st: int) -> int:
     return 1 if st & BS_ALLOCATED else 0
 
 
-def round_up(value: int, align: int) -> int:
-    return (value + align - 1) // align * align
+class NbdExportDriver(ExportDriver):
+    type = "nbd"
+    options_type = "BlockExportOptionsNbd"
+
+    def create(self, env, opts: dict, node, attachment) -> "NbdExport":
+        server = env.nbd_server
+        if server is None:
+            raise Error("NBD server not running")
+        name = opts.get("name", node.node_name)
+        if len(name.encode()) > C.MAX_STRING_SIZE:
+            raise Error("export name '%s' too long" % name)
+        description = opts.get("description")
+        if description is not None and len(description.encode()) > C.MAX_STRING_SIZE:
+            raise Error("description '%s' too long" % description)
+        if name in server.exports:
+            raise Error("NBD server already has export named '%s'" % name)
+        export = NbdExport(self, opts["id"], node, attachment, name,
+                           writable=opts.get("writable", False), description=description,
+                           writethrough=opts.get("writethrough", False),
+                           allocation_depth=opts.get("allocation-depth", False),
+                           bitmaps=opts.get("bitmaps", ()), graph=env.graph)
+        try:
+            server.add_export(export)
+        except BaseException:
+            self.delete(export)
+            raise
+        return export
+
+    def request_shutdown(self, export: "NbdExport", hard: bool) -> None:
+        server = export.server
+        if server is not None and server.exports.get(export.name) is export:
+            server.remove_export(export.name, hard=hard)
+
+    def delete(self, export: "NbdExport") -> None:
+        bitmaps, export.bitmaps = export.bitmaps, []
+        release(bitmaps)
 
 
-class NbdExport:
+class NbdExport(BlockExport):
     """One NBD export of a block node.
 
     The transmission flags are fixed when the export is bound to a server (QEMU computes
     them at export creation); CAN_MULTI_CONN follows the server's connection limit.
     """
 
-    def __init__(self, name: str, node, writable: bool = False, description: str | None = None,
+    server = None
+
+    def __init__(self, driver: NbdExportDriver, export_id: str, node, attachment, name: str,
+                 writable: bool = False, description: str | None = None,
                  writethrough: bool = False, allocation_depth: bool = False, bitmaps=(),
-                 export_id: str | None = None, graph=None):
-        if len(name.encode()) > C.MAX_STRING_SIZE:
-            raise Error("export name '%s' too long" % name)
-        if description is not None and len(description.encode()) > C.MAX_STRING_SIZE:
-            raise Error("description '%s' too long" % description)
-        if writable and node.read_only:
-            raise Error("Cannot export read-only node as writable")
+                 graph=None):
+        super().__init__(driver, export_id, node, attachment, writable, writethrough)
         self.name = name
-        self.id = export_id if export_id is not None else name
         self.description = description
-        self.node = node
-        self.writable = writable
-        self.writethrough = writethrough
         self.allocation_depth = allocation_depth
-        perm = PERM_CONSISTENT_READ | (PERM_WRITE if writable else 0)
-        self.attachment = node.attach("export '%s'" % self.id, perm, PERM_ALL & ~PERM_RESIZE)
-        try:
-            # QEMU resolves the bitmaps after taking the node (permission errors first).
-            self.bitmaps = resolve_export_bitmaps(node, bitmaps, not writable, graph)
-        except BaseException:
-            self.attachment.detach()
-            raise
+        self.bitmaps = []
+        # No resizing while the node is exported; then QEMU resolves the bitmaps (permission
+        # errors come first).
+        attachment.set_perm(attachment.perm, PERM_ALL & ~PERM_RESIZE)
+        self.bitmaps = resolve_export_bitmaps(node, bitmaps, not writable, graph)
         acquire(self.bitmaps)
         self.size = round_up(node.length(), C.EXPORT_SIZE_ALIGN)
         self.contexts = ContextTable(allocation_depth, [b.name for b in self.bitmaps])
@@ -145,22 +179,6 @@ class NbdExport:
         return out
 
     # --- lifecycle (exports/base.py) ---------------------------------------------------------
-    type = "nbd"
-    server = None
-    shutting_down = False
-    on_released = None
-
     def client_count(self) -> int:
         """Clients holding the export (negotiated connections)."""
         return len(self.connections)
-
-    def begin_shutdown(self, hard: bool) -> None:
-        """Stop serving new clients; with ``hard`` disconnect the current ones."""
-        server = self.server
-        if server is not None and server.exports.get(self.name) is self:
-            server.remove_export(self.name, hard=hard)
-
-    def close(self) -> None:
-        bitmaps, self.bitmaps = self.bitmaps, []
-        release(bitmaps)
-        self.attachment.detach()

@@ -19,11 +19,13 @@ import queue
 import socket
 import threading
 
-from ..nbd import constants as C
-from ..nbd import transmission as T
-from ..nbd import wire
-from ..nbd.errors import ProtocolError, exception_to_nbd
-from ..nbd.handshake import NEED_DATA, Closed, Negotiated, ServerHandshake, StartTLS
+from blockexport.block.node import BS_ZERO
+from blockexport.nbd import constants as C
+from blockexport.nbd import transmission as T
+from blockexport.nbd import wire
+from blockexport.nbd.common import NEED_DATA
+from blockexport.nbd.errors import ProtocolError, exception_to_nbd
+from blockexport.nbd.handshake import Closed, Negotiated, ServerHandshake, StartTLS
 
 log = logging.getLogger(__name__)
 
@@ -416,7 +418,7 @@ class NbdConnection:
                 n, zero = end - pos, True
             else:
                 n, st = block_status(pos, min(end, node_len) - pos)
-                zero = st & 2  # BS_ZERO
+                zero = st & BS_ZERO
             final = pos + n == end
             if zero:
                 parts.append(T.hole_chunk(cookie, pos, n, final))

@@ -9,13 +9,11 @@ backlog until a slot frees, as QEMU's do.
 """
 import asyncio
 import logging
-import os
 import signal
-import socket
 import threading
 
-from ..errors import Error
-from .nbd_conn import NbdConnection
+from blockexport.errors import Error
+from blockexport.exports.nbd_conn import NbdConnection
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +24,7 @@ class NbdServer:
         self.persistent = persistent
         self.exports = {}              # name -> NbdExport, in creation order
         self._views = {}               # name -> ExportView
-        self._listeners = []           # (socket, unix path we created or None)
+        self._listeners = []           # blockexport.util.sockets.Listener
         self._accepting = False
         self._closing = False
         self._connections = set()
@@ -59,30 +57,17 @@ class NbdServer:
     def list_views(self):
         return list(self._views.values())
 
-    # --- listeners (created synchronously so that errors surface before --fork) --------------
-    # TCP sockets are opened the way QEMU opens them by cli.daemonize.listen_inet (dual-stack,
-    # every resolved address, QEMU's messages) and handed over with listen_fds().
-    def listen_unix(self, path: str, backlog: int = socket.SOMAXCONN) -> None:
-        from ..cli.daemonize import listen_unix
-        self._listeners.append((listen_unix(path, backlog), path))
-
-    def listen_fds(self, fds) -> None:
-        for fd in fds:
-            sock = socket.socket(fileno=fd)
-            self._listeners.append((sock, None))
+    # --- listeners ---------------------------------------------------------------------------
+    # The callers open them (blockexport.util.sockets.socket_listen), synchronously, so that
+    # errors surface before --fork; the server serves them from start() and closes them.
+    def add_listeners(self, listeners) -> None:
+        """Serve the :class:`~blockexport.util.sockets.Listener` values ``listeners``."""
+        self._listeners.extend(listeners)
 
     def close_listeners(self) -> None:
         """Close every listening socket and remove the unix socket files we created."""
-        for sock, path in self._listeners:
-            try:
-                sock.close()
-            except OSError:
-                pass
-            if path:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+        for listener in self._listeners:
+            listener.close()
         self._listeners = []
 
     # --- running -------------------------------------------------------------------------------
@@ -178,9 +163,7 @@ class NbdServer:
         export = conn.export
         if export is not None:
             export.connections.discard(conn)
-            if (not export.connections and export.shutting_down
-                    and export.on_released is not None):
-                export.on_released()
+            export.client_gone()
         if not self._connections:
             self._idle.set()
         if self._closing:

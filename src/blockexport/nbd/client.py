@@ -16,12 +16,10 @@ import struct
 from collections import deque
 from dataclasses import dataclass
 
-from . import constants as C
-from . import wire as W
-from .errors import LocalProtocolError, RemoteProtocolError
-from .handshake import EOF_MESSAGE, NEED_DATA
-
-__all__ = ["NEED_DATA", "ClientHandshake", "TransmissionClient", "build_request"]
+from blockexport.nbd import constants as C
+from blockexport.nbd import wire as W
+from blockexport.nbd.common import EOF_MESSAGE, NEED_DATA
+from blockexport.nbd.errors import LocalProtocolError, RemoteProtocolError
 
 
 def _text(raw: bytes) -> str:

@@ -1,7 +1,7 @@
 """NBD protocol errors and the one place where host errno values become NBD error codes."""
 import errno as _errno
 
-from . import constants as C
+from blockexport.nbd import constants as C
 
 
 class ProtocolError(Exception):

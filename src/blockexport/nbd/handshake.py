@@ -37,24 +37,13 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable, Generator, Optional
 
-from . import constants as C
-from . import wire as W
-from .errors import LocalProtocolError
-from .metacontext import ContextTable
+from blockexport.nbd import constants as C
+from blockexport.nbd import wire as W
+from blockexport.nbd.common import EOF_MESSAGE, NEED_DATA
+from blockexport.nbd.errors import LocalProtocolError
+from blockexport.nbd.metacontext import ContextTable
 
-EOF_MESSAGE = "Unexpected end-of-file before all data were read"
 _SEND_DF = int(C.TxFlag.SEND_DF)
-
-
-class _Sentinel:
-    def __init__(self, name: str):
-        self._name = name
-
-    def __repr__(self) -> str:
-        return self._name
-
-
-NEED_DATA = _Sentinel("NEED_DATA")
 
 
 @dataclass

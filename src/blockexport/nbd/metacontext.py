@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
-from . import constants as C
+from blockexport.nbd import constants as C
 
 # QEMU's NBD_META_ID_* values.
 ID_BASE_ALLOCATION = 0

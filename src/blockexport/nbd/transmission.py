@@ -10,8 +10,8 @@ framing functions, so they use precompiled structs, plain ints and no per-reques
 from array import array
 import sys
 
-from . import constants as C
-from . import wire
+from blockexport.nbd import constants as C
+from blockexport.nbd import wire
 
 _REQ_UNPACK = wire.REQUEST.unpack_from
 _SIMPLE = wire.SIMPLE_REPLY.pack

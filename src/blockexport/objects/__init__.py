@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import Error
-from ..block.graph import id_wellformed
+from blockexport.errors import Error
+from blockexport.util.ids import id_wellformed
 
 #: qom-type -> (module, class)
 OBJECT_TYPES: dict[str, tuple[str, str]] = {
@@ -30,6 +30,17 @@ class ObjectTable:
 
     def of_type(self, qom_type: str) -> list:
         return [o for o in self._objects.values() if getattr(o, "qom_type", None) == qom_type]
+
+    def find_iothread(self, name: str):
+        """The iothread an export or node names, or QEMU's error.  As QEMU resolves the id as
+        a partial QOM path, ``""`` finds the only iothread."""
+        obj = self.get(name)
+        if name == "":
+            threads = self.of_type("iothread")
+            obj = threads[0] if len(threads) == 1 else None
+        if obj is None or getattr(obj, "qom_type", None) != "iothread":
+            raise Error('iothread "%s" not found' % name)
+        return obj
 
     def add(self, options: dict):
         qom_type = options["qom-type"]

@@ -6,8 +6,8 @@ or key (``data`` inline or read from ``file``; ``format`` raw or base64) for oth
 """
 from __future__ import annotations
 
-from ..errors import Error
-from ..qemu_order import qdict_order
+from blockexport.errors import Error
+from blockexport.util.qemu_order import qdict_order
 
 
 _INT64_MAX = (1 << 63) - 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 
-from ..errors import Error
+from blockexport.errors import Error
 
 __all__ = ["JsonStreamer", "ParseError", "check_request", "Request", "encode",
            "return_message", "error_message", "event_message", "timestamp"]

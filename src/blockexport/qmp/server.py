@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
-from ..cli.daemonize import listen_inet, listen_unix
-from ..errors import Error
-from . import protocol as P
+from blockexport.errors import Error
+from blockexport.qmp import protocol as P
+from blockexport.util.sockets import socket_listen
 
 log = logging.getLogger(__name__)
 
@@ -24,26 +23,20 @@ class Chardev:
     def __init__(self, chardev_id: str, backend: dict):
         self.id = chardev_id
         self.backend = backend
-        self.path = None
         self.monitor = None
         kind = backend.get("type")
-        if kind == "unix":
-            path = backend["path"]
-            sock = listen_unix(path, 1)
-            self.path = path
-            self.socks = [sock]
-        elif kind == "inet":
-            self.socks = listen_inet(backend.get("host") or "", str(backend["port"]), 1)
-        else:
+        if kind not in ("unix", "inet"):
             raise Error("chardev backend '%s' is not supported" % kind)
-        for s in self.socks:
-            s.setblocking(False)
+        self.listeners = socket_listen(backend, 1)
+        for listener in self.listeners:
+            listener.sock.setblocking(False)
         self._tasks: list[asyncio.Task] = []
         self._closing = False
 
     def start(self, handle_client) -> None:
-        for s in self.socks:
-            self._tasks.append(asyncio.get_running_loop().create_task(self._accept_loop(s, handle_client)))
+        loop = asyncio.get_running_loop()
+        for listener in self.listeners:
+            self._tasks.append(loop.create_task(self._accept_loop(listener.sock, handle_client)))
 
     async def _accept_loop(self, lsock, handle_client) -> None:
         loop = asyncio.get_running_loop()
@@ -69,13 +62,8 @@ class Chardev:
                 await t
             except (asyncio.CancelledError, Exception):
                 pass
-        for s in self.socks:
-            s.close()
-        if self.path:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
+        for listener in self.listeners:
+            listener.close()
 
 
 class MonitorClient:

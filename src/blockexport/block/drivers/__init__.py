@@ -2,7 +2,7 @@
 
 A factory is a class (or callable) ``factory(graph, node_name, options) -> BlockNode``.  Its
 options are described by the QAPI schema, not here: the ``BlockdevOptions`` union in
-``blockexport/qmp/schema/block-core.json`` has one branch per implemented driver, and
+``blockexport/qapi/schema/block-core.json`` has one branch per implemented driver, and
 :func:`blockexport.block.graph.validate_options` checks options against it (QEMU's messages)
 before calling the factory.  Drivers in QEMU's ``BlockdevDriver`` enum without a branch are
 the ones we lack: only their common members are checked, then the graph says "Unknown driver".

@@ -17,11 +17,12 @@ import os
 import stat
 import threading
 
-from blockexport.errors import Error
 from blockexport.block import locking
 from blockexport.block.node import (
-    BS_ALLOCATED, BS_DATA, BS_ZERO, BlockNode, ZEROS, round_up, zero_fill,
+    BS_ALLOCATED, BS_DATA, BS_ZERO, SECTOR_SIZE, ZEROS, BlockNode, zero_fill,
 )
+from blockexport.errors import Error
+from blockexport.util.cutils import round_up
 
 # ---- fallocate(2) via libc (Python only has posix_fallocate) ---------------------------------
 
@@ -201,9 +202,7 @@ class FileNode(BlockNode):
         finally:
             buf.close()
         if not req or not mem:
-            err = Error("Could not find working O_DIRECT alignment")
-            err.hint = "Try cache.direct=off"
-            raise err
+            raise Error("Could not find working O_DIRECT alignment", hint="Try cache.direct=off")
         return req, mem
 
     # ---- hot paths (plain functions bound as instance attributes) ---------------------
@@ -401,7 +400,7 @@ class FileNode(BlockNode):
     # ---- the rest of the node API --------------------------------------------------------
 
     def length(self) -> int:
-        return round_up(self._size)
+        return round_up(self._size, SECTOR_SIZE)
 
     def flush(self) -> None:
         if not self.no_flush:

@@ -15,8 +15,9 @@ import errno
 import os
 import time
 
+from blockexport.block.node import BS_ALLOCATED, BS_ZERO, SECTOR_SIZE, BlockNode, zero_fill
 from blockexport.errors import Error
-from blockexport.block.node import BS_ALLOCATED, BS_ZERO, BlockNode, round_up, zero_fill
+from blockexport.util.cutils import round_up
 
 
 def _ignore(*args, **kwargs):
@@ -72,7 +73,7 @@ class NullNode(BlockNode):
         self._status_flags = BS_ZERO | BS_ALLOCATED if read_zeroes else 0
 
     def length(self) -> int:
-        return round_up(self.size)
+        return round_up(self.size, SECTOR_SIZE)
 
     def flush(self) -> None:
         if self._delay:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import errno
 import os
 
+from blockexport.block.node import PERM_RESIZE, SECTOR_SIZE, BlockNode
 from blockexport.errors import Error
-from blockexport.block.node import PERM_RESIZE, BlockNode, round_up
+from blockexport.util.cutils import round_up
 
 def _einval():
     return OSError(errno.EINVAL, os.strerror(errno.EINVAL))
@@ -127,7 +128,7 @@ class RawNode(BlockNode):
         if self.has_size:
             return self.size
         n = self.file.length() - self.offset
-        return round_up(n) if n > 0 else 0
+        return round_up(n, SECTOR_SIZE) if n > 0 else 0
 
     def _check(self, offset: int, length: int) -> None:
         if self.has_size and offset + length > self.size:

@@ -1,6 +1,6 @@
 """The block-dirty-bitmap-* commands (semantics in block/dirty_bitmap.py)."""
-from ...block import dirty_bitmap as DB
-from ..dispatcher import command
+from blockexport.block import dirty_bitmap as DB
+from blockexport.qmp.dispatcher import command
 
 
 @command("block-dirty-bitmap-add")

@@ -1,9 +1,10 @@
 """blockdev-add, blockdev-del and query-named-block-nodes."""
 import os
 
-from ...block.dirty_bitmap import node_bitmaps_info
-from ...block.filename import display_name
-from ..dispatcher import command
+from blockexport.block.dirty_bitmap import node_bitmaps_info
+from blockexport.block.filename import display_name
+from blockexport.block.probe import PROTOCOL_DRIVERS
+from blockexport.qmp.dispatcher import command
 
 
 @command("blockdev-add")
@@ -19,8 +20,7 @@ def blockdev_del(daemon, args):
 def _protocol_node(node):
     """The node at the bottom of ``node``'s ``file`` chain (QEMU's raw delegates actual-size
     and get_info to it), or None."""
-    while node is not None and node.driver not in ("file", "host_device", "null-co",
-                                                   "null-aio"):
+    while node is not None and node.driver not in PROTOCOL_DRIVERS:
         node = node.children.get("file")
     return node
 

@@ -1,5 +1,5 @@
 """Monitor control: version, introspection, quit."""
-from ..dispatcher import command, handlers
+from blockexport.qmp.dispatcher import command, handlers
 
 
 @command("qmp_capabilities")

@@ -1,14 +1,8 @@
 """The commands of block-export.json: the NBD server and block exports."""
-from ...errors import Error
-from ...exports.base import export_factory
-from ..dispatcher import command
-
-
-def _flat_address(legacy: dict) -> dict:
-    """SocketAddressLegacy ({type, data: {...}}) to the flat SocketAddress."""
-    addr = {"type": legacy["type"]}
-    addr.update(legacy["data"])
-    return addr
+from blockexport.errors import Error
+from blockexport.exports.base import export_add
+from blockexport.qmp.dispatcher import command
+from blockexport.util.sockets import flatten_address
 
 
 @command("nbd-server-start")
@@ -19,7 +13,7 @@ async def nbd_server_start(daemon, args):
         # A monitor names fds passed with getfd, which a storage daemon does not have
         # (qemu-storage-daemon 7.2 answers the same); the command line takes numbers.
         raise Error("only QEMU supports file descriptor passing")
-    await daemon.nbd_server_start(_flat_address(args["addr"]), args.get("tls-creds"),
+    await daemon.nbd_server_start(flatten_address(args["addr"]), args.get("tls-creds"),
                                   args.get("tls-authz"), args.get("max-connections", 0))
 
 
@@ -28,17 +22,9 @@ async def nbd_server_stop(daemon, args):
     await daemon.nbd_server_stop()
 
 
-def block_export_add(daemon, opts: dict):
-    daemon.exports.check_new_id(opts["id"])
-    factory = export_factory(opts["type"])
-    export = factory(daemon, opts)
-    daemon.exports.add(export)
-    return export
-
-
 @command("block-export-add")
-def block_export_add_command(daemon, args):
-    block_export_add(daemon, args)
+def block_export_add(daemon, args):
+    export_add(daemon, args)
 
 
 @command("block-export-del")
@@ -69,7 +55,7 @@ def nbd_server_add(daemon, args):
     if "bitmap" in args:
         opts["bitmaps"] = [args["bitmap"]]
     # the export id is checked before the server (blk_exp_add, then the NBD driver)
-    block_export_add(daemon, opts)
+    export_add(daemon, opts)
 
 
 @command("nbd-server-remove")

@@ -1,5 +1,5 @@
 """object-add and object-del."""
-from ..dispatcher import command
+from blockexport.qmp.dispatcher import command
 
 
 @command("object-add")

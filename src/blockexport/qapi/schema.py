@@ -1,4 +1,4 @@
-"""The QAPI schema: a loader for ``qmp/schema/*.json`` and the model it builds.
+"""The QAPI schema: a loader for ``qapi/schema/*.json`` and the model it builds.
 
 The schema files use QEMU's QAPI syntax (single-quoted strings, ``#`` comments, ``##`` doc
 blocks before each definition), which is not JSON; :func:`parse_qapi` reads it.  The model is
@@ -6,8 +6,8 @@ what the rest of the project needs from the schema:
 
 * :class:`Schema` ``commands`` / ``events`` / ``types`` by name;
 * :meth:`Schema.check_command_args` and :meth:`Schema.check_type` — the QAPI input visitor
-  (:mod:`blockexport.qmp.validate`): QEMU 7.2's exact error messages, JSON or keyval input;
-* :meth:`Schema.introspect` (``query-qmp-schema``, :mod:`blockexport.qmp.introspect`) and
+  (:mod:`blockexport.qapi.visitor`): QEMU 7.2's exact error messages, JSON or keyval input;
+* :meth:`Schema.introspect` (``query-qmp-schema``, :mod:`blockexport.qapi.introspect`) and
   :meth:`Schema.query_commands`.
 
 ``default_schema()`` loads the package's own files once.
@@ -456,7 +456,7 @@ class Schema:
         'file.driver' is missing").  ``extra_branch(union_name, tag)`` may supply a struct
         (:meth:`make_struct`) for a union tag value the schema has no branch for (block
         drivers registered at run time)."""
-        from blockexport.qmp.validate import Visitor
+        from blockexport.qapi.visitor import Visitor
         return Visitor(self, keyval, extra_branch).visit(self.type(type_name), value, path)
 
     def make_struct(self, name: str, data: dict) -> TypeDef:
@@ -485,7 +485,7 @@ class Schema:
 
     def introspect(self) -> list:
         """The return value of ``query-qmp-schema`` (type names masked, as QEMU does)."""
-        from blockexport.qmp.introspect import introspect
+        from blockexport.qapi.introspect import introspect
         return introspect(self)
 
     def query_commands(self) -> list:
@@ -494,7 +494,7 @@ class Schema:
 
 
 def load_files(names=FILES) -> Schema:
-    pkg = resources.files("blockexport.qmp") / "schema"
+    pkg = resources.files("blockexport.qapi") / "schema"
     return Schema.from_texts((n, (pkg / n).read_text(encoding="utf-8")) for n in names)
 
 

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from blockexport.qmp.schema import default_schema
+from blockexport.qapi.schema import default_schema
 
 QSD = shutil.which("qemu-storage-daemon")
 needs_qsd = pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed")

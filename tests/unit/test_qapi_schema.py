@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from blockexport.qmp import schema as schema_mod
-from blockexport.qmp.schema import (FILES, Schema, SchemaError, default_schema, parse_doc,
+from blockexport.qapi import schema as schema_mod
+from blockexport.qapi.schema import (FILES, Schema, SchemaError, default_schema, parse_doc,
                                     parse_qapi)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,7 +93,7 @@ def test_model():
 
 def test_package_data_is_installed():
     from importlib import resources
-    pkg = resources.files("blockexport.qmp") / "schema"
+    pkg = resources.files("blockexport.qapi") / "schema"
     assert sorted(p.name for p in pkg.iterdir() if p.name.endswith(".json")) == sorted(FILES)
 
 

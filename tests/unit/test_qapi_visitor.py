@@ -1,4 +1,4 @@
-"""The QAPI input visitor (blockexport.qmp.validate) against QEMU 7.2's messages.
+"""The QAPI input visitor (blockexport.qapi.visitor) against QEMU 7.2's messages.
 
 Every expected message below was observed on qemu-storage-daemon 7.2; the ``*_on_qsd`` tests
 run the same tables against the real daemon (one QMP session, or one short-lived process per
@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 from blockexport.errors import Error
-from blockexport.qmp.schema import default_schema
+from blockexport.qapi.schema import default_schema
 
 QSD = shutil.which("qemu-storage-daemon")
 needs_qsd = pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed")
@@ -415,7 +415,7 @@ _OPTION_TYPES = {"--blockdev": ("BlockdevOptions", "driver"),
 def check_option(option: str, arg: str):
     """What qemu-storage-daemon does with an option's argument before using it: JSON when
     it starts with '{', else keyval with the option's implied key."""
-    from blockexport.cli.keyval import keyval_parse
+    from blockexport.util.keyval import keyval_parse
     type_name, implied = _OPTION_TYPES[option]
     if arg.startswith("{"):
         return default_schema().check_type(type_name, json.loads(arg))
@@ -464,19 +464,3 @@ def test_keyval_conversions():
     with pytest.raises(Error, match="^Parameter 'poll-max-ns' expects integer$"):
         check_option("--object", "iothread,id=i,poll-max-ns=5 ")
     assert check_option("--object", "iothread,id=i,poll-max-ns= -0x10")["poll-max-ns"] == -16
-
-
-def test_blockdev_typed_through_the_schema():
-    from blockexport.cli.keyval import blockdev_typed
-    opts = {"driver": "raw", "offset": "1k", "file": {"driver": "null-co", "latency-ns": "-1",
-                                                      "read-zeroes": "yes", "size": "0x200",
-                                                      "x": "unknown stays"},
-            "cache": {"no-flush": "off"}, "discard": "unmap"}
-    assert blockdev_typed(opts) == {
-        "driver": "raw", "offset": 1024, "cache": {"no-flush": False}, "discard": "unmap",
-        "file": {"driver": "null-co", "latency-ns": -1, "read-zeroes": True, "size": 512,
-                 "x": "unknown stays"}}
-    with pytest.raises(Error, match="^Parameter 'latency-ns' expects a number$"):
-        blockdev_typed({"driver": "null-co", "latency-ns": "abc"})
-    with pytest.raises(Error, match="^Parameter 'aio-max-batch' expects a number$"):
-        blockdev_typed({"driver": "raw", "file": {"driver": "file", "aio-max-batch": "x"}})

@@ -11,7 +11,7 @@ Observed on qemu-storage-daemon 7.2 (see tests/unit/test_qmp_validate.py):
 * Members are visited in schema order (base, then the union branch); unexpected members are
   reported after all members of that object were visited.  Of several unexpected members
   QEMU names the first its GHashTable of remaining keys returns: ``first_unexpected()``
-  (in blockexport.qemu_order) replays the QDict's order and GLib's hash table to find it.
+  (in blockexport.util.qemu_order) replays the QDict's order and GLib's hash table to find it.
 * JSON ``uint64``/``size`` accept negative numbers (QEMU wraps them for backward
   compatibility; the range check of ``uint8``..``uint32`` applies to the wrapped value); the
   value returned keeps the number as given.
@@ -30,7 +30,8 @@ import math
 import re
 
 from blockexport.errors import Error
-from blockexport.qemu_order import first_unexpected
+from blockexport.util.cutils import parse_bool, parse_size, strtoi64, strtou64
+from blockexport.util.qemu_order import first_unexpected
 
 _SIZED = {
     "int8": (-2**7, 2**7 - 1, "int8_t"), "int16": (-2**15, 2**15 - 1, "int16_t"),
@@ -40,10 +41,6 @@ _SIZED = {
 _SIGNED = {"int", "int8", "int16", "int32", "int64"}
 _UNSIGNED = {"uint8", "uint16", "uint32", "uint64"}
 
-_TRUE = ("on", "yes", "true", "y")
-_FALSE = ("off", "no", "false", "n")
-
-_STRTOL = re.compile(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)\Z")
 _STRTOD = re.compile(r"[ \t\n\v\f\r]*[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
                      r"|0[xX](?:[0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)(?:[pP][+-]?[0-9]+)?)"
                      r"\Z")
@@ -51,21 +48,6 @@ _STRTOD = re.compile(r"[ \t\n\v\f\r]*[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE]
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def strtol(s: str):
-    """C ``strtoll``/``strtoull`` with base 0 over the whole string: (sign, magnitude) or None."""
-    m = _STRTOL.match(s)
-    if not m:
-        return None
-    digits = m.group(2)
-    if digits[:2] in ("0x", "0X"):
-        mag = int(digits[2:], 16)
-    elif len(digits) > 1 and digits[0] == "0":
-        mag = int(digits[1:], 8)
-    else:
-        mag = int(digits)
-    return (-1 if m.group(1) == "-" else 1), mag
 
 
 def _name(path: str) -> str:
@@ -198,11 +180,7 @@ class Visitor:
     def _from_keyval(self, name: str, s: str, path: str):
         where = path or "null"
         if name == "bool":
-            if s in _TRUE:
-                return True
-            if s in _FALSE:
-                return False
-            raise Error(f"Parameter '{where}' expects 'on' or 'off'")
+            return parse_bool(where, s)
         if name == "null":
             raise Error(f"Invalid parameter type for '{where}', expected: null")
         if name == "number":
@@ -213,21 +191,13 @@ class Visitor:
                 raise Error(f"Parameter '{where}' expects number")
             return v
         if name == "size":
-            from blockexport.cli.keyval import parse_size
             try:
                 return parse_size(where, s)
             except Error:
                 raise Error(f"Parameter '{where}' expects size") from None
-        r = strtol(s)
-        if name in _SIGNED:
-            if r is None or not -2**63 <= r[0] * r[1] < 2**63:
-                raise Error(f"Parameter '{where}' expects integer")
-            v = r[0] * r[1]
-            self._range(name, v, path)
-            return v
-        if r is None or r[1] >= 2**64:
+        v = strtoi64(s) if name in _SIGNED else strtou64(s)
+        if v is None:
             raise Error(f"Parameter '{where}' expects integer")
-        v = (r[0] * r[1]) % 2**64
         self._range(name, v, path)
         return v
 

@@ -10,6 +10,7 @@ one process on the same image conflict just as two processes do.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import struct
@@ -77,7 +78,7 @@ class ImageLock:
         self.unshared = 0      # "unshared" bytes currently locked
 
     def _error(self, text: str, exc: OSError | None = None) -> Error:
-        if exc is not None and exc.errno not in (11, 13):  # EAGAIN, EACCES
+        if exc is not None and exc.errno not in (errno.EAGAIN, errno.EACCES):
             text = f"{text}: {os.strerror(exc.errno)}"
         # QEMU adds this hint (printed by its command-line tools, dropped by QMP).
         return Error(text, hint=f"Is another process using the image [{self.filename}]?")

@@ -3,9 +3,10 @@
 QEMU's model (``block/export/export.c``) is followed closely:
 
 * An **export type** is an :class:`ExportDriver` in :data:`EXPORT_TYPES` (loaded on first
-  use).  It adds only what is its own: its options (the ``BlockExportOptions`` branch named
-  by ``options_type``), :meth:`~ExportDriver.create`, :meth:`~ExportDriver.request_shutdown`
-  and :meth:`~ExportDriver.delete`.
+  use).  It adds only what is its own: :meth:`~ExportDriver.create`,
+  :meth:`~ExportDriver.request_shutdown` and :meth:`~ExportDriver.delete`.  Its options are its
+  branch of ``BlockExportOptions`` in ``qapi/schema/block-export.json`` (the schema is the one
+  place they are declared; ``create`` receives them validated).
 * :func:`export_add` (QEMU's ``blk_exp_add``) does what every type needs, once, in QEMU's
   order: the id, the type, the node, a writable export of a read-only node, the iothread, and
   the node's permissions (consistent read, plus write when writable, sharing everything); the
@@ -31,6 +32,7 @@ import importlib
 
 from blockexport.block.node import PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE
 from blockexport.errors import Error
+from blockexport.objects import ObjectTable
 from blockexport.util.ids import id_wellformed
 
 #: export type -> (module, ExportDriver subclass); modules load on first use.
@@ -43,12 +45,10 @@ _drivers: dict[str, "ExportDriver"] = {}
 
 class ExportDriver:
     """One export type (QEMU's BlockExportDriver).  Subclasses set :attr:`type` and
-    :attr:`options_type` and implement the three operations."""
+    implement the three operations."""
 
-    #: The ``BlockExportType`` value.
+    #: The ``BlockExportType`` value (the key of its options' branch in the schema).
     type: str = ""
-    #: The QAPI struct of the type's own options (its ``BlockExportOptions`` branch).
-    options_type: str | None = None
 
     def create(self, env, opts: dict, node, attachment) -> "BlockExport":
         """Make the export after the common checks: ``opts`` are the validated
@@ -121,13 +121,10 @@ class ExportEnv:
     """An environment for :func:`export_add` outside the storage daemon (qemu-nbd's single
     export, tests)."""
     graph: object
-    objects: object = None
-    exports: "ExportTable" = None
+    objects: ObjectTable = dataclasses.field(default_factory=ObjectTable)
+    exports: "ExportTable" = dataclasses.field(
+        default_factory=lambda: ExportTable(lambda name, data=None: None))
     nbd_server: object = None
-
-    def __post_init__(self):
-        if self.exports is None:
-            self.exports = ExportTable(lambda name, data=None: None)
 
 
 def export_add(env, opts: dict) -> BlockExport:
@@ -141,11 +138,8 @@ def export_add(env, opts: dict) -> BlockExport:
     writable = opts.get("writable", False)
     if writable and node.read_only:
         raise Error("Cannot export read-only node as writable")
-    iothread = opts.get("iothread")
-    if iothread is not None:
-        if env.objects is None:
-            raise Error('iothread "%s" not found' % iothread)
-        env.objects.find_iothread(iothread)
+    if "iothread" in opts:
+        env.objects.find_iothread(opts["iothread"])
     # The export's permissions are taken, sharing everything, before the type checks
     # anything: permission errors ("Block node is read-only" for a writable export over a
     # read-only child) come before the type's own ("NBD server not running").

@@ -30,7 +30,6 @@ def _depth(st: int) -> int:
 
 class NbdExportDriver(ExportDriver):
     type = "nbd"
-    options_type = "BlockExportOptionsNbd"
 
     def create(self, env, opts: dict, node, attachment) -> "NbdExport":
         server = env.nbd_server
@@ -83,7 +82,6 @@ class NbdExport(BlockExport):
         self.name = name
         self.description = description
         self.allocation_depth = allocation_depth
-        self.bitmaps = []
         # No resizing while the node is exported; then QEMU resolves the bitmaps (permission
         # errors come first).
         attachment.set_perm(attachment.perm, PERM_ALL & ~PERM_RESIZE)

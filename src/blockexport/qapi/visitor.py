@@ -1,6 +1,6 @@
 """QEMU 7.2's QObject input visitor over our schema model: type checks with QEMU's messages.
 
-Observed on qemu-storage-daemon 7.2 (see tests/unit/test_qmp_validate.py):
+Observed on qemu-storage-daemon 7.2 (see tests/unit/test_qapi_visitor.py):
 
 * Most messages name the member by its full path: ``addr.data.path`` (JSON lists:
   ``bitmaps[1].name``; keyval lists: ``rules.0.match``).

@@ -6,9 +6,14 @@ plain functions stored as *instance attributes* in ``__init__``: ``node.read_int
 then costs one dict lookup and one call, with no bound-method object and no attribute chains.
 
 Dirty bitmaps (``node.dirty_bitmaps``, see :mod:`blockexport.block.dirty_bitmap`): while a
-node has an enabled bitmap, its ``write``/``write_zeroes``/``discard`` attributes are wrappers
-that mark the bitmaps and call the driver's functions; without one they are the driver's own
-(no cost).  A driver that captures a child's hot methods (``raw``) must recapture them in
+node may be written (a user holds the write permission) or has an enabled bitmap, its
+``write``/``write_zeroes``/``discard`` attributes are wrappers that call the driver's functions
+and then, when the request *completes* (failed or not, as QEMU), mark the range widened to the
+request alignment in the bitmaps enabled at that moment.  Marking on completion is what makes a
+bitmap created (or cleared) while a write is in flight see that write: an incremental backup
+must not miss it.  The wrappers are installed for writers, not only when a bitmap exists,
+because a write that started before the first bitmap was added must still mark it.  Read-only
+nodes keep the driver's own functions (no cost).  A driver that captures a child's hot methods (``raw``) must recapture them in
 :meth:`BlockNode._child_io_changed`, which the child calls whenever it (un)installs its
 wrappers; users such as exports must look ``node.write`` up per request, never cache it.
 
@@ -183,8 +188,10 @@ def _refresh(node: "BlockNode", undo: list) -> None:
 
         def restore(node=node, old=old):
             node._perm = old
+            node._update_write_hooks()
         node._perm = (perm, shared)
         undo.append(restore)
+        node._update_write_hooks()
     for role, att in node._child_atts.items():
         cperm, cshared = node._child_perm(role, perm, shared)
         if att.node.force_share:
@@ -304,11 +311,17 @@ class BlockNode:
     def _dirty_bitmaps_changed(self) -> None:
         """Call after adding, removing, enabling or disabling a bitmap of this node."""
         self._recording = tuple(bm for bm in self.dirty_bitmaps.values() if bm.enabled)
+        self._update_write_hooks()
+
+    def _update_write_hooks(self) -> None:
+        """Install or remove the marking wrappers: wanted while the node has enabled bitmaps
+        or a user that may write (so that a write in flight when a bitmap appears marks it)."""
         if self.closed:
             return
-        if self._recording and self._unhooked is None:
+        want = bool(self._recording) or bool(self._perm[0] & (PERM_WRITE | PERM_WRITE_UNCHANGED))
+        if want and self._unhooked is None:
             self._hook_writes()
-        elif not self._recording and self._unhooked is not None:
+        elif not want and self._unhooked is not None:
             self._unhook_writes()
         else:
             return
@@ -323,23 +336,40 @@ class BlockNode:
         zero_data = unhooked["write_zeroes"][0]
         discard_data = unhooked["discard"][0]
 
-        def write(offset, buf, fua=False):
-            n = len(buf)
-            for bm in node._recording:
-                bm.mark(offset, n)
-            return write_data(offset, buf, fua)
-
-        def write_zeroes(offset, length, may_unmap=False, fast=False, fua=False):
+        def mark(offset, length):
+            # The request as the driver performs it: padded to the alignment (QEMU marks the
+            # aligned request too).
+            align = node.request_alignment
+            if align > 1:
+                end = -(-(offset + length) // align) * align
+                offset -= offset % align
+                length = end - offset
             for bm in node._recording:
                 bm.mark(offset, length)
-            return zero_data(offset, length, may_unmap, fast, fua)
+
+        def write(offset, buf, fua=False):
+            n = len(buf)
+            try:
+                return write_data(offset, buf, fua)
+            finally:
+                if node._recording:
+                    mark(offset, n)
+
+        def write_zeroes(offset, length, may_unmap=False, fast=False, fua=False):
+            try:
+                return zero_data(offset, length, may_unmap, fast, fua)
+            finally:
+                if node._recording:
+                    mark(offset, length)
 
         def discard(offset, length):
-            # Like QEMU: a discard the node ignores (discard=ignore) changes nothing.
-            if node.discard_mode == "unmap" and not node.read_only:
-                for bm in node._recording:
-                    bm.mark(offset, length)
-            return discard_data(offset, length)
+            try:
+                return discard_data(offset, length)
+            finally:
+                # Like QEMU: a discard the node ignores (discard=ignore) changes nothing.
+                if node._recording and node.discard_mode == "unmap" and not node.read_only:
+                    for bm in node._recording:
+                        bm.mark(offset, length)
 
         self._wrappers = (write, write_zeroes, discard)
         self.write = write

@@ -1,0 +1,103 @@
+"""Dirty bitmaps see writes that are in flight when the bitmap is added or cleared, and mark the
+range the driver really wrote (padded to the request alignment): QEMU marks a write when it
+completes.  Same script on qemu-storage-daemon 7.2 and ours, same counts.
+
+"In flight" is established without timing guesses: the node is a null-co with a long
+``latency-ns``, and the test waits until the server has taken the whole request off the
+socket (the client socket's unsent/unread byte count, SIOCOUTQ, is 0) before it sends the QMP
+command; the write then completes ``latency`` later.
+"""
+from __future__ import annotations
+
+import fcntl
+import struct
+import termios
+import time
+
+import pytest
+
+from helpers.daemons import nbd_uri, unix_addr
+
+nbd = pytest.importorskip("nbd")
+
+KiB = 1024
+LATENCY_NS = 1_500_000_000
+
+
+def _outq(fd: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+
+
+def _wait_sent(h, timeout: float = 10.0) -> None:
+    """Until the server has read everything the client sent (condition, not a delay)."""
+    fd = h.aio_get_fd()
+    deadline = time.monotonic() + timeout
+    while _outq(fd):
+        assert time.monotonic() < deadline, "server did not read the request"
+        time.sleep(0.001)
+
+
+def _wait_done(h, cookie: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not h.aio_command_completed(cookie):
+        assert time.monotonic() < deadline, "write did not complete"
+        h.poll(1000)
+
+
+def _count(q, node: str, name: str) -> int:
+    for n in q.cmd("query-named-block-nodes"):
+        if n["node-name"] == node:
+            for bm in n.get("dirty-bitmaps", []):
+                if bm["name"] == name:
+                    return bm["count"]
+    raise KeyError((node, name))
+
+
+@pytest.fixture
+def slow_export(qmp, tmp_path):
+    qmp.cmd("blockdev-add", {"driver": "null-co", "node-name": "n", "size": 64 * 1024 * KiB,
+                             "latency-ns": LATENCY_NS})
+    sock = tmp_path / "nbd.sock"
+    qmp.cmd("nbd-server-start", {"addr": unix_addr(sock)})
+    qmp.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "n", "name": "n",
+                                 "writable": True})
+    h = nbd.NBD()
+    h.connect_uri(nbd_uri(sock, "n"))
+    try:
+        yield qmp, h
+    finally:
+        h.shutdown()
+
+
+def test_bitmap_added_during_write_marks_it(slow_export):
+    q, h = slow_export
+    cookie = h.aio_pwrite(b"\x5a" * (64 * KiB), 128 * KiB)
+    _wait_sent(h)
+    q.cmd("block-dirty-bitmap-add", {"node": "n", "name": "b"})
+    assert _count(q, "n", "b") == 0          # still in flight
+    _wait_done(h, cookie)
+    assert _count(q, "n", "b") == 64 * KiB
+
+
+def test_bitmap_cleared_during_write_marks_it(slow_export):
+    q, h = slow_export
+    q.cmd("block-dirty-bitmap-add", {"node": "n", "name": "b"})
+    h.pwrite(b"\x01" * 4096, 0)              # an earlier, completed write
+    assert _count(q, "n", "b") == 64 * KiB
+    cookie = h.aio_zero(4096, 1024 * KiB)
+    _wait_sent(h)
+    q.cmd("block-dirty-bitmap-clear", {"node": "n", "name": "b"})
+    assert _count(q, "n", "b") == 0
+    _wait_done(h, cookie)
+    assert _count(q, "n", "b") == 64 * KiB   # the zeroed granule, not the cleared one
+
+
+def test_bitmap_disabled_during_write_does_not_mark(slow_export):
+    """The mirror case: the bitmaps enabled at completion are the ones marked."""
+    q, h = slow_export
+    q.cmd("block-dirty-bitmap-add", {"node": "n", "name": "b"})
+    cookie = h.aio_pwrite(b"\x5a" * 4096, 0)
+    _wait_sent(h)
+    q.cmd("block-dirty-bitmap-disable", {"node": "n", "name": "b"})
+    _wait_done(h, cookie)
+    assert _count(q, "n", "b") == 0

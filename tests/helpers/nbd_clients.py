@@ -36,3 +36,32 @@ def check_multi_conn_consistency(uri: str, zero_at: int = 2 * MiB,
     finally:
         for h in (a, b, c):
             h.shutdown()
+
+
+def unsent_bytes(fd: int) -> int:
+    """Bytes the peer has not read yet from our socket ``fd`` (SIOCOUTQ)."""
+    import fcntl
+    import struct
+    import termios
+    return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+
+
+def wait_sent(h, timeout: float = 10.0) -> None:
+    """Until the server has read everything the libnbd handle ``h`` sent: a condition (the
+    kernel's count of unread bytes), not a delay."""
+    import time
+    fd = h.aio_get_fd()
+    deadline = time.monotonic() + timeout
+    while unsent_bytes(fd):
+        assert time.monotonic() < deadline, "server did not read the request"
+        time.sleep(0.001)
+
+
+def hang_up(h) -> None:
+    """Hang up the libnbd handle's connection abruptly (no NBD_CMD_DISC)."""
+    import socket
+    s = socket.socket(fileno=os.dup(h.aio_get_fd()))
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    finally:
+        s.close()

@@ -10,9 +10,7 @@ server cannot offer them).
 """
 from __future__ import annotations
 
-import asyncio
 import subprocess
-import threading
 
 import pytest
 
@@ -21,9 +19,7 @@ nbd = pytest.importorskip("nbd")
 from blockexport.block import dirty_bitmap as D  # noqa: E402
 from blockexport.block.graph import BlockGraph  # noqa: E402
 from blockexport.errors import Error  # noqa: E402
-from blockexport.exports.base import ExportEnv, export_add  # noqa: E402
-from blockexport.exports.nbd_server import NbdServer  # noqa: E402
-from blockexport.util.sockets import socket_listen  # noqa: E402
+from helpers.inprocess import InProcessServer  # noqa: E402
 from helpers.servers import BLOCKEXPORT_NBD, QEMU_NBD  # noqa: E402
 
 SIZE = 1000448  # the 1000000-byte image rounded up to 512
@@ -44,52 +40,6 @@ EXPECTED_RANGES = [  # (offset, length, s, b)
     (655360, 1, [1, 1], [1, 1]),
 ]
 COUNT_S, COUNT_B, COUNT_FB = 139776, 458752, 159744
-
-
-class InProcessServer:
-    """An NbdServer on a unix socket, its asyncio loop in a thread; exports are made by the
-    export framework (export_add) on node ``r`` of ``graph``."""
-
-    def __init__(self, path, graph):
-        self.path = str(path)
-        self.server = NbdServer(max_connections=0, persistent=True)
-        self.server.add_listeners(socket_listen({"type": "unix", "path": self.path}, 16))
-        self.env = ExportEnv(graph, nbd_server=self.server)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self._call(self.server.start())
-
-    def _call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
-
-    def add(self, name, writable=False, **opts):
-        """block-export-add of node ``r`` as ``name`` (options as in QMP)."""
-        opts.update({"type": "nbd", "id": name, "node-name": "r", "name": name,
-                     "writable": writable})
-
-        async def add():
-            export_add(self.env, opts)
-        self._call(add())
-
-    def remove(self, name):
-        """Hard removal, waiting until the export is gone (its clients have left)."""
-        async def remove():
-            export = self.env.exports.find(name)
-            await self.env.exports.remove(export, hard=True)
-            await self.env.exports.wait_gone(export)
-        self._call(remove())
-
-    def uri(self, name):
-        return f"nbd+unix:///{name}?socket={self.path}"
-
-    def stop(self):
-        try:
-            self._call(self.server.stop(hard=True))
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=30)
-            self.loop.close()
 
 
 @pytest.fixture

@@ -9,32 +9,17 @@ command; the write then completes ``latency`` later.
 """
 from __future__ import annotations
 
-import fcntl
-import struct
-import termios
 import time
 
 import pytest
 
 from helpers.daemons import nbd_uri, unix_addr
+from helpers.nbd_clients import wait_sent
 
 nbd = pytest.importorskip("nbd")
 
 KiB = 1024
 LATENCY_NS = 1_500_000_000
-
-
-def _outq(fd: int) -> int:
-    return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-
-
-def _wait_sent(h, timeout: float = 10.0) -> None:
-    """Until the server has read everything the client sent (condition, not a delay)."""
-    fd = h.aio_get_fd()
-    deadline = time.monotonic() + timeout
-    while _outq(fd):
-        assert time.monotonic() < deadline, "server did not read the request"
-        time.sleep(0.001)
 
 
 def _wait_done(h, cookie: int, timeout: float = 30.0) -> None:
@@ -72,7 +57,7 @@ def slow_export(qmp, tmp_path):
 def test_bitmap_added_during_write_marks_it(slow_export):
     q, h = slow_export
     cookie = h.aio_pwrite(b"\x5a" * (64 * KiB), 128 * KiB)
-    _wait_sent(h)
+    wait_sent(h)
     q.cmd("block-dirty-bitmap-add", {"node": "n", "name": "b"})
     assert _count(q, "n", "b") == 0          # still in flight
     _wait_done(h, cookie)
@@ -85,7 +70,7 @@ def test_bitmap_cleared_during_write_marks_it(slow_export):
     h.pwrite(b"\x01" * 4096, 0)              # an earlier, completed write
     assert _count(q, "n", "b") == 64 * KiB
     cookie = h.aio_zero(4096, 1024 * KiB)
-    _wait_sent(h)
+    wait_sent(h)
     q.cmd("block-dirty-bitmap-clear", {"node": "n", "name": "b"})
     assert _count(q, "n", "b") == 0
     _wait_done(h, cookie)
@@ -97,7 +82,7 @@ def test_bitmap_disabled_during_write_does_not_mark(slow_export):
     q, h = slow_export
     q.cmd("block-dirty-bitmap-add", {"node": "n", "name": "b"})
     cookie = h.aio_pwrite(b"\x5a" * 4096, 0)
-    _wait_sent(h)
+    wait_sent(h)
     q.cmd("block-dirty-bitmap-disable", {"node": "n", "name": "b"})
     _wait_done(h, cookie)
     assert _count(q, "n", "b") == 0

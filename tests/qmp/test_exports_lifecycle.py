@@ -9,6 +9,7 @@ import signal
 import pytest
 
 from helpers.daemons import file_node, nbd_uri, unix_addr
+from helpers.nbd_clients import hang_up, wait_sent
 
 nbd = pytest.importorskip("nbd")
 
@@ -248,3 +249,39 @@ def test_hard_removal_with_request_in_flight(start_daemon, tmp_path, image):
         assert p.read_until_closed() == b""
     finally:
         p.close()
+
+
+def test_safe_removal_right_after_clients_hang_up(start_daemon, tmp_path, image):
+    """A client that has hung up (nothing in flight) no longer holds the export, even if the
+    server has not yet read its EOF: safe removal right after the hang-up succeeds, every
+    time (it was a 0.2 s grace period before, a guess that a busy machine can miss)."""
+    d = start_daemon(daemon_args(tmp_path, image))
+    q = d.qmp()
+    for i in range(20):
+        q.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "f", "name": "f",
+                                   "writable": True})
+        socks = []
+        for _ in range(3):
+            h = client(tmp_path)
+            h.pwrite(b"%d" % i, 0)
+            hang_up(h)     # abruptly, without NBD_CMD_DISC
+            socks.append(h)
+        assert q.cmd("block-export-del", {"id": "e"}) == {}, i
+        assert q.event("BLOCK_EXPORT_DELETED") == {"id": "e"}
+        del socks
+
+
+def test_safe_removal_with_hung_up_client_request_in_flight(start_daemon, tmp_path):
+    """A client that hung up while its write is still running holds the export until the
+    write completes, as in QEMU: safe removal says it is in use."""
+    d = start_daemon(["--blockdev", "null-co,node-name=f,size=67108864,latency-ns=1500000000",
+                      "--nbd-server", f"addr.type=unix,addr.path={tmp_path}/nbd.sock",
+                      "--export", "nbd,id=e,node-name=f,name=f,writable=on"])
+    q = d.qmp()
+    h = client(tmp_path)
+    h.aio_pwrite(b"x" * 4096, 0)
+    wait_sent(h)
+    hang_up(h)
+    assert q.error("block-export-del", {"id": "e"}) == "export 'e' still in use"
+    assert q.cmd("block-export-del", {"id": "e", "mode": "hard"}) == {}
+    assert q.event("BLOCK_EXPORT_DELETED") == {"id": "e"}

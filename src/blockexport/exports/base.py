@@ -93,16 +93,36 @@ class BlockExport:
         #: called by the table's owner when the last client leaves after shutdown began
         self.on_released = None
         self._deleted = False
+        self._client_left = None
 
     def client_count(self) -> int:
         """Clients holding the export."""
         return 0
 
+    def departing_count(self) -> int:
+        """Clients that hold the export but are already on their way out (they hung up and
+        have nothing in flight; the type has not finished with them yet)."""
+        return 0
+
     def client_gone(self) -> None:
-        """A type calls this when a client leaves: after shutdown began, the last one to
-        leave deletes the export."""
+        """A type calls this (in the event loop) when a client leaves: after shutdown began,
+        the last one to leave deletes the export."""
+        event = self._client_left
+        if event is not None:
+            event.set()
         if self.shutting_down and not self.client_count() and self.on_released is not None:
             self.on_released()
+
+    async def departed(self) -> None:
+        """Wait until no client is departing: the ones that hung up have left.  Driven by
+        :meth:`client_gone`, not by time."""
+        while self.departing_count():
+            if self._client_left is None:
+                self._client_left = asyncio.Event()
+            self._client_left.clear()
+            if not self.departing_count():
+                break
+            await self._client_left.wait()
 
     def close(self) -> None:
         """Delete the export now: the driver's ``delete``, then the node released.
@@ -184,7 +204,9 @@ class ExportTable:
         if export.shutting_down:
             raise Error("Export '%s' is already shutting down" % export.id)
         if not hard and export.client_count():
-            await self._settle(export)
+            # Clients that have hung up are leaving, but their threads may not have read the
+            # EOF yet (QEMU's single loop sees it at once): wait for those, not for a time.
+            await export.departed()
         if not hard and export.client_count():
             raise Error("export '%s' still in use" % export.id,
                         hint="Use mode='hard' to force client disconnect")
@@ -197,15 +219,6 @@ class ExportTable:
         export.driver.request_shutdown(export, hard)
         if not export.client_count():
             self._released(export)
-
-    @staticmethod
-    async def _settle(export: BlockExport, limit: float = 0.2) -> None:
-        """Give clients that have already hung up a moment to be noticed: their connection
-        threads may not have read the disconnect yet (QEMU's single loop sees it at once)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit
-        while export.client_count() and loop.time() < deadline:
-            await asyncio.sleep(0.01)
 
     def _released(self, export: BlockExport) -> None:
         if export not in self._exports:

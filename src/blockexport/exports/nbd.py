@@ -180,3 +180,6 @@ class NbdExport(BlockExport):
     def client_count(self) -> int:
         """Clients holding the export (negotiated connections)."""
         return len(self.connections)
+
+    def departing_count(self) -> int:
+        return sum(1 for conn in list(self.connections) if conn.departing())

@@ -9,13 +9,29 @@ the disk (FLUSH, TRIM, WRITE_ZEROES, FUA or writethrough writes, reads of 64 KiB
 I/O on O_DIRECT or other nodes) go to a per-connection pool that grows on demand up to
 ``MAX_REQUESTS`` threads, so they run concurrently and reply as they complete, possibly out of
 order, while the reader goes on.  Every reply leaves under the *write lock* in one ``sendmsg``
-(or a header plus ``os.sendfile`` for large plain-file reads).  When the pool is full the reader
-stops reading the socket: that is the backpressure.
+(or a header plus ``os.sendfile`` for large plain-file reads; replies of more than IOV_MAX
+buffers, such as a sparse read of a fragmented image, go out in several ``sendmsg`` calls under
+the same lock).  When the pool is full the reader stops reading the socket: that is the
+backpressure.
+
+Memory: requests up to ``SMALL_BUFFER`` (1 MiB) use the connection's small buffers (mmaps
+committed lazily, at most MAX_REQUESTS + 1 of them, trimmed to ``KEEP_BUFFERS`` whenever the
+pool goes idle).  Larger payloads get a buffer of their own (populated at once, unmapped when
+the request completes) whose bytes count against the server's :class:`BufferBudget`; a reader
+that would exceed it waits.  So an idle connection holds at most a few MiB, whatever it sent
+before, and all connections together hold at most the budget in large buffers (measured in
+BENCHMARKS.md and tests/integration/test_data_path_faults.py).
+
+Faults: any exception while serving a request that has not started its reply becomes an EIO
+reply (and a log entry with the traceback); one that happens mid-reply drops that client.
+Whatever happens, the connection reaches :meth:`NbdConnection._finish` exactly once, so the
+server and its exports never count a dead connection.
 """
 import logging
 import mmap
 import os
 import queue
+import select
 import socket
 import threading
 
@@ -39,6 +55,14 @@ EINVAL = C.NBD_EINVAL
 # next to copying them).  Tunable for benchmarks.
 OFFLOAD_READ_MIN = int(os.environ.get("BLOCKEXPORT_OFFLOAD_READ_MIN", 64 * 1024))
 INLINE_DRIVERS = frozenset(("null-co", "null-aio"))
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+if IOV_MAX <= 0:  # pragma: no cover - indeterminate
+    IOV_MAX = 1024
+SMALL_BUFFER = 1024 * 1024
+KEEP_BUFFERS = 2
+#: Default bound on the large (> SMALL_BUFFER) request buffers of one server, in bytes.
+DEFAULT_BUFFER_LIMIT = int(os.environ.get("BLOCKEXPORT_NBD_BUFFER_LIMIT", 512 * 1024 * 1024))
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH = C.CMD_READ, C.CMD_WRITE, C.CMD_DISC, C.CMD_FLUSH
 CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES = C.CMD_TRIM, C.CMD_CACHE, C.CMD_WRITE_ZEROES
@@ -53,6 +77,34 @@ class _Drop(Exception):
 
 class _EOF(Exception):
     """The client closed its side: stop reading, let requests in flight reply."""
+
+
+class BufferBudget:
+    """Bytes of large request buffers a server may hold at once (shared by its connections).
+
+    ``acquire`` blocks while the budget is spent; a request larger than the whole budget may
+    still run when nothing else holds any (so no request size can deadlock)."""
+
+    def __init__(self, limit: int = DEFAULT_BUFFER_LIMIT):
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition(threading.Lock())
+
+    def acquire(self, n: int) -> int:
+        n = min(n, self.limit)
+        with self._cond:
+            while self.used and self.used + n > self.limit:
+                self._cond.wait()
+            self.used += n
+            if self.used > self.peak:
+                self.peak = self.used
+        return n
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
 
 
 class NbdConnection:
@@ -72,6 +124,8 @@ class NbdConnection:
         self._queue = queue.SimpleQueue()
         self._slots = threading.BoundedSemaphore(C.MAX_REQUESTS)
         self._free_buffers = []
+        self._budget = getattr(server, "buffer_budget", None) or BufferBudget()
+        self._finished = False
         self._inline_io = True
         self._rbuf = bytearray(RBUF_SIZE)
         self._rmv = memoryview(self._rbuf)
@@ -80,6 +134,8 @@ class NbdConnection:
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the connection's thread; raises RuntimeError (and cleans up nothing) if the
+        thread cannot be started: the caller owns the socket then."""
         t = threading.Thread(target=self._run, name="nbd-conn", daemon=True)
         t.start()
 
@@ -91,28 +147,52 @@ class NbdConnection:
         except OSError:
             pass
 
+    def departing(self) -> bool:
+        """Whether this connection is about to leave by itself: the client hung up (or the
+        reader stopped) and no offloaded request is in flight, so all that is left is for
+        the reader to see the EOF.  (With requests in flight QEMU still counts the client
+        too.)"""
+        if self._busy:
+            return False
+        if self.closing:
+            return True
+        try:
+            p = select.poll()
+            p.register(self.sock.fileno(), select.POLLRDHUP)
+            return bool(p.poll(0))
+        except (OSError, ValueError):
+            return True
+
     def _run(self) -> None:
         try:
-            ok = self._handshake()
-        except (OSError, ProtocolError, _Drop) as exc:
-            log.debug("client %s: negotiation failed: %s", self.peer, exc)
-            ok = False
-        except Exception:
-            log.exception("client %s: negotiation failed", self.peer)
-            ok = False
-        if not ok:
+            try:
+                ok = self._handshake()
+            except (OSError, ProtocolError, _Drop) as exc:
+                log.debug("client %s: negotiation failed: %s", self.peer, exc)
+                ok = False
+            except Exception:
+                log.exception("client %s: negotiation failed", self.peer)
+                ok = False
+            if ok:
+                self._serve()
+        except BaseException:
+            log.exception("client %s: connection failed", self.peer)
+        finally:
             self._finish()
-            return
-        self._serve()
 
     def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
         # Tell the server first: a client that saw our close may next ask the monitor to
         # remove the export, and must find it released (QEMU drops the reference first too).
-        self.server.connection_closed(self)
         try:
-            self.sock.close()
-        except OSError:
-            pass
+            self.server.connection_closed(self)
+        finally:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
 
     # --- handshake -------------------------------------------------------------------------
     def _handshake(self) -> bool:
@@ -198,18 +278,28 @@ class NbdConnection:
 
     # --- sending -----------------------------------------------------------------------------
     def _send(self, parts) -> None:
-        """Send a list of buffers completely, under the write lock."""
-        sock = self.sock
+        """Send a list of buffers completely, under the write lock (in slices of at most
+        IOV_MAX buffers: one reply may have thousands of chunks)."""
         with self._wlock:
             try:
-                sent = sock.sendmsg(parts)
-                total = 0
-                for p in parts:
-                    total += len(p)
-                if sent < total:
-                    self._send_rest(parts, sent)
+                if len(parts) <= IOV_MAX:
+                    self._sendmsg_all(parts)
+                else:
+                    for i in range(0, len(parts), IOV_MAX):
+                        self._sendmsg_all(parts[i:i + IOV_MAX])
             except OSError as exc:
                 raise _Drop("send failed: %s" % exc)
+            except Exception as exc:   # the reply is cut: the stream can't be trusted
+                log.exception("client %s: send failed", self.peer)
+                raise _Drop("send failed: %r" % exc)
+
+    def _sendmsg_all(self, parts) -> None:
+        sent = self.sock.sendmsg(parts)
+        total = 0
+        for p in parts:
+            total += len(p)
+        if sent < total:
+            self._send_rest(parts, sent)
 
     def _send_rest(self, parts, sent: int) -> None:
         sock = self.sock
@@ -236,17 +326,52 @@ class NbdConnection:
             except OSError as exc:
                 raise _Drop("send failed: %s" % exc)
 
-    # --- the request loop ----------------------------------------------------------------------
+    # --- buffers ------------------------------------------------------------------------------
     def _take_buffer(self):
+        """A small (SMALL_BUFFER) buffer: from the free list, else a new lazily committed mmap."""
         with self._state_lock:
             if self._free_buffers:
                 return self._free_buffers.pop()
-        return mmap.mmap(-1, C.MAX_BUFFER_SIZE)   # committed lazily by the kernel
+        return mmap.mmap(-1, SMALL_BUFFER)
 
-    def _give_buffer(self, buf) -> None:
+    def _large_buffer(self, length: int):
+        """A buffer of its own for a request of ``length`` > SMALL_BUFFER bytes, counted
+        against the server's budget (may wait for other requests to give theirs back)."""
+        size = -(-length // mmap.PAGESIZE) * mmap.PAGESIZE
+        charged = self._budget.acquire(size)
+        try:
+            buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
+        except BaseException:
+            self._budget.release(charged)
+            raise
+        return buf, charged
+
+    def _release(self, buf, charged: int) -> None:
+        """Give a request's buffer back: small ones to the free list, large ones unmapped."""
+        if buf is None:
+            return
+        if charged:
+            try:
+                buf.close()
+            except BufferError:   # a view still alive (e.g. in a traceback): the GC unmaps it
+                pass
+            self._budget.release(charged)
+            return
         with self._state_lock:
             self._free_buffers.append(buf)
 
+    def _trim_buffers(self) -> None:
+        """The pool went idle: keep a couple of small buffers, unmap the others."""
+        with self._state_lock:
+            extra = self._free_buffers[KEEP_BUFFERS:]
+            del self._free_buffers[KEEP_BUFFERS:]
+        for buf in extra:
+            try:
+                buf.close()
+            except BufferError:  # pragma: no cover - no views outlive a request
+                pass
+
+    # --- the request loop ----------------------------------------------------------------------
     def _may_block(self, cmd: int, flags: int, length: int) -> bool:
         """Whether a request may wait on the disk, so it goes to the pool instead of inline."""
         if cmd == CMD_READ:
@@ -260,11 +385,12 @@ class NbdConnection:
     def _serve(self) -> None:
         """The connection's reader thread: parse requests, serve cheap ones inline."""
         node = self.export.node
-        # A buffered plain file (page cache) or a null node: reads and writes are memory
-        # copies, cheaper inline than any hand-off (shared/spec/performance.md).
-        self._inline_io = node.file_range(0, 0) is not None or node.driver in INLINE_DRIVERS
-        buf = self._take_buffer()
-        mv = memoryview(buf)
+        # A buffered plain file (page cache) or a null node without latency: reads and writes
+        # are memory copies, cheaper inline than any hand-off (shared/spec/performance.md).
+        self._inline_io = node.file_range(0, 0) is not None or (
+            node.driver in INLINE_DRIVERS and not getattr(node, "latency_ns", 0))
+        sbuf = self._take_buffer()       # the reader's small buffer
+        smv = memoryview(sbuf)
         tx = self.tx
         handle = self._handle
         try:
@@ -279,38 +405,66 @@ class NbdConnection:
                     raise _Drop("invalid request magic 0x%x" % magic)
                 if cmd == CMD_DISC:
                     break
+                # The request's buffer: the reader's small one, or a large one of its own
+                # (for reads allocated only if the reply needs it: sendfile does not).
+                buf, mv, charged = sbuf, smv, 0
                 err = tx.check_length(cmd, length)
                 if err is not None:
                     if cmd == CMD_WRITE:
                         self._send([tx.error_reply(cookie, EINVAL, err)])
                         raise _Drop("oversized write: request handling failed in intermediate state")
                 else:
+                    if length > SMALL_BUFFER and (cmd == CMD_WRITE or cmd == CMD_READ):
+                        if cmd == CMD_WRITE:
+                            buf, charged = self._large_buffer(length)
+                            mv = memoryview(buf)
+                        else:
+                            buf = mv = None
                     if cmd == CMD_WRITE:
-                        self._recv_payload(mv[:length])   # QEMU reads the payload before checking
+                        try:
+                            self._recv_payload(mv[:length])  # QEMU reads the payload first
+                        except BaseException:
+                            if charged:
+                                mv.release()
+                                self._release(buf, charged)
+                            raise
                     err = tx.check(flags, cmd, offset, length)
                 if err is not None:
                     self._send([tx.error_reply(cookie, EINVAL, err)])
+                    if charged:
+                        mv.release()
+                        self._release(buf, charged)
                 elif self._may_block(cmd, flags, length):
-                    self._offload(buf, (tx, mv, flags, cmd, cookie, offset, length))
-                    if cmd == CMD_WRITE or cmd == CMD_READ:
-                        buf = self._take_buffer()
-                        mv = memoryview(buf)
+                    own = buf is not sbuf
+                    if not own and (cmd == CMD_WRITE or cmd == CMD_READ):
+                        sbuf = self._take_buffer()     # the request keeps the old one
+                        smv = memoryview(sbuf)
+                        own = True
+                    self._offload(buf if own else None, charged,
+                                  (tx, mv, flags, cmd, cookie, offset, length))
                 else:
-                    handle(tx, mv, flags, cmd, cookie, offset, length)
+                    try:
+                        handle(tx, mv, flags, cmd, cookie, offset, length)
+                    finally:
+                        if buf is not sbuf and mv is not None:
+                            mv.release()
+                            self._release(buf, charged)
         except _EOF:
             pass
         except (_Drop, OSError) as exc:
             log.debug("client %s: %s", self.peer, exc)
             self.shutdown(hard=True)
+        except Exception:
+            log.exception("client %s: dropped after an unexpected error", self.peer)
+            self.shutdown(hard=True)
         finally:
             self.closing = True
-            mv.release()
-            self._give_buffer(buf)
+            smv.release()
+            self._release(sbuf, 0)
             self._stop_pool()
-            self._finish()
 
     # --- the pool for requests that may block ---------------------------------------------------
-    def _offload(self, buf, args) -> None:
+    def _offload(self, buf, charged, args) -> None:
         self._slots.acquire()          # at most MAX_REQUESTS in flight: backpressure
         with self._state_lock:
             self._busy += 1
@@ -319,29 +473,49 @@ class NbdConnection:
                 t = threading.Thread(target=self._pool_worker, name="nbd-io", daemon=True)
                 self._workers.append(t)
         if spawn:
-            t.start()
-        self._queue.put((buf, args))
+            try:
+                t.start()
+            except RuntimeError as exc:   # e.g. "can't start new thread": serve with fewer
+                with self._state_lock:
+                    self._workers.remove(t)
+                    alone = not self._workers
+                log.warning("client %s: cannot start an I/O thread (%s)%s", self.peer, exc,
+                            "; serving the request inline" if alone else "")
+                if alone:
+                    self._run_request(buf, charged, args)
+                    return
+        self._queue.put((buf, charged, args))
 
     def _pool_worker(self) -> None:
         queue = self._queue
-        handle = self._handle
+        run = self._run_request
         while True:
             item = queue.get()
             if item is None:
                 return
-            buf, args = item
-            try:
-                handle(*args)
-            except (_Drop, OSError) as exc:
-                log.debug("client %s: %s", self.peer, exc)
-                self.shutdown(hard=True)
-            finally:
-                if args[3] == CMD_WRITE or args[3] == CMD_READ:
-                    args[1].release()
-                    self._give_buffer(buf)
-                with self._state_lock:
-                    self._busy -= 1
-                self._slots.release()
+            run(*item)
+
+    def _run_request(self, buf, charged, args) -> None:
+        """Serve one offloaded request and give back what it held, whatever happens."""
+        try:
+            self._handle(*args)
+        except (_Drop, OSError) as exc:
+            log.debug("client %s: %s", self.peer, exc)
+            self.shutdown(hard=True)
+        except BaseException:
+            log.exception("client %s: dropped after an unexpected error", self.peer)
+            self.shutdown(hard=True)
+        finally:
+            mv = args[1]
+            if mv is not None and buf is not None:
+                mv.release()
+                self._release(buf, charged)
+            with self._state_lock:
+                self._busy -= 1
+                idle = not self._busy
+            self._slots.release()
+            if idle:
+                self._trim_buffers()
 
     def _stop_pool(self) -> None:
         """Let offloaded requests finish (they still reply), then end the pool threads."""
@@ -350,9 +524,13 @@ class NbdConnection:
             self._queue.put(None)
         for t in workers:
             t.join()
-        for buf in self._free_buffers:
-            buf.close()
-        self._free_buffers = []
+        with self._state_lock:
+            free, self._free_buffers = self._free_buffers, []
+        for buf in free:
+            try:
+                buf.close()
+            except BufferError:  # pragma: no cover
+                pass
 
     def _handle(self, tx, mv, flags, cmd, cookie, offset, length) -> None:
         export = self.export
@@ -388,15 +566,52 @@ class NbdConnection:
             self._send([tx.error_reply(cookie, exception_to_nbd(exc),
                                        "%s failed: %s" % (C.cmd_name(cmd), exc.strerror or exc))])
             return
+        except _Drop:
+            raise
+        except Exception as exc:
+            # A bug or an unexpected failure below us; no byte of this reply has left (a cut
+            # reply raises _Drop), so the client gets an I/O error and the connection lives.
+            log.exception("client %s: %s failed", self.peer, C.cmd_name(cmd))
+            self._send([tx.error_reply(cookie, C.NBD_EIO, "%s failed: %s" % (C.cmd_name(cmd),
+                                                                             exc))])
+            return
         self._send([tx.ok_reply(cookie)])
 
     def _read(self, tx, node, mv, flags, cookie, offset, length) -> None:
+        if mv is None:   # a large read: a buffer of its own, unless the reply is sendfile
+            if self._read_by_sendfile(tx, node, flags, cookie, offset, length):
+                return
+            buf, charged = self._large_buffer(length)
+            mv = memoryview(buf)
+            try:
+                self._read_buffered(tx, node, mv, flags, cookie, offset, length)
+            finally:
+                mv.release()
+                self._release(buf, charged)
+            return
+        if length >= SENDFILE_MIN and self._read_by_sendfile(tx, node, flags, cookie, offset,
+                                                             length):
+            return
+        self._read_buffered(tx, node, mv, flags, cookie, offset, length)
+
+    def _read_by_sendfile(self, tx, node, flags, cookie, offset, length) -> bool:
+        """A read whose whole reply is one run of file bytes: header + sendfile."""
+        if tx.structured:
+            if not flags & FLAG_DF:
+                n, st = node.block_status(offset, length)
+                if n < length or st & BS_ZERO:
+                    return False   # holes: a sparse reply
+            header = T.data_chunk_header(cookie, offset, length, True)
+        else:
+            header = T.simple_reply(cookie)
+        rng = node.file_range(offset, length)
+        if rng is None:
+            return False
+        self._send_file(header, rng[0], rng[1], length)
+        return True
+
+    def _read_buffered(self, tx, node, mv, flags, cookie, offset, length) -> None:
         if not tx.structured:
-            if length >= SENDFILE_MIN:
-                rng = node.file_range(offset, length)
-                if rng is not None:
-                    self._send_file(T.simple_reply(cookie), rng[0], rng[1], length)
-                    return
             data = mv[:length]
             node.read_into(offset, data)
             self._send([T.simple_reply(cookie), data])
@@ -405,7 +620,9 @@ class NbdConnection:
             self._send([T.none_chunk(cookie)])
             return
         if flags & FLAG_DF:
-            self._read_data(node, mv, cookie, offset, length, True, [])
+            data = mv[:length]
+            node.read_into(offset, data)
+            self._send([T.data_chunk_header(cookie, offset, length, True), data])
             return
         # Sparse read: one chunk per extent, holes as OFFSET_HOLE (QEMU's sparse read).
         block_status = node.block_status
@@ -422,28 +639,13 @@ class NbdConnection:
             final = pos + n == end
             if zero:
                 parts.append(T.hole_chunk(cookie, pos, n, final))
-            elif self._read_data(node, mv[pos - offset:], cookie, pos, n, final, parts):
-                return  # sent by sendfile
+            else:
+                data = mv[pos - offset:pos - offset + n]
+                node.read_into(pos, data)
+                parts.append(T.data_chunk_header(cookie, pos, n, final))
+                parts.append(data)
             pos += n
         self._send(parts)
-
-    def _read_data(self, node, mv, cookie, offset, length, final, parts) -> bool:
-        """Append an OFFSET_DATA chunk to ``parts``; for a large read of a plain file range
-        that is the whole reply, send it with sendfile instead and return True."""
-        header = T.data_chunk_header(cookie, offset, length, final)
-        if final and not parts and length >= SENDFILE_MIN:
-            rng = node.file_range(offset, length)
-            if rng is not None:
-                self._send_file(header, rng[0], rng[1], length)
-                return True
-        data = mv[:length]
-        node.read_into(offset, data)
-        parts.append(header)
-        parts.append(data)
-        if final and len(parts) == 2:
-            self._send(parts)
-            return True
-        return False
 
     def _block_status(self, tx, flags, cookie, offset, length) -> None:
         if not length:

@@ -13,7 +13,7 @@ import signal
 import threading
 
 from blockexport.errors import Error
-from blockexport.exports.nbd_conn import NbdConnection
+from blockexport.exports.nbd_conn import BufferBudget, NbdConnection
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ class NbdServer:
         self._stopped = None
         self._idle = None
         self.exit_status = 0
+        #: Large request buffers of all connections together (see nbd_conn).
+        self.buffer_budget = BufferBudget()
 
     # --- exports -----------------------------------------------------------------------------
     def add_export(self, export) -> None:
@@ -143,7 +145,14 @@ class NbdServer:
         self._idle.clear()
         if self.max_connections and len(self._connections) >= self.max_connections:
             self._pause()
-        conn.start()
+        try:
+            conn.start()
+        except RuntimeError as exc:   # e.g. "can't start new thread": drop this client only
+            log.warning("cannot serve client %s: %s", peer, exc)
+            conn.closing = True
+            conn._finished = True
+            sock.close()
+            self._on_closed(conn)
 
     # --- called from connection threads ---------------------------------------------------------
     def attach_connection(self, conn, export) -> bool:

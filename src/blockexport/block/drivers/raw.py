@@ -10,9 +10,15 @@ from __future__ import annotations
 import errno
 import os
 
-from blockexport.block.node import PERM_RESIZE, SECTOR_SIZE, BlockNode
+from blockexport.block.node import (
+    PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, SECTOR_SIZE, BlockNode,
+)
 from blockexport.errors import Error
 from blockexport.util.cutils import round_up
+
+def _no_file_range(offset, length):
+    return None
+
 
 def _einval():
     return OSError(errno.EINVAL, os.strerror(errno.EINVAL))
@@ -106,6 +112,12 @@ class RawNode(BlockNode):
             self.block_status = block_status
             self.file_range = file_range
             self.cache = cache
+        debug = getattr(child, "debug_event", None)
+        self._debug = debug
+        if debug is not None:
+            read_into, write_data = self._debug_io(debug, self.read_into, write_data)
+            self.read_into = read_into
+            self.file_range = _no_file_range
         self._write_data = write_data
         if self.read_only:
             self.write = self._write_read_only
@@ -113,6 +125,46 @@ class RawNode(BlockNode):
             self.write = self._detect_zeroes_write(write_data)
         else:
             self.write = write_data
+
+    # ---- over an error-injection child (blkdebug) ------------------------------------------
+
+    def _debug_io(self, debug, read_into, write_data):
+        """Over a child that takes debug events (blkdebug), do what QEMU's raw driver and
+        generic block layer do around it: ``read_aio``/``write_aio`` before each read/write,
+        FUA emulated by a flush, a write generation so that ``flush_to_disk`` fires only
+        after writes."""
+        self._gen = 0
+        self._flushed_gen = 0
+        node = self
+
+        def debug_read(offset, buf):
+            debug("read_aio")
+            read_into(offset, buf)
+
+        def debug_write(offset, buf, fua=False):
+            debug("write_aio")
+            try:
+                write_data(offset, buf, False)
+                if fua:
+                    node.flush()
+            finally:
+                node._gen += 1
+
+        self.flush = self._debug_flush
+        return debug_read, debug_write
+
+    def _debug_flush(self) -> None:
+        if self.read_only:
+            return
+        debug = self._debug
+        debug("flush_to_os")
+        gen = self._gen
+        if not self.no_flush and gen != self._flushed_gen:
+            debug("flush_to_disk")
+        att = self._child_atts.get("file")
+        if att is not None and att.perm & (PERM_WRITE | PERM_WRITE_UNCHANGED):
+            self.file.flush()
+        self._flushed_gen = gen
 
     @staticmethod
     def _write_read_only(offset, buf, fua=False):
@@ -138,7 +190,11 @@ class RawNode(BlockNode):
         if self.discard_mode != "unmap" or self.read_only:
             return
         self._check(offset, length)
-        self.file.discard(offset + self.offset, length)
+        try:
+            self.file.discard(offset + self.offset, length)
+        finally:
+            if self._debug is not None:
+                self._gen += 1
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
                      fast: bool = False, fua: bool = False) -> None:
@@ -149,7 +205,15 @@ class RawNode(BlockNode):
         # qemu-nbd 7.2 (discard=ignore on the format node) still punches holes for a zero
         # request without NO_HOLE: the decision is the protocol node's (its discard=unmap
         # is the default for children), so may_unmap passes through unchanged.
-        self.file.write_zeroes(offset + self.offset, length, may_unmap, fast, fua)
+        if self._debug is None:
+            self.file.write_zeroes(offset + self.offset, length, may_unmap, fast, fua)
+            return
+        try:
+            self.file.write_zeroes(offset + self.offset, length, may_unmap, fast, False)
+            if fua:
+                self.flush()
+        finally:
+            self._gen += 1
 
     def _child_perm(self, role: str, perm: int, shared: int) -> tuple[int, int]:
         if self.is_filter:

@@ -63,7 +63,12 @@ def _strong_options(node) -> dict:
         return opts
     for key in _STRONG.get(node.driver, ()):
         if key in node.options:
-            _flat_into(opts, key, node.options[key])
+            flat: dict = {}
+            _flat_into(flat, key, node.options[key])
+            # QEMU's flattening adds a list's entries last to first (this shows where
+            # keys share a hash bucket)
+            for k in reversed(flat):
+                opts[k] = flat[k]
     return opts
 
 

@@ -120,6 +120,8 @@ class FileNode(BlockNode):
             self._has_punch = True
             self._has_fallocate = True
             self._has_dsync = hasattr(os, "RWF_DSYNC")
+            #: errno of a failed fdatasync on a buffered file: every later flush fails
+            self._flush_error = 0
             self._bsc = (0, 0)  # block-status cache: one known data extent [start, end)
             if self.cache_direct:
                 self.request_alignment, self._buf_align = self._probe_alignment()
@@ -282,17 +284,21 @@ class FileNode(BlockNode):
         return n
 
     def _write_fua(self, offset: int, buf) -> None:
-        if self._has_dsync:
+        if self._has_dsync and not self._flush_error:
             try:
                 n = os.pwritev(self._fd, (buf,), offset, self._dsync_flag)
             except OSError as e:
+                if e.errno == errno.EIO:
+                    # the write-back of this write (or of earlier ones) failed: the page
+                    # cache may hold data the disk lost, as after a failed fdatasync
+                    self._flush_error = e.errno
                 if e.errno not in _ENOTSUP_SET:
                     raise
                 self._has_dsync = False
             else:
                 if n != len(buf):
                     n = self._write_rest(offset, buf, n)
-                    os.fdatasync(self._fd)
+                    self._sync()
                 end = offset + n
                 if end > self._size:
                     self._grow(end)
@@ -303,7 +309,22 @@ class FileNode(BlockNode):
         end = offset + n
         if end > self._size:
             self._grow(end)
-        os.fdatasync(self._fd)
+        self._sync()
+
+    def _sync(self) -> None:
+        """fdatasync(), failing for good once it failed on a buffered file (QEMU's
+        file-posix: the kernel may have dropped the dirty pages and marked them clean, so a
+        later fdatasync could succeed without the data being on disk; we must never
+        acknowledge that).  O_DIRECT bypasses the page cache: no such state."""
+        err = self._flush_error
+        if err:
+            raise OSError(err, os.strerror(err))
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            if not self.cache_direct:
+                self._flush_error = e.errno
+            raise
 
     def _write_read_only(self, offset, buf, fua=False):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
@@ -393,7 +414,7 @@ class FileNode(BlockNode):
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
             n += got
         if fua and not self.no_flush and not flags:
-            os.fdatasync(fd)
+            self._sync()
 
     _dsync_flag = getattr(os, "RWF_DSYNC", 0)
 
@@ -404,7 +425,7 @@ class FileNode(BlockNode):
 
     def flush(self) -> None:
         if not self.no_flush:
-            os.fdatasync(self._fd)
+            self._sync()
 
     def discard(self, offset: int, length: int) -> None:
         if self.discard_mode != "unmap" or length <= 0 or self.read_only:
@@ -461,7 +482,7 @@ class FileNode(BlockNode):
                 self.flush()
             return
         if fua and not self.no_flush:
-            os.fdatasync(fd)
+            self._sync()
 
     def _zero_allocated(self, offset: int, length: int) -> bool:
         """Zero a range without leaving a hole, without writing data.  False if the file

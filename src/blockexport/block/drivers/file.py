@@ -84,6 +84,36 @@ class _Bounce(threading.local):
         return memoryview(b)[:size]
 
 
+class _Overlaps:
+    """QEMU's serialising requests, for the writes of an O_DIRECT node: a read-modify-write
+    (a write or write-zeroes not aligned to the request alignment) covers its padded range
+    and waits for every overlapping request that began before it; every write, write-zeroes
+    and discard waits for the overlapping read-modify-writes that began before it.  So no
+    change can land between the read and the write-back of a padding block (and be undone).
+    Requests begin in order (a sequence number); a request only waits for older ones, so
+    there is no deadlock."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._inflight: list = []       # [seq, start, end, serialising]
+        self._seq = 0
+
+    def begin(self, start: int, end: int, serialising: bool) -> list:
+        with self._cond:
+            self._seq += 1
+            me = [self._seq, start, end, serialising]
+            self._inflight.append(me)
+            while any(r[0] < me[0] and r[1] < end and start < r[2] and (serialising or r[3])
+                      for r in self._inflight):
+                self._cond.wait()
+            return me
+
+    def end(self, me: list) -> None:
+        with self._cond:
+            self._inflight.remove(me)
+            self._cond.notify_all()
+
+
 class FileNode(BlockNode):
     """A host file (QEMU's ``file`` driver)."""
 
@@ -114,7 +144,7 @@ class FileNode(BlockNode):
             self.is_block_device = stat.S_ISBLK(st.st_mode)
             self._size = self._initial_size(st)
             self._size_lock = threading.Lock()
-            self._rmw_lock = threading.Lock()
+            self._overlaps = _Overlaps()    # O_DIRECT write serialisation
             self._bounce = _Bounce()
             self._has_zero_range = True
             self._has_punch = True
@@ -367,7 +397,25 @@ class FileNode(BlockNode):
             zero_fill(b, got)
         mv[:] = b[offset - start:offset - start + n]
 
+    def _serialise(self, offset: int, length: int, rmw: bool) -> list:
+        if rmw:
+            a = self.request_alignment
+            return self._overlaps.begin(offset - offset % a, round_up(offset + length, a), True)
+        return self._overlaps.begin(offset, offset + length, False)
+
     def _direct_write(self, offset: int, buf, fua: bool = False) -> None:
+        n = len(buf) if isinstance(buf, (bytes, bytearray)) else _byte_view(buf).nbytes
+        if n == 0:
+            return
+        a = self.request_alignment
+        me = self._serialise(offset, n, bool(offset % a or n % a))
+        try:
+            self._direct_write_locked(offset, buf, fua)
+        finally:
+            self._overlaps.end(me)
+
+    def _direct_write_locked(self, offset: int, buf, fua: bool = False) -> None:
+        """The write itself; the caller holds its place in ``_overlaps``."""
         a = self.request_alignment
         mv = _byte_view(buf)
         n = len(mv)
@@ -384,19 +432,18 @@ class FileNode(BlockNode):
         else:
             start = offset - offset % a
             end = round_up(offset + n, a)
-            with self._rmw_lock:
-                b = self._bounce.get(end - start)
-                if start != offset:
-                    got = self._pread_full(b[:a], start)
-                    if got < a:
-                        zero_fill(b[:a], got)
-                if end != offset + n and (end - a >= start + a or start == offset):
-                    tail = b[end - a - start:end - start]
-                    got = self._pread_full(tail, end - a)
-                    if got < a:
-                        zero_fill(tail, got)
-                b[offset - start:offset - start + n] = mv
-                self._pwrite_all(b, start, fua)
+            b = self._bounce.get(end - start)
+            if start != offset:
+                got = self._pread_full(b[:a], start)
+                if got < a:
+                    zero_fill(b[:a], got)
+            if end != offset + n and (end - a >= start + a or start == offset):
+                tail = b[end - a - start:end - start]
+                got = self._pread_full(tail, end - a)
+                if got < a:
+                    zero_fill(tail, got)
+            b[offset - start:offset - start + n] = mv
+            self._pwrite_all(b, start, fua)
         if end > self._size:
             self._grow(end)
 
@@ -432,6 +479,7 @@ class FileNode(BlockNode):
             return
         if not self._has_punch:
             return
+        me = self._serialise(offset, length, False) if self.cache_direct else None
         self._bsc = (0, 0)
         try:
             fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
@@ -443,6 +491,8 @@ class FileNode(BlockNode):
             raise
         finally:
             self._bsc = (0, 0)  # also drop what a concurrent block_status cached meanwhile
+            if me is not None:
+                self._overlaps.end(me)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
                      fast: bool = False, fua: bool = False) -> None:
@@ -450,11 +500,18 @@ class FileNode(BlockNode):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
         if length <= 0:
             return
+        me = None
+        if self.cache_direct:
+            # unaligned: the zero buffers written as a fallback are read-modify-writes
+            a = self.request_alignment
+            me = self._serialise(offset, length, bool(offset % a or length % a))
         self._bsc = (0, 0)
         try:
             self._write_zeroes(offset, length, may_unmap, fast, fua)
         finally:
             self._bsc = (0, 0)
+            if me is not None:
+                self._overlaps.end(me)
 
     def _write_zeroes(self, offset: int, length: int, may_unmap: bool, fast: bool,
                       fua: bool) -> None:
@@ -533,7 +590,8 @@ class FileNode(BlockNode):
 
     def _write_zero_buffers(self, offset: int, length: int) -> None:
         chunk = len(ZEROS)
-        write = self._write_data
+        # (O_DIRECT: write_zeroes already holds its place in _overlaps)
+        write = self._direct_write_locked if self.cache_direct else self._write_data
         zmv = memoryview(ZEROS)
         pos = 0
         while pos < length:

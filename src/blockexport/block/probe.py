@@ -36,7 +36,11 @@ def probe_format(buf: bytes) -> str:
     """The format QEMU's probing picks for an image starting with ``buf`` (among the formats
     it knows; raw when none matches)."""
     if buf[:4] == b"QFI\xfb" and len(buf) >= 8:
-        return "qcow2" if int.from_bytes(buf[4:8], "big") >= 2 else "qcow"
+        version = int.from_bytes(buf[4:8], "big")
+        if version >= 2:
+            return "qcow2"
+        if version == 1:
+            return "qcow"
     if buf[:4] == b"QED\x00":
         return "qed"
     if buf[:6] == b"LUKS\xba\xbe":

@@ -473,7 +473,10 @@ def _open_probed(graph, proto, top_opts: dict, o: NbdOptions, rep: Reporter):
         opts = dict(top_opts)
         opts["driver"] = fmt
         opts["file"] = proto.node_name
-        return graph.blockdev_add(opts)
+        node = graph.blockdev_add(opts)
+        if fmt == "raw":
+            node.set_probed()       # QEMU: sector-based, sector 0 protected
+        return node
     except BaseException:
         if created:
             try:

@@ -18,6 +18,7 @@ import stat
 import threading
 
 from blockexport.block import locking
+from blockexport.block.serialise import Overlaps
 from blockexport.block.node import (
     BS_ALLOCATED, BS_DATA, BS_ZERO, SECTOR_SIZE, ZEROS, BlockNode, zero_fill,
 )
@@ -84,36 +85,6 @@ class _Bounce(threading.local):
         return memoryview(b)[:size]
 
 
-class _Overlaps:
-    """QEMU's serialising requests, for the writes of an O_DIRECT node: a read-modify-write
-    (a write or write-zeroes not aligned to the request alignment) covers its padded range
-    and waits for every overlapping request that began before it; every write, write-zeroes
-    and discard waits for the overlapping read-modify-writes that began before it.  So no
-    change can land between the read and the write-back of a padding block (and be undone).
-    Requests begin in order (a sequence number); a request only waits for older ones, so
-    there is no deadlock."""
-
-    def __init__(self):
-        self._cond = threading.Condition(threading.Lock())
-        self._inflight: list = []       # [seq, start, end, serialising]
-        self._seq = 0
-
-    def begin(self, start: int, end: int, serialising: bool) -> list:
-        with self._cond:
-            self._seq += 1
-            me = [self._seq, start, end, serialising]
-            self._inflight.append(me)
-            while any(r[0] < me[0] and r[1] < end and start < r[2] and (serialising or r[3])
-                      for r in self._inflight):
-                self._cond.wait()
-            return me
-
-    def end(self, me: list) -> None:
-        with self._cond:
-            self._inflight.remove(me)
-            self._cond.notify_all()
-
-
 class FileNode(BlockNode):
     """A host file (QEMU's ``file`` driver)."""
 
@@ -144,7 +115,7 @@ class FileNode(BlockNode):
             self.is_block_device = stat.S_ISBLK(st.st_mode)
             self._size = self._initial_size(st)
             self._size_lock = threading.Lock()
-            self._overlaps = _Overlaps()    # O_DIRECT write serialisation
+            self._overlaps = Overlaps()    # O_DIRECT write serialisation
             self._bounce = _Bounce()
             self._has_zero_range = True
             self._has_punch = True

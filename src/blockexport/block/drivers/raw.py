@@ -13,6 +13,8 @@ import os
 from blockexport.block.node import (
     PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, SECTOR_SIZE, BlockNode,
 )
+from blockexport.block.probe import probe_format
+from blockexport.block.serialise import Overlaps
 from blockexport.errors import Error
 from blockexport.util.cutils import round_up
 
@@ -37,6 +39,19 @@ class RawNode(BlockNode):
         except BaseException:
             graph.abandon_child(child)
             raise
+
+    #: Opened with a probed format (qemu-nbd's FILE without -f): see :meth:`set_probed`.
+    probed = False
+
+    def set_probed(self) -> None:
+        """The format was probed, not given: as QEMU, the node then works in 512-byte
+        sectors (unaligned writes and write-zeroes are read-modify-writes of whole
+        sectors) and refuses a write that would make sector 0 look like another format
+        (EPERM), so a guest cannot turn its raw image into, say, a qcow2 header."""
+        self.probed = True
+        self.request_alignment = SECTOR_SIZE
+        self._overlaps = Overlaps()
+        self._rebind_io(lambda: self._bind(self.file))
 
     def _setup(self, child: BlockNode, options: dict) -> None:
         for key in ("offset", "size"):  # QAPI 'int'; QEMU re-reads them as sizes
@@ -118,6 +133,9 @@ class RawNode(BlockNode):
             read_into, write_data = self._debug_io(debug, self.read_into, write_data)
             self.read_into = read_into
             self.file_range = _no_file_range
+        self._write_data_unlocked = write_data
+        if self.probed:
+            write_data = self._probed_write(write_data)
         self._write_data = write_data
         if self.read_only:
             self.write = self._write_read_only
@@ -125,6 +143,67 @@ class RawNode(BlockNode):
             self.write = self._detect_zeroes_write(write_data)
         else:
             self.write = write_data
+
+    # ---- probed format: whole sectors, sector 0 protected ---------------------------------
+
+    def _probed_write(self, write_data):
+        node = self
+
+        def write(offset, buf, fua=False):
+            n = len(buf)
+            if not n:
+                return
+            me = node._overlaps.begin_request(offset, n, SECTOR_SIZE)
+            try:
+                node._sector_write(write_data, offset, buf, fua)
+            finally:
+                node._overlaps.end(me)
+        return write
+
+    def _sector_write(self, write_data, offset: int, buf, fua: bool,
+                      zero: bool = False) -> None:
+        """Write ``buf`` (or ``len(buf)`` zeroes) padded to whole sectors; the caller holds
+        its place in ``_overlaps``."""
+        mv = memoryview(buf)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        n = len(mv)
+        start = offset - offset % SECTOR_SIZE
+        end = round_up(offset + n, SECTOR_SIZE)
+        if start != offset or end != offset + n:
+            padded = bytearray(end - start)
+            if start != offset:
+                self.read_into(start, memoryview(padded)[:SECTOR_SIZE])
+            if end != offset + n and (end - SECTOR_SIZE > start or start == offset):
+                self.read_into(end - SECTOR_SIZE, memoryview(padded)[-SECTOR_SIZE:])
+            padded[offset - start:offset - start + n] = bytes(n) if zero else mv
+            mv = memoryview(padded)
+        if start == 0 and probe_format(bytes(mv[:SECTOR_SIZE])) != "raw":
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+        write_data(start, mv, fua)
+
+    def _probed_write_zeroes(self, offset: int, length: int, may_unmap: bool, fast: bool,
+                             fua: bool) -> None:
+        me = self._overlaps.begin_request(offset, length, SECTOR_SIZE)
+        try:
+            end = offset + length
+            head_end = min(round_up(offset, SECTOR_SIZE), end)
+            if head_end > offset:       # an unaligned head is written as data
+                if fast:
+                    raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+                self._sector_write(self._write_data_unlocked, offset,
+                                   bytes(head_end - offset), fua, zero=True)
+                offset = head_end
+            tail_start = max(end - end % SECTOR_SIZE, offset)
+            if tail_start > offset:
+                self._zero_child(offset, tail_start - offset, may_unmap, fast, fua)
+            if end > tail_start:
+                if fast:
+                    raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+                self._sector_write(self._write_data_unlocked, tail_start,
+                                   bytes(end - tail_start), fua, zero=True)
+        finally:
+            self._overlaps.end(me)
 
     # ---- over an error-injection child (blkdebug) ------------------------------------------
 
@@ -190,9 +269,12 @@ class RawNode(BlockNode):
         if self.discard_mode != "unmap" or self.read_only:
             return
         self._check(offset, length)
+        me = self._overlaps.begin(offset, offset + length, False) if self.probed else None
         try:
             self.file.discard(offset + self.offset, length)
         finally:
+            if me is not None:
+                self._overlaps.end(me)
             if self._debug is not None:
                 self._gen += 1
 
@@ -202,6 +284,13 @@ class RawNode(BlockNode):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
         if self.has_size and offset + length > self.size:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if self.probed and length > 0:
+            self._probed_write_zeroes(offset, length, may_unmap, fast, fua)
+            return
+        self._zero_child(offset, length, may_unmap, fast, fua)
+
+    def _zero_child(self, offset: int, length: int, may_unmap: bool, fast: bool,
+                    fua: bool) -> None:
         # qemu-nbd 7.2 (discard=ignore on the format node) still punches holes for a zero
         # request without NO_HOLE: the decision is the protocol node's (its discard=unmap
         # is the default for children), so may_unmap passes through unchanged.

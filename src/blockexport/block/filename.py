@@ -24,7 +24,21 @@ _STRONG = {
     "raw": ("offset", "size"),
     "null-co": ("size", "read-zeroes"),
     "null-aio": ("size", "read-zeroes"),
+    "blkdebug": ("config", "inject-error", "set-state", "align", "max-transfer",
+                 "opt-write-zero", "max-write-zero", "opt-discard", "max-discard"),
 }
+
+
+def _flat_into(opts: dict, prefix: str, value) -> None:
+    """QEMU keeps list and struct options flattened (``inject-error.0.event``)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat_into(opts, f"{prefix}.{k}", v)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _flat_into(opts, f"{prefix}.{i}", v)
+    else:
+        opts[prefix] = value
 
 
 def qdict_items(d: dict) -> list:
@@ -49,7 +63,12 @@ def _strong_options(node) -> dict:
         return opts
     for key in _STRONG.get(node.driver, ()):
         if key in node.options:
-            opts[key] = node.options[key]
+            flat: dict = {}
+            _flat_into(flat, key, node.options[key])
+            # QEMU's flattening adds a list's entries last to first (this shows where
+            # keys share a hash bucket)
+            for k in reversed(flat):
+                opts[k] = flat[k]
     return opts
 
 
@@ -66,6 +85,12 @@ def _exact_filename(node) -> str:
     drv = node.driver
     if drv in ("file", "host_device"):
         return node.filename
+    if drv == "blkdebug":
+        # blkdebug:CONFIG:IMAGE while it has no options beyond its config file
+        if set(_strong_options(node)) - {"driver", "config"}:
+            return ""
+        child = _exact_filename(node.children["image"])
+        return "blkdebug:%s:%s" % (node.options.get("config", ""), child) if child else ""
     if len(_strong_options(node)) > 1:
         return ""
     if drv in ("null-co", "null-aio"):

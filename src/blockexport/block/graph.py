@@ -173,6 +173,7 @@ class BlockGraph:
                 self._check_common(ctx)
             if name is None:
                 ctx.name = self._generate_name()
+            before = len(self._nodes)
             node = factory(self, ctx.name, options)
             try:
                 if not ctx.checked:
@@ -186,7 +187,16 @@ class BlockGraph:
             raise
         finally:
             self._stack.pop()
-        self._nodes[node.node_name] = node
+        if protocol and len(self._nodes) > before:
+            # A protocol node with children (blkdebug) is named before it opens them, as
+            # in QEMU: it comes before the nodes its open created in the graph's order.
+            newer = list(self._nodes.items())[before:]
+            for key, _ in newer:
+                del self._nodes[key]
+            self._nodes[node.node_name] = node
+            self._nodes.update(newer)
+        else:
+            self._nodes[node.node_name] = node
         return node
 
     def open_child(self, parent: BlockNode, role: str, ref, parent_options: dict) -> BlockNode:

@@ -8,6 +8,8 @@ none is given.
 """
 from __future__ import annotations
 
+import os
+
 from blockexport.errors import Error
 
 #: How many leading bytes format probing looks at.
@@ -24,7 +26,8 @@ QEMU_BLOCK_DRIVERS = frozenset("""
 """.split())
 
 #: The protocol drivers among the drivers we open by file name.
-PROTOCOL_DRIVERS = frozenset(("file", "host_device", "host_cdrom", "null-co", "null-aio"))
+PROTOCOL_DRIVERS = frozenset(("file", "host_device", "host_cdrom", "null-co", "null-aio",
+                              "blkdebug"))
 
 _NULL_FILENAMES = {"null-co": "null-co://", "null-aio": "null-aio://"}
 
@@ -33,7 +36,11 @@ def probe_format(buf: bytes) -> str:
     """The format QEMU's probing picks for an image starting with ``buf`` (among the formats
     it knows; raw when none matches)."""
     if buf[:4] == b"QFI\xfb" and len(buf) >= 8:
-        return "qcow2" if int.from_bytes(buf[4:8], "big") >= 2 else "qcow"
+        version = int.from_bytes(buf[4:8], "big")
+        if version >= 2:
+            return "qcow2"
+        if version == 1:
+            return "qcow"
     if buf[:4] == b"QED\x00":
         return "qed"
     if buf[:6] == b"LUKS\xba\xbe":
@@ -56,8 +63,33 @@ def probe_node_format(node) -> str:
     length = min(node.length(), PROBE_BUF_SIZE)
     buf = bytearray(length)
     if length:
-        node.read_into(0, memoryview(buf))
+        try:
+            node.read_into(0, memoryview(buf))
+        except OSError as e:
+            raise Error("Could not read image for determining its format: %s"
+                        % os.strerror(e.errno)) from None
     return probe_format(bytes(buf))
+
+
+def protocol_options_for(driver: str, filename: str) -> dict:
+    """Options of a ``driver`` protocol node opened on ``filename`` (``-f file``, ``-f
+    blkdebug``...): the driver's own file name syntax."""
+    if driver == "blkdebug":
+        # blkdebug:[CONFIG]:IMAGE, or (-f blkdebug) just the image's name
+        opts: dict = {"driver": "blkdebug"}
+        if filename.startswith("blkdebug:"):
+            rest = filename[len("blkdebug:"):]
+            colon = rest.find(":")
+            if colon < 0:
+                raise Error("blkdebug requires both config file and image path")
+            if colon:
+                opts["config"] = rest[:colon]
+            filename = rest[colon + 1:]
+        opts["image"] = protocol_options(filename)
+        return opts
+    opts = protocol_options(filename)
+    opts["driver"] = driver
+    return opts
 
 
 def protocol_options(filename: str) -> dict:
@@ -72,6 +104,8 @@ def protocol_options(filename: str) -> dict:
         proto = filename[:p]
         if proto == "file":
             return {"driver": "file", "filename": filename[len("file:"):]}
+        if proto == "blkdebug":
+            return protocol_options_for("blkdebug", filename)
         if proto in _NULL_FILENAMES:
             if filename != _NULL_FILENAMES[proto]:
                 raise Error("The only allowed filename for this driver is '%s'"

@@ -26,7 +26,7 @@ import sys
 
 from blockexport import QEMU_COMPAT_VERSION, __version__
 from blockexport.block.probe import (PROTOCOL_DRIVERS, QEMU_BLOCK_DRIVERS, probe_node_format,
-                                     protocol_options)
+                                     protocol_options, protocol_options_for)
 from blockexport.cli import daemonize
 from blockexport.cli.common import CliExit, Reporter, run_main, write
 from blockexport.cli.getopt import NO_ARG, REQUIRED_ARG, GetoptError, getopt_long
@@ -442,7 +442,7 @@ def _apply_defaults(opts: dict, o: NbdOptions, name: str | None = None,
         if o.aio is not None:
             out.setdefault("aio", o.aio)
         out.setdefault("locking", "auto")
-    for role in ("file", "backing", "data-file"):
+    for role in ("file", "backing", "data-file", "image"):
         child = out.get(role)
         if isinstance(child, dict):
             out[role] = _apply_defaults(child, o)
@@ -473,7 +473,10 @@ def _open_probed(graph, proto, top_opts: dict, o: NbdOptions, rep: Reporter):
         opts = dict(top_opts)
         opts["driver"] = fmt
         opts["file"] = proto.node_name
-        return graph.blockdev_add(opts)
+        node = graph.blockdev_add(opts)
+        if fmt == "raw":
+            node.set_probed()       # QEMU: sector-based, sector 0 protected
+        return node
     except BaseException:
         if created:
             try:
@@ -537,6 +540,17 @@ def _check_drivers(opts: dict) -> None:
             _check_drivers(value)
 
 
+def _legacy_rules(opts: dict) -> dict:
+    """blkdebug reads its rules with QemuOpts in the legacy open path (its messages)."""
+    out = {}
+    for key, value in opts.items():
+        out[key] = _legacy_rules(value) if isinstance(value, dict) else value
+    if out.get("driver") == "blkdebug":
+        from blockexport.block.drivers.blkdebug import legacy_options
+        out = legacy_options(out)
+    return out
+
+
 _UNEXPECTED = re.compile(r"Parameter '([^']+)' is unexpected")
 
 
@@ -544,6 +558,7 @@ def _open_user_options(graph, opts: dict, o: NbdOptions, rep: Reporter):
     """Open options given by the user (--image-opts, json:), with the legacy path's words
     for unknown drivers and options."""
     _check_drivers(opts)
+    opts = _legacy_rules(opts)
     try:
         return _open_options(graph, opts, o, rep)
     except Error as err:
@@ -589,8 +604,7 @@ def _blk_new_open(graph, o: NbdOptions, rep: Reporter):
         if o.fmt not in QEMU_BLOCK_DRIVERS:
             raise Error("Unknown driver '%s'" % o.fmt)
         if o.fmt in PROTOCOL_DRIVERS:
-            proto = protocol_options(filename)
-            proto["driver"] = o.fmt
+            proto = protocol_options_for(o.fmt, filename)
             return graph.blockdev_add(_apply_defaults(proto, o, NODE_IMAGE, top))
         return graph.blockdev_add(_apply_defaults(
             {"driver": o.fmt, "file": protocol_options(filename)}, o, NODE_IMAGE, top))

@@ -12,7 +12,11 @@ from blockexport.errors import Error
 from blockexport.qapi.schema import default_schema
 from blockexport.util.cutils import parse_bool, parse_size, strtou64
 
-_QEMU_OPTS_SIZES = {"offset", "size"}   # the integer options drivers read as QEMU_OPT_SIZE
+# the integer options drivers read as QEMU_OPT_SIZE
+_QEMU_OPTS_SIZES = {"offset", "size", "align", "max-transfer", "opt-write-zero",
+                    "max-write-zero", "opt-discard", "max-discard"}
+_INT_TYPES = {"int", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+              "size"}
 
 
 def _qemu_opts_number(name: str, value: str) -> int:
@@ -58,7 +62,7 @@ def _typed_scalar(t, name: str, value: str, warn):
         return value
     if t.name == "bool":
         return parse_bool(name, value)
-    if t.name in ("int", "int64", "uint64", "size"):
+    if t.name in _INT_TYPES:
         if name.rsplit(".", 1)[-1] in _QEMU_OPTS_SIZES:
             return parse_size(name, value, warn)
         return _qemu_opts_number(name, value)

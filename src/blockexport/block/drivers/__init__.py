@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 
 _TABLE: dict[str, tuple[str, str]] = {
+    "blkdebug": ("blockexport.block.drivers.blkdebug", "BlkdebugNode"),
     "file": ("blockexport.block.drivers.file", "FileNode"),
     "host_device": ("blockexport.block.drivers.file", "HostDeviceNode"),
     "raw": ("blockexport.block.drivers.raw", "RawNode"),

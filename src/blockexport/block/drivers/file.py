@@ -18,6 +18,7 @@ import stat
 import threading
 
 from blockexport.block import locking
+from blockexport.block.serialise import Overlaps
 from blockexport.block.node import (
     BS_ALLOCATED, BS_DATA, BS_ZERO, SECTOR_SIZE, ZEROS, BlockNode, zero_fill,
 )
@@ -114,12 +115,14 @@ class FileNode(BlockNode):
             self.is_block_device = stat.S_ISBLK(st.st_mode)
             self._size = self._initial_size(st)
             self._size_lock = threading.Lock()
-            self._rmw_lock = threading.Lock()
+            self._overlaps = Overlaps()    # O_DIRECT write serialisation
             self._bounce = _Bounce()
             self._has_zero_range = True
             self._has_punch = True
             self._has_fallocate = True
             self._has_dsync = hasattr(os, "RWF_DSYNC")
+            #: errno of a failed fdatasync on a buffered file: every later flush fails
+            self._flush_error = 0
             self._bsc = (0, 0)  # block-status cache: one known data extent [start, end)
             if self.cache_direct:
                 self.request_alignment, self._buf_align = self._probe_alignment()
@@ -282,17 +285,21 @@ class FileNode(BlockNode):
         return n
 
     def _write_fua(self, offset: int, buf) -> None:
-        if self._has_dsync:
+        if self._has_dsync and not self._flush_error:
             try:
                 n = os.pwritev(self._fd, (buf,), offset, self._dsync_flag)
             except OSError as e:
+                if e.errno == errno.EIO:
+                    # the write-back of this write (or of earlier ones) failed: the page
+                    # cache may hold data the disk lost, as after a failed fdatasync
+                    self._flush_error = e.errno
                 if e.errno not in _ENOTSUP_SET:
                     raise
                 self._has_dsync = False
             else:
                 if n != len(buf):
                     n = self._write_rest(offset, buf, n)
-                    os.fdatasync(self._fd)
+                    self._sync()
                 end = offset + n
                 if end > self._size:
                     self._grow(end)
@@ -303,7 +310,22 @@ class FileNode(BlockNode):
         end = offset + n
         if end > self._size:
             self._grow(end)
-        os.fdatasync(self._fd)
+        self._sync()
+
+    def _sync(self) -> None:
+        """fdatasync(), failing for good once it failed on a buffered file (QEMU's
+        file-posix: the kernel may have dropped the dirty pages and marked them clean, so a
+        later fdatasync could succeed without the data being on disk; we must never
+        acknowledge that).  O_DIRECT bypasses the page cache: no such state."""
+        err = self._flush_error
+        if err:
+            raise OSError(err, os.strerror(err))
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            if not self.cache_direct:
+                self._flush_error = e.errno
+            raise
 
     def _write_read_only(self, offset, buf, fua=False):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
@@ -346,7 +368,25 @@ class FileNode(BlockNode):
             zero_fill(b, got)
         mv[:] = b[offset - start:offset - start + n]
 
+    def _serialise(self, offset: int, length: int, rmw: bool) -> list:
+        if rmw:
+            a = self.request_alignment
+            return self._overlaps.begin(offset - offset % a, round_up(offset + length, a), True)
+        return self._overlaps.begin(offset, offset + length, False)
+
     def _direct_write(self, offset: int, buf, fua: bool = False) -> None:
+        n = len(buf) if isinstance(buf, (bytes, bytearray)) else _byte_view(buf).nbytes
+        if n == 0:
+            return
+        a = self.request_alignment
+        me = self._serialise(offset, n, bool(offset % a or n % a))
+        try:
+            self._direct_write_locked(offset, buf, fua)
+        finally:
+            self._overlaps.end(me)
+
+    def _direct_write_locked(self, offset: int, buf, fua: bool = False) -> None:
+        """The write itself; the caller holds its place in ``_overlaps``."""
         a = self.request_alignment
         mv = _byte_view(buf)
         n = len(mv)
@@ -363,19 +403,18 @@ class FileNode(BlockNode):
         else:
             start = offset - offset % a
             end = round_up(offset + n, a)
-            with self._rmw_lock:
-                b = self._bounce.get(end - start)
-                if start != offset:
-                    got = self._pread_full(b[:a], start)
-                    if got < a:
-                        zero_fill(b[:a], got)
-                if end != offset + n and (end - a >= start + a or start == offset):
-                    tail = b[end - a - start:end - start]
-                    got = self._pread_full(tail, end - a)
-                    if got < a:
-                        zero_fill(tail, got)
-                b[offset - start:offset - start + n] = mv
-                self._pwrite_all(b, start, fua)
+            b = self._bounce.get(end - start)
+            if start != offset:
+                got = self._pread_full(b[:a], start)
+                if got < a:
+                    zero_fill(b[:a], got)
+            if end != offset + n and (end - a >= start + a or start == offset):
+                tail = b[end - a - start:end - start]
+                got = self._pread_full(tail, end - a)
+                if got < a:
+                    zero_fill(tail, got)
+            b[offset - start:offset - start + n] = mv
+            self._pwrite_all(b, start, fua)
         if end > self._size:
             self._grow(end)
 
@@ -393,7 +432,7 @@ class FileNode(BlockNode):
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
             n += got
         if fua and not self.no_flush and not flags:
-            os.fdatasync(fd)
+            self._sync()
 
     _dsync_flag = getattr(os, "RWF_DSYNC", 0)
 
@@ -404,13 +443,14 @@ class FileNode(BlockNode):
 
     def flush(self) -> None:
         if not self.no_flush:
-            os.fdatasync(self._fd)
+            self._sync()
 
     def discard(self, offset: int, length: int) -> None:
         if self.discard_mode != "unmap" or length <= 0 or self.read_only:
             return
         if not self._has_punch:
             return
+        me = self._serialise(offset, length, False) if self.cache_direct else None
         self._bsc = (0, 0)
         try:
             fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
@@ -422,6 +462,8 @@ class FileNode(BlockNode):
             raise
         finally:
             self._bsc = (0, 0)  # also drop what a concurrent block_status cached meanwhile
+            if me is not None:
+                self._overlaps.end(me)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
                      fast: bool = False, fua: bool = False) -> None:
@@ -429,11 +471,18 @@ class FileNode(BlockNode):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
         if length <= 0:
             return
+        me = None
+        if self.cache_direct:
+            # unaligned: the zero buffers written as a fallback are read-modify-writes
+            a = self.request_alignment
+            me = self._serialise(offset, length, bool(offset % a or length % a))
         self._bsc = (0, 0)
         try:
             self._write_zeroes(offset, length, may_unmap, fast, fua)
         finally:
             self._bsc = (0, 0)
+            if me is not None:
+                self._overlaps.end(me)
 
     def _write_zeroes(self, offset: int, length: int, may_unmap: bool, fast: bool,
                       fua: bool) -> None:
@@ -461,7 +510,7 @@ class FileNode(BlockNode):
                 self.flush()
             return
         if fua and not self.no_flush:
-            os.fdatasync(fd)
+            self._sync()
 
     def _zero_allocated(self, offset: int, length: int) -> bool:
         """Zero a range without leaving a hole, without writing data.  False if the file
@@ -512,7 +561,8 @@ class FileNode(BlockNode):
 
     def _write_zero_buffers(self, offset: int, length: int) -> None:
         chunk = len(ZEROS)
-        write = self._write_data
+        # (O_DIRECT: write_zeroes already holds its place in _overlaps)
+        write = self._direct_write_locked if self.cache_direct else self._write_data
         zmv = memoryview(ZEROS)
         pos = 0
         while pos < length:

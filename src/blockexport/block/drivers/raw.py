@@ -10,9 +10,17 @@ from __future__ import annotations
 import errno
 import os
 
-from blockexport.block.node import PERM_RESIZE, SECTOR_SIZE, BlockNode
+from blockexport.block.node import (
+    PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, SECTOR_SIZE, BlockNode,
+)
+from blockexport.block.probe import probe_format
+from blockexport.block.serialise import Overlaps
 from blockexport.errors import Error
 from blockexport.util.cutils import round_up
+
+def _no_file_range(offset, length):
+    return None
+
 
 def _einval():
     return OSError(errno.EINVAL, os.strerror(errno.EINVAL))
@@ -31,6 +39,19 @@ class RawNode(BlockNode):
         except BaseException:
             graph.abandon_child(child)
             raise
+
+    #: Opened with a probed format (qemu-nbd's FILE without -f): see :meth:`set_probed`.
+    probed = False
+
+    def set_probed(self) -> None:
+        """The format was probed, not given: as QEMU, the node then works in 512-byte
+        sectors (unaligned writes and write-zeroes are read-modify-writes of whole
+        sectors) and refuses a write that would make sector 0 look like another format
+        (EPERM), so a guest cannot turn its raw image into, say, a qcow2 header."""
+        self.probed = True
+        self.request_alignment = SECTOR_SIZE
+        self._overlaps = Overlaps()
+        self._rebind_io(lambda: self._bind(self.file))
 
     def _setup(self, child: BlockNode, options: dict) -> None:
         for key in ("offset", "size"):  # QAPI 'int'; QEMU re-reads them as sizes
@@ -106,6 +127,15 @@ class RawNode(BlockNode):
             self.block_status = block_status
             self.file_range = file_range
             self.cache = cache
+        debug = getattr(child, "debug_event", None)
+        self._debug = debug
+        if debug is not None:
+            read_into, write_data = self._debug_io(debug, self.read_into, write_data)
+            self.read_into = read_into
+            self.file_range = _no_file_range
+        self._write_data_unlocked = write_data
+        if self.probed:
+            write_data = self._probed_write(write_data)
         self._write_data = write_data
         if self.read_only:
             self.write = self._write_read_only
@@ -113,6 +143,107 @@ class RawNode(BlockNode):
             self.write = self._detect_zeroes_write(write_data)
         else:
             self.write = write_data
+
+    # ---- probed format: whole sectors, sector 0 protected ---------------------------------
+
+    def _probed_write(self, write_data):
+        node = self
+
+        def write(offset, buf, fua=False):
+            n = len(buf)
+            if not n:
+                return
+            me = node._overlaps.begin_request(offset, n, SECTOR_SIZE)
+            try:
+                node._sector_write(write_data, offset, buf, fua)
+            finally:
+                node._overlaps.end(me)
+        return write
+
+    def _sector_write(self, write_data, offset: int, buf, fua: bool,
+                      zero: bool = False) -> None:
+        """Write ``buf`` (or ``len(buf)`` zeroes) padded to whole sectors; the caller holds
+        its place in ``_overlaps``."""
+        mv = memoryview(buf)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        n = len(mv)
+        start = offset - offset % SECTOR_SIZE
+        end = round_up(offset + n, SECTOR_SIZE)
+        if start != offset or end != offset + n:
+            padded = bytearray(end - start)
+            if start != offset:
+                self.read_into(start, memoryview(padded)[:SECTOR_SIZE])
+            if end != offset + n and (end - SECTOR_SIZE > start or start == offset):
+                self.read_into(end - SECTOR_SIZE, memoryview(padded)[-SECTOR_SIZE:])
+            padded[offset - start:offset - start + n] = bytes(n) if zero else mv
+            mv = memoryview(padded)
+        if start == 0 and probe_format(bytes(mv[:SECTOR_SIZE])) != "raw":
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+        write_data(start, mv, fua)
+
+    def _probed_write_zeroes(self, offset: int, length: int, may_unmap: bool, fast: bool,
+                             fua: bool) -> None:
+        me = self._overlaps.begin_request(offset, length, SECTOR_SIZE)
+        try:
+            end = offset + length
+            head_end = min(round_up(offset, SECTOR_SIZE), end)
+            if head_end > offset:       # an unaligned head is written as data
+                if fast:
+                    raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+                self._sector_write(self._write_data_unlocked, offset,
+                                   bytes(head_end - offset), fua, zero=True)
+                offset = head_end
+            tail_start = max(end - end % SECTOR_SIZE, offset)
+            if tail_start > offset:
+                self._zero_child(offset, tail_start - offset, may_unmap, fast, fua)
+            if end > tail_start:
+                if fast:
+                    raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+                self._sector_write(self._write_data_unlocked, tail_start,
+                                   bytes(end - tail_start), fua, zero=True)
+        finally:
+            self._overlaps.end(me)
+
+    # ---- over an error-injection child (blkdebug) ------------------------------------------
+
+    def _debug_io(self, debug, read_into, write_data):
+        """Over a child that takes debug events (blkdebug), do what QEMU's raw driver and
+        generic block layer do around it: ``read_aio``/``write_aio`` before each read/write,
+        FUA emulated by a flush, a write generation so that ``flush_to_disk`` fires only
+        after writes."""
+        self._gen = 0
+        self._flushed_gen = 0
+        node = self
+
+        def debug_read(offset, buf):
+            debug("read_aio")
+            read_into(offset, buf)
+
+        def debug_write(offset, buf, fua=False):
+            debug("write_aio")
+            try:
+                write_data(offset, buf, False)
+                if fua:
+                    node.flush()
+            finally:
+                node._gen += 1
+
+        self.flush = self._debug_flush
+        return debug_read, debug_write
+
+    def _debug_flush(self) -> None:
+        if self.read_only:
+            return
+        debug = self._debug
+        debug("flush_to_os")
+        gen = self._gen
+        if not self.no_flush and gen != self._flushed_gen:
+            debug("flush_to_disk")
+        att = self._child_atts.get("file")
+        if att is not None and att.perm & (PERM_WRITE | PERM_WRITE_UNCHANGED):
+            self.file.flush()
+        self._flushed_gen = gen
 
     @staticmethod
     def _write_read_only(offset, buf, fua=False):
@@ -138,7 +269,14 @@ class RawNode(BlockNode):
         if self.discard_mode != "unmap" or self.read_only:
             return
         self._check(offset, length)
-        self.file.discard(offset + self.offset, length)
+        me = self._overlaps.begin(offset, offset + length, False) if self.probed else None
+        try:
+            self.file.discard(offset + self.offset, length)
+        finally:
+            if me is not None:
+                self._overlaps.end(me)
+            if self._debug is not None:
+                self._gen += 1
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
                      fast: bool = False, fua: bool = False) -> None:
@@ -146,10 +284,25 @@ class RawNode(BlockNode):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
         if self.has_size and offset + length > self.size:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if self.probed and length > 0:
+            self._probed_write_zeroes(offset, length, may_unmap, fast, fua)
+            return
+        self._zero_child(offset, length, may_unmap, fast, fua)
+
+    def _zero_child(self, offset: int, length: int, may_unmap: bool, fast: bool,
+                    fua: bool) -> None:
         # qemu-nbd 7.2 (discard=ignore on the format node) still punches holes for a zero
         # request without NO_HOLE: the decision is the protocol node's (its discard=unmap
         # is the default for children), so may_unmap passes through unchanged.
-        self.file.write_zeroes(offset + self.offset, length, may_unmap, fast, fua)
+        if self._debug is None:
+            self.file.write_zeroes(offset + self.offset, length, may_unmap, fast, fua)
+            return
+        try:
+            self.file.write_zeroes(offset + self.offset, length, may_unmap, fast, False)
+            if fua:
+                self.flush()
+        finally:
+            self._gen += 1
 
     def _child_perm(self, role: str, perm: int, shared: int) -> tuple[int, int]:
         if self.is_filter:

@@ -26,7 +26,10 @@ def _protocol_node(node):
 
 
 def _allocated_size(node):
-    """Bytes allocated on disk for the image (QEMU's actual-size), or None."""
+    """Bytes allocated on disk for the image (QEMU's actual-size), or None (QEMU: other
+    protocol drivers, e.g. blkdebug, cannot tell)."""
+    if node.driver not in ("file", "host_device"):
+        return None
     try:
         return os.stat(node.filename).st_blocks * 512
     except OSError:

@@ -1,0 +1,94 @@
+"""A failed flush stays failed (QEMU's file-posix: after a failed fdatasync the page cache may
+hold data the disk lost, so durability is never acknowledged again), through NBD, on
+qemu-nbd 7.2 and blockexport-nbd alike.
+
+The failing disk is a tiny FUSE file system (tests/helpers/failfsync_fuse.c, built here with
+the installed fuse3): its fsync fails with EIO while a marker file exists in the backing
+directory, so the real kernel path is exercised (the write-back error is the FUSE server's
+answer to FSYNC), without root-only device-mapper tricks."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import nbd
+import pytest
+
+HELPER = Path(__file__).resolve().parents[1] / "helpers" / "failfsync_fuse.c"
+
+
+@pytest.fixture(scope="session")
+def failfs_binary(tmp_path_factory):
+    out = tmp_path_factory.mktemp("failfs") / "failfsync_fuse"
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], check=True,
+                           capture_output=True, text=True).stdout.split()
+    subprocess.run(["gcc", "-O2", "-o", str(out), str(HELPER), *flags], check=True)
+    return out
+
+
+@pytest.fixture
+def failing_disk(failfs_binary, tmp_path):
+    """(backing dir, mount point): mnt/disk.img is backing/disk.img; touching
+    backing/FAIL_FSYNC makes fsync fail."""
+    backing = tmp_path / "backing"
+    mnt = tmp_path / "mnt"
+    backing.mkdir()
+    mnt.mkdir()
+    (backing / "disk.img").write_bytes(b"\x11" * (1 << 20))
+    # without -f the FUSE server returns once the file system is mounted
+    subprocess.run([str(failfs_binary), str(backing), str(mnt)], check=True, timeout=30)
+    try:
+        assert os.path.ismount(mnt)
+        yield backing, mnt
+    finally:
+        subprocess.run([shutil.which("fusermount3"), "-u", "-z", str(mnt)], timeout=30)
+
+
+def nbd_errno(fn, *args) -> int:
+    with pytest.raises(nbd.Error) as e:
+        fn(*args)
+    return e.value.errnum
+
+
+def test_failed_flush_stays_failed(start_server, failing_disk):
+    backing, mnt = failing_disk
+    srv = start_server(mnt / "disk.img", ["-e", "2"])
+    a, b = nbd.NBD(), nbd.NBD()
+    a.connect_uri(srv.uri())
+    b.connect_uri(srv.uri())
+    try:
+        a.pwrite(b"\x22" * 4096, 0)
+        a.flush()
+        (backing / "FAIL_FSYNC").touch()
+        a.pwrite(b"\x33" * 4096, 0)
+        assert nbd_errno(a.flush) == errno.EIO
+        (backing / "FAIL_FSYNC").unlink()       # the disk "works" again: fsync succeeds
+        assert nbd_errno(a.flush) == errno.EIO  # ... but we never claim durability again
+        assert nbd_errno(b.flush) == errno.EIO
+        assert nbd_errno(a.pwrite, b"\x44" * 512, 0, nbd.CMD_FLAG_FUA) == errno.EIO
+        assert nbd_errno(a.zero, 512, 0, nbd.CMD_FLAG_FUA) == errno.EIO
+        assert a.pread(512, 4096) == b"\x11" * 512      # reads still served
+        a.pwrite(b"\x55" * 512, 8192)                   # plain writes too
+    finally:
+        a.shutdown()
+        b.shutdown()
+    assert srv.alive()
+
+
+def test_direct_io_flush_failure_is_not_sticky(start_server, failing_disk):
+    """With O_DIRECT (cache=none) there is no page cache to lose: QEMU retries."""
+    backing, mnt = failing_disk
+    srv = start_server(mnt / "disk.img", ["--cache=none"])
+    h = nbd.NBD()
+    h.connect_uri(srv.uri())
+    try:
+        (backing / "FAIL_FSYNC").touch()
+        h.pwrite(b"\x33" * 4096, 0)
+        assert nbd_errno(h.flush) == errno.EIO
+        (backing / "FAIL_FSYNC").unlink()
+        h.flush()
+    finally:
+        h.shutdown()

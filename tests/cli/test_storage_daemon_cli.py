@@ -105,6 +105,8 @@ ERRORS = [
     ["--blockdev", '{"driver":"null-co","node-name":"a","size":"1"}'],
     ["--blockdev", '{"a":1} x'], ["--blockdev", '{"a" 1}'], ["--blockdev", '{"a":1}{}'],
     ["--blockdev", "{'driver':'null-co'}"], ["--blockdev", '{ "driver":1}'],
+    ["--blockdev", '{"driver":"null-co","node-name":"a"} "x'], ["--blockdev", '{"a":1,"a":2}'],
+    ["--blockdev", '{"a":' * 1025], ["--blockdev", '{"a":"\\u00zz"}'],
     ["--blockdev", "null-co,node-name=a,size=abc"], ["--blockdev", "null-co,node-name=a,size=1k"],
     ["--blockdev", "null-co,node-name=a,read-only=x"],
     ["--blockdev", "null-co,node-name=a,foo=bar"],

@@ -97,17 +97,16 @@ class Located(Reporter):
 # --------------------------------------------------------------------------------------------
 
 def parse_json_arg(text: str) -> dict:
-    """One JSON object from the command line, with QEMU's messages."""
+    """One JSON value from the command line, as QEMU's qobject_from_json: the text is fed and
+    flushed; the first error wins, a second value is an error of its own."""
     from blockexport.qmp.protocol import JsonStreamer, ParseError
     streamer = JsonStreamer()
-    items = streamer.feed(text.encode("utf-8", "surrogateescape") + b" ")
-    if items and isinstance(items[0], ParseError):
-        raise Error("JSON parse error, %s" % items[0])
+    items = streamer.feed(text.encode("utf-8", "surrogateescape")) + streamer.flush()
     if not items:
-        raise Error("JSON parse error, premature EOI")
-    pending = bool(getattr(streamer, "_tokens", None)) or \
-        bool(bytes(getattr(streamer, "_buf", b"")).strip())
-    if len(items) > 1 or pending:
+        raise Error("Expecting a JSON value")
+    if isinstance(items[0], ParseError):
+        raise Error(items[0].desc)
+    if len(items) > 1:
         raise Error("Expecting at most one JSON value")
     return items[0]
 

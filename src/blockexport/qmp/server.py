@@ -137,10 +137,10 @@ class MonitorClient:
 
     async def _handle(self, item) -> None:
         if isinstance(item, P.ParseError):
-            self.send(P.error_message("GenericError", "JSON parse error, %s" % item))
+            self.send(P.error_message("GenericError", item.desc))
             return
         try:
-            req = P.check_request(item)
+            req = P.check_request(item, allow_oob=self.oob)
         except Error as exc:
             has_id, rid = getattr(exc, "request_id", (False, None))
             self.send(P.error_message(exc.qmp_class, exc.message, has_id, rid))
@@ -159,9 +159,7 @@ class MonitorClient:
 
     async def _dispatch(self, req):
         daemon = self.monitor.daemon
-        if req.oob:
-            if not self.oob:
-                raise Error("QMP input member 'exec-oob' is unexpected")
+        if req.oob:       # only when enabled: check_request(allow_oob=self.oob)
             if req.name not in daemon.schema.commands:
                 raise Error("The command %s has not been found" % req.name, "CommandNotFound")
             raise Error("The command %s does not support OOB" % req.name)

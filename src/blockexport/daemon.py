@@ -23,7 +23,7 @@ from blockexport.objects import ObjectTable
 from blockexport.qapi.schema import default_schema
 from blockexport.qmp import protocol as P
 from blockexport.qmp.dispatcher import handlers
-from blockexport.qmp.server import Chardev, Monitor
+from blockexport.qmp.server import Chardev, Monitor, StdioChardev, open_chardev
 from blockexport.util.sockets import socket_listen
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,11 @@ class Daemon:
         self.graph.objects = self.objects
         self.chardevs: dict[str, Chardev] = {}
         self.monitors: list[Monitor] = []
+        #: set by the command line: stdio is not available in the background
+        self.daemonized = False
+        #: how runtime errors are shown (QEMU's error_report); the command line prefixes
+        #: the program name
+        self.report_error = lambda message: log.error("%s", message)
         # asyncio primitives bind to the running loop on first use, so they can be made here
         self._lock = asyncio.Lock()
         self._quit = asyncio.Event()
@@ -107,10 +112,20 @@ class Daemon:
 
     # --- chardevs and monitors -----------------------------------------------------------------
     async def add_chardev(self, chardev_id: str, backend: dict) -> None:
-        if chardev_id in self.chardevs:
+        """A chardev as blockexport.qmp.server.open_chardev describes it; QEMU's errors."""
+        existing = self.chardevs.get(chardev_id)
+        if backend["type"] == "socket" and existing is not None and \
+                not isinstance(existing, StdioChardev):
+            raise Error("duplicate yank instance")        # QEMU registers socket chardevs
+        if backend["type"] == "stdio":
+            if self.daemonized:
+                raise Error("cannot use stdio with -daemonize")
+            if any(isinstance(c, StdioChardev) for c in self.chardevs.values()):
+                raise Error("cannot use stdio by multiple character devices")
+        if existing is not None:
             raise Error("attempt to add duplicate property '%s' to object (type 'container')"
                         % chardev_id)
-        self.chardevs[chardev_id] = Chardev(chardev_id, backend)
+        self.chardevs[chardev_id] = await open_chardev(chardev_id, backend, self.report_error)
 
     def add_monitor(self, chardev_id: str, pretty: bool = False) -> Monitor:
         chardev = self.chardevs.get(chardev_id)
@@ -132,6 +147,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.request_quit)
+        for chardev in self.chardevs.values():
+            chardev.machine_done()          # QEMU's main loop serves them from now on
         try:
             await self._quit.wait()
         finally:

@@ -105,6 +105,8 @@ ERRORS = [
     ["--blockdev", '{"driver":"null-co","node-name":"a","size":"1"}'],
     ["--blockdev", '{"a":1} x'], ["--blockdev", '{"a" 1}'], ["--blockdev", '{"a":1}{}'],
     ["--blockdev", "{'driver':'null-co'}"], ["--blockdev", '{ "driver":1}'],
+    ["--blockdev", '{"driver":"null-co","node-name":"a"} "x'], ["--blockdev", '{"a":1,"a":2}'],
+    ["--blockdev", '{"a":' * 1025], ["--blockdev", '{"a":"\\u00zz"}'],
     ["--blockdev", "null-co,node-name=a,size=abc"], ["--blockdev", "null-co,node-name=a,size=1k"],
     ["--blockdev", "null-co,node-name=a,read-only=x"],
     ["--blockdev", "null-co,node-name=a,foo=bar"],
@@ -148,6 +150,27 @@ ERRORS = [
     ["--chardev", "socket,id=c,host=localhost,port=x,server=on,wait=off"],
     ["--chardev", "socket,id=c,host=256.1.1.1,port=1234,server=on,wait=off"],
     ["--chardev", CHR + ",ipv4=x"], ["--chardev", CHR.replace("m.sock", "m" * 120)],
+    # client mode (server=off, the default): the connection is made at startup
+    ["--chardev", "socket,id=c,path={d}/none.sock,server=off"],
+    ["--chardev", "socket,id=c,path={d}/none.sock,server=off,wait=off"],
+    ["--chardev", "socket,id=c,path={d}/none.sock,wait=on"],
+    ["--chardev", "socket,id=c,path={d}/none.sock,reconnect=0"],
+    ["--chardev", "socket,id=c,path={d}/none.sock,reconnect=x"],
+    ["--chardev", "socket,id=c,path={d}/none.sock,server=off,reconnect=1,wait=off"],
+    ["--chardev", "socket,id=c,path={d}/none.sock,server=on,wait=off,reconnect=1"],
+    ["--chardev", "socket,id=c,path={d}/none.sock,server=off,websocket=on"],
+    ["--chardev", "socket,id=c,path={d}/none.sock,server=off,tls-authz=a"],
+    ["--chardev", "socket,id=c,path={d}/" + "m" * 120 + ",server=off"],
+    ["--chardev", "socket,id=c,server=off"], ["--chardev", "socket,id=c"],
+    ["--chardev", "socket,id=c,port=1"], ["--chardev", "socket,id=c,reconnect=1"],
+    ["--chardev", "socket,id=c,port=1,reconnect=1"], ["--chardev", "socket,id=c,fd=99"],
+    ["--chardev", "socket,id=c,fd=x"], ["--chardev", "socket,id=c,host=127.0.0.1,port=1"],
+    ["--chardev", "socket,id=c,host=127.0.0.1,port=x"], ["--chardev", "socket,id=c,host=,port=1"],
+    ["--chardev", CHR, "--chardev", "socket,id=c,path={d}/none.sock"],
+    # stdio
+    ["--chardev", "stdio,id=a", "--chardev", "stdio,id=b"],
+    ["--daemonize", "--chardev", "stdio,id=a"], ["--chardev", "stdio,id=a,signal=x"],
+    ["--chardev", CHR, "--chardev", "stdio,id=c"], ["--chardev", "stdio,id=c", "--chardev", CHR],
     # --monitor
     ["--monitor", ""], ["--monitor", "c"], ["--monitor", "x,mode=readline"],
     ["--chardev", CHR, "--monitor", "c,mode=readline"],
@@ -379,12 +402,25 @@ def test_json_arg():
 
 
 def test_chardev_backends():
-    vals, _ = sd.parse_chardev_opts("socket,id=c,path=/x,server=on,wait=off", None)
-    assert sd.chardev_backend(vals) == {"type": "unix", "path": "/x"}
-    vals, _ = sd.parse_chardev_opts("socket,id=c,port=4444,server=on,wait=off", None)
-    assert sd.chardev_backend(vals) == {"type": "inet", "host": "", "port": "4444"}
+    def backend(text):
+        vals, _ = sd.parse_chardev_opts(text, None)
+        return sd.chardev_backend(vals)
+
+    assert backend("socket,id=c,path=/x,server=on,wait=off") == {
+        "type": "socket", "server": True, "addr": {"type": "unix", "path": "/x"}}
+    assert backend("socket,id=c,port=4444,server=on,wait=off") == {
+        "type": "socket", "server": True, "addr": {"type": "inet", "host": "", "port": "4444"}}
+    assert backend("socket,id=c,path=/x") == {
+        "type": "socket", "server": False, "addr": {"type": "unix", "path": "/x"},
+        "reconnect": 0}
+    assert backend("socket,id=c,host=h,port=1,ipv4=on,server=off,reconnect=2") == {
+        "type": "socket", "server": False, "reconnect": 2,
+        "addr": {"type": "inet", "host": "h", "port": "1", "ipv4": True}}
+    assert backend("stdio,id=c") == {"type": "stdio", "signal": True}
+    assert backend("stdio,id=c,signal=off,path=x") == {"type": "stdio", "signal": False}
     for text in ("null,id=c", "socket,id=c,path=/x,server=on",
-                 "socket,id=c,path=/x,server=on,wait=off,telnet=on"):
+                 "socket,id=c,path=/x,server=on,wait=off,telnet=on", "stdio,id=c,mux=on",
+                 "stdio,id=c,logfile=/x"):
         vals, _ = sd.parse_chardev_opts(text, None)
         with pytest.raises(Exception) as exc:
             sd.chardev_backend(vals)

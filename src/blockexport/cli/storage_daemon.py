@@ -15,7 +15,8 @@ and the daemon serves until ``quit`` or a signal.
 from __future__ import annotations
 
 import asyncio
-import socket
+import os
+import stat
 import sys
 
 from blockexport.cli import daemonize as dz
@@ -63,7 +64,7 @@ CHARDEV_OPTS = {
 _CHARDEV_OPT_HELP = {"bool": "bool (on/off)", "num": "num", "size": "size", "str": "str"}
 # socket options that only tune what we do anyway (dual-stack listening, no Nagle)
 _CHARDEV_IGNORED = {"backend", "path", "host", "port", "server", "wait", "ipv4", "ipv6",
-                    "nodelay", "delay", "tight", "to"}
+                    "nodelay", "delay", "tight", "to", "signal"}
 ID_HINT = "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.\n"
 
 
@@ -97,17 +98,16 @@ class Located(Reporter):
 # --------------------------------------------------------------------------------------------
 
 def parse_json_arg(text: str) -> dict:
-    """One JSON object from the command line, with QEMU's messages."""
+    """One JSON value from the command line, as QEMU's qobject_from_json: the text is fed and
+    flushed; the first error wins, a second value is an error of its own."""
     from blockexport.qmp.protocol import JsonStreamer, ParseError
     streamer = JsonStreamer()
-    items = streamer.feed(text.encode("utf-8", "surrogateescape") + b" ")
-    if items and isinstance(items[0], ParseError):
-        raise Error("JSON parse error, %s" % items[0])
+    items = streamer.feed(text.encode("utf-8", "surrogateescape")) + streamer.flush()
     if not items:
-        raise Error("JSON parse error, premature EOI")
-    pending = bool(getattr(streamer, "_tokens", None)) or \
-        bool(bytes(getattr(streamer, "_buf", b"")).strip())
-    if len(items) > 1 or pending:
+        raise Error("Expecting a JSON value")
+    if isinstance(items[0], ParseError):
+        raise Error(items[0].desc)
+    if len(items) > 1:
         raise Error("Expecting at most one JSON value")
     return items[0]
 
@@ -149,7 +149,9 @@ def parse_chardev_opts(text: str, warn) -> tuple[dict, bool]:
 
 
 def chardev_backend(values: dict) -> dict:
-    """The listening-socket backend a ``--chardev`` describes (QEMU's checks, in order)."""
+    """The chardev a ``--chardev`` describes, checked as QEMU checks it, in QEMU's order:
+    ``{"type": "socket", "addr": <flat SocketAddress>, "server": bool, "reconnect": int}``
+    or ``{"type": "stdio", "signal": bool}`` (see blockexport.qmp.server.open_chardev)."""
     cid = values.get("id")
     backend = values.get("backend")
     if cid is None:
@@ -158,37 +160,79 @@ def chardev_backend(values: dict) -> dict:
         raise Error('chardev: "%s" missing backend' % cid)
     if backend not in CHARDEV_BACKENDS:
         raise Error("'%s' is not a valid char driver name" % backend)
+    if backend == "stdio":
+        return _stdio_backend(values)
     if backend != "socket":
-        raise Error("chardev: backend '%s' is not supported by blockexport (only socket)"
-                    % backend)
+        raise Error("chardev: backend '%s' is not supported by blockexport (only socket "
+                    "and stdio)" % backend)
     if sum(k in values for k in ("path", "fd", "host")) > 1:
         raise Error("None or one of 'path', 'fd' or 'host' option required.")
+    if "host" in values and "port" not in values:
+        raise Error("chardev: socket: no port given")
+    server = values.get("server", False)
+    # QEMU's checks of the options against the address type and the mode
+    if "path" not in values and "host" not in values and "reconnect" in values:
+        raise Error("'reconnect' option is incompatible with 'fd' address type")
+    if "tls-authz" in values and "tls-creds" not in values:
+        raise Error("'tls_authz' option requires 'tls_creds' option")
+    if server:
+        if "reconnect" in values:
+            raise Error("'reconnect' option is incompatible with socket in server listen mode")
+    else:
+        if values.get("websocket", False):
+            raise Error("Websocket client is not implemented")
+        if "wait" in values:
+            raise Error("'wait' option is incompatible with socket in client connect mode")
+    ignored = _CHARDEV_IGNORED | ({"fd", "reconnect"} if not server else set())
     for key in values:
-        if key != "id" and key not in _CHARDEV_IGNORED and values[key] is not False:
+        if key != "id" and key not in ignored and values[key] is not False:
             raise Error("chardev: socket: option '%s' is not supported by blockexport" % key)
+    if not server:
+        return {"type": "socket", "server": False, "addr": _client_address(values),
+                "reconnect": int(values.get("reconnect", "0").strip())}
     if "path" in values:
         check_unix_path(values["path"])
         addr = {"type": "unix", "path": values["path"]}
     elif "host" in values or "port" in values:
-        if "port" not in values:
-            raise Error("chardev: socket: no port given")
         addr = {"type": "inet", "host": values.get("host", ""), "port": values["port"]}
     else:
         raise Error("chardev: socket: only path= or host=/port= sockets are supported "
                     "by blockexport")
-    if not values.get("server", False):
-        if addr["type"] == "unix":
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                try:
-                    s.connect(addr["path"])
-                except OSError as exc:
-                    raise Error("Failed to connect to '%s': %s" % (addr["path"], exc.strerror))
-        raise Error("chardev: socket: client mode (server=off) is not supported by "
-                    "blockexport")
     if values.get("wait", True):
         raise Error("chardev: socket: waiting for a connection (wait=on) is not supported "
                     "by blockexport; use wait=off")
-    return addr
+    return {"type": "socket", "server": True, "addr": addr}
+
+
+def _client_address(values: dict) -> dict:
+    """Where a client-mode socket chardev connects: a unix path, a host and port, or a
+    connected socket inherited by number (``fd=``; QEMU takes anything else as that)."""
+    if "path" in values:
+        return {"type": "unix", "path": values["path"]}
+    if "host" in values:
+        addr = {"type": "inet", "host": values["host"], "port": values["port"]}
+        for key in ("ipv4", "ipv6"):
+            if key in values:
+                addr[key] = values[key]
+        return addr
+    text = values.get("fd", "")
+    if not text.isdigit():
+        raise Error("Unable to parse FD number %s" % text)
+    try:
+        is_socket = stat.S_ISSOCK(os.fstat(int(text)).st_mode)
+    except OSError:
+        is_socket = False
+    if not is_socket:
+        raise Error("File descriptor '%s' is not a socket" % text)
+    return {"type": "fd", "str": text}
+
+
+def _stdio_backend(values: dict) -> dict:
+    """``stdio[,signal=on|off]``; the socket options mean nothing to it (QEMU ignores them)."""
+    for key in ("mux", "logfile", "logappend"):
+        if values.get(key, False) is not False:
+            raise Error("chardev: stdio: option '%s' is not supported by blockexport" % key)
+    return {"type": "stdio", "signal": values.get("signal", True)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,8 +304,6 @@ async def apply_option(d, opt: str, arg: str, rep: Located) -> None:
                    + "".join("  %s\n" % b for b in CHARDEV_BACKENDS))
             raise CliExit(0)
         backend = chardev_backend(values)
-        if values["id"] in d.chardevs:
-            raise Error("duplicate yank instance")
         await d.add_chardev(values["id"], backend)
     elif opt == "monitor":
         mon = qapi_arg(schema, "MonitorOptions", arg, "chardev")
@@ -303,6 +345,8 @@ def _pre_init(args, rep: Reporter):
 async def _main_async(args, rep: Reporter, background) -> int:
     from blockexport.daemon import Daemon
     d = Daemon()
+    d.daemonized = background is not None
+    d.report_error = rep.error
     pidfile = None
     pidfile_path = None
     try:

@@ -12,11 +12,14 @@ monitor chardevs, and the export types that listen on their own (vhost-user-blk)
   :func:`listen_fd` — a listening socket inherited by number.
 * :func:`check_socket_activation` / :func:`activated_socket` — systemd's ``LISTEN_PID`` /
   ``LISTEN_FDS``.
+* :func:`socket_connect` — the other direction (a client-mode chardev): connect to a flat
+  ``unix`` or ``inet`` SocketAddress without blocking the event loop, QEMU's messages.
 
 Errors are :class:`blockexport.errors.Error` with QEMU 7.2's words.
 """
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import socket
@@ -248,3 +251,54 @@ def activated_socket(fd: int = FIRST_SOCKET_ACTIVATION_FD) -> int:
     finally:
         sock.close()
     return fd
+
+
+# --------------------------------------------------------------------------------------------
+# connecting
+# --------------------------------------------------------------------------------------------
+
+async def socket_connect(addr: dict) -> socket.socket:
+    """A non-blocking socket connected to the flat SocketAddress ``addr`` (QEMU's
+    socket_connect: every resolved address is tried, the last failure is reported)."""
+    loop = asyncio.get_running_loop()
+    kind = addr["type"]
+    if kind == "unix":
+        path = addr["path"]
+        check_unix_path(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, path)
+        except OSError as exc:
+            sock.close()
+            raise Error("Failed to connect to '%s': %s" % (path, _strerror(exc)))
+        return sock
+    if kind != "inet":
+        raise Error("Socket type '%s' is not supported by blockexport" % kind)
+    host, port = addr.get("host", ""), str(addr["port"])
+    try:
+        infos = await loop.getaddrinfo(host, port, family=inet_family(addr),
+                                       type=socket.SOCK_STREAM, flags=socket.AI_ADDRCONFIG)
+    except socket.gaierror as exc:
+        raise Error("address resolution failed for %s:%s: %s" % (host, port, exc.strerror))
+    except UnicodeError:
+        raise Error("address resolution failed for %s:%s: %s"
+                    % (host, port, "Name or service not known"))
+    failure = None
+    for family, type_, proto, _, sockaddr in infos:
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, sockaddr)
+        except OSError as exc:
+            sock.close()
+            failure = exc
+            continue
+        return sock
+    raise Error("Failed to connect to '%s:%s': %s"
+                % (host, port, _strerror(failure) if failure else "no address"))
+
+
+def _strerror(exc: OSError) -> str:
+    """The C library's message (asyncio words some connect failures its own way)."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)

@@ -319,6 +319,13 @@ def _ours(argv, cwd):
     return run_prog("blockexport-nbd", argv, cwd)
 
 
+@pytest.mark.parametrize("value", ["-1", "abc", "2147483648", "", "5s", "1.5"])
+def test_handshake_limit_invalid(workdir, value):
+    """QEMU 9.1's --handshake-limit: a C int >= 0 (qemu_strtoi, base 0), else this error."""
+    assert _ours(["--handshake-limit", value, "x"], workdir) == \
+        (1, "", "PROG: Invalid handshake limit '%s'\n" % value)
+
+
 def test_kernel_device_not_available(workdir):
     for argv in (["-c", "/dev/nbd0", "x"], ["-d", "/dev/nbd0"], ["-d", "x"]):
         status, out, err = _ours(argv, workdir)
@@ -358,7 +365,11 @@ def test_help_lists_the_same_options_in_the_same_order(workdir):
     _, ours, _ = run_prog("blockexport-nbd", ["-h"], workdir)
     _, theirs, _ = run_prog("qemu-nbd", ["--help"], workdir)
     pat = re.compile(r"^\s+(?:(-\w), )?(--[\w-]+)", re.M)
-    assert pat.findall(ours) == pat.findall(theirs)
+    # --handshake-limit is QEMU 9.1's (CVE-2024-7409), listed after --description as there
+    newer = ("", "--handshake-limit")
+    mine = pat.findall(ours)
+    assert mine[mine.index(newer) - 1] == ("-D", "--description")
+    assert [o for o in mine if o != newer] == pat.findall(theirs)
     assert ours.splitlines()[:2] == theirs.splitlines()[:2]
 
 

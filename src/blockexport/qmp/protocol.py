@@ -73,7 +73,7 @@ class JsonStreamer:
                     n = len(buf)
                     pos = 0
                     continue
-                tok = ("v", end[0])
+                tok = end[0]
                 pos = end[1]
             elif c in _KEYWORD_CHARS or c in _NUMBER_CHARS:
                 start = pos
@@ -101,45 +101,37 @@ class JsonStreamer:
         del buf[:pos]
         return out
 
-    # The string scanner returns (value, end), None when incomplete, or a ParseError (and
-    # sets _error_end to the position after the offending character).
+    # The string scanner returns (token, end), None when incomplete, or a ParseError (and
+    # sets _error_end to the position after the offending character).  As in QEMU, the lexer
+    # only finds the end of the string (a backslash takes the next character, whatever it
+    # is); the escapes and the UTF-8 are checked when the value is built, and a bad one makes
+    # the whole JSON value fail with the parser's message (an ("e", message) token).
     def _scan_string(self, buf, start):
         quote = buf[start]
         pos = start + 1
         n = len(buf)
-        chars: list[str] = []
-        raw = bytearray()
+        escapes = False
         while pos < n:
             c = buf[pos]
             if c == quote:
-                if raw:
-                    chars.append(raw.decode("utf-8", "replace"))
-                return "".join(chars), pos + 1
-            if c < 0x20:
+                body = bytes(buf[start + 1:pos])
+                if escapes:
+                    return _decode_escaped(body, bytes(buf[start:pos + 1])), pos + 1
+                return _decode_plain(body), pos + 1
+            if c < 0x20 or c >= 0xFE:
                 self._error_end = pos + 1
                 return ParseError("stray '%s'" % buf[start:pos + 1].decode("utf-8", "replace"))
             if c == 0x5C:   # backslash
                 if pos + 1 >= n:
                     return None
                 e = buf[pos + 1]
-                if e in _ESCAPES:
-                    raw += _ESCAPES[e].encode()
-                    pos += 2
-                    continue
-                if e == ord("u"):
-                    if pos + 6 > n:
-                        return None
-                    try:
-                        cp = int(buf[pos + 2:pos + 6].decode("ascii"), 16)
-                    except ValueError:
-                        self._error_end = pos + 2
-                        return ParseError("stray '%s'" % buf[start:pos + 2].decode("utf-8", "replace"))
-                    raw += chr(cp).encode("utf-8", "surrogatepass")
-                    pos += 6
-                    continue
-                self._error_end = pos + 2
-                return ParseError("stray '%s'" % buf[start:pos + 2].decode("utf-8", "replace"))
-            raw.append(c)
+                if e < 0x20 or e >= 0xFE:
+                    self._error_end = pos + 2
+                    return ParseError("stray '%s'"
+                                      % buf[start:pos + 2].decode("utf-8", "replace"))
+                escapes = True
+                pos += 2
+                continue
             pos += 1
         if n - start > MAX_TOKEN_SIZE:
             self._error_end = n
@@ -192,62 +184,158 @@ class JsonStreamer:
         return None
 
 
-def _parse(tokens):
-    pos = 0
+_BAD_UTF8 = ("e", "invalid UTF-8 sequence in string")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
 
-    def value():
-        nonlocal pos
-        if pos >= len(tokens):
-            raise ParseError("expecting value")
-        kind, val = tokens[pos]
-        pos += 1
-        if kind == "v":
-            return val
-        if kind == "k":
-            raise ParseError("invalid keyword '%s'" % val)
-        if val == "{":
-            obj = {}
-            if pos < len(tokens) and tokens[pos] == ("s", "}"):
-                pos += 1
-                return obj
-            while True:
-                if pos >= len(tokens) or tokens[pos][0] != "v" or not isinstance(tokens[pos][1], str):
-                    raise ParseError("key is not a string in object" if pos < len(tokens)
-                                     and tokens[pos][0] == "v" else "expecting value")
-                key = tokens[pos][1]
-                pos += 1
-                if pos >= len(tokens) or tokens[pos] != ("s", ":"):
-                    raise ParseError("missing : in object pair")
-                pos += 1
-                obj[key] = value()
-                if pos < len(tokens) and tokens[pos] == ("s", ","):
-                    pos += 1
-                    continue
-                if pos < len(tokens) and tokens[pos] == ("s", "}"):
-                    pos += 1
-                    return obj
-                raise ParseError("expected separator in dict")
-        if val == "[":
-            arr = []
-            if pos < len(tokens) and tokens[pos] == ("s", "]"):
-                pos += 1
-                return arr
-            while True:
-                arr.append(value())
-                if pos < len(tokens) and tokens[pos] == ("s", ","):
-                    pos += 1
-                    continue
-                if pos < len(tokens) and tokens[pos] == ("s", "]"):
-                    pos += 1
-                    return arr
-                raise ParseError("expected separator in list")
-        raise ParseError("expecting value")
 
+def _valid_codepoint(cp: int) -> bool:
+    """QEMU's is_valid_codepoint(): Unicode scalar values that are not noncharacters."""
+    return (0 <= cp <= 0x10FFFF and not 0xD800 <= cp <= 0xDFFF
+            and not 0xFDD0 <= cp <= 0xFDEF and (cp & 0xFFFE) != 0xFFFE)
+
+
+def _decode_plain(raw: bytes):
+    """String bytes without escapes -> ("v", text), or QEMU's error for bad (modified) UTF-8:
+    strict UTF-8, plus C0 80 for U+0000, minus noncharacters."""
     try:
-        result = value()
+        text = raw.decode("utf-8") if b"\xc0" not in raw else \
+            "\0".join(part.decode("utf-8") for part in raw.split(b"\xc0\x80"))
+    except UnicodeDecodeError:
+        return _BAD_UTF8
+    if text and max(text) >= "\ufdd0" and not all(_valid_codepoint(ord(ch)) for ch in text):
+        return _BAD_UTF8
+    return ("v", text)
+
+
+def _hex4(token: bytes, i: int) -> int:
+    """QEMU's cvt4hex() on the four bytes at token[i:] (-1 unless all are hex digits)."""
+    digits = token[i:i + 4]
+    if len(digits) != 4 or not all(d in _HEX for d in digits):
+        return -1
+    return int(digits, 16)
+
+
+def _decode_escaped(body: bytes, token: bytes):
+    """Build a string value with escapes as QEMU's parse_string() does.  ``token`` is the
+    whole string token (quotes included): QEMU's error messages quote from it."""
+    out = []
+    i = 0
+    n = len(body)
+    while i < n:
+        j = body.find(b"\\", i)
+        if j < 0:
+            j = n
+        if j > i:
+            tok = _decode_plain(body[i:j])
+            if tok[0] == "e":
+                return tok
+            out.append(tok[1])
+        if j == n:
+            break
+        e = body[j + 1]
+        if e in _ESCAPES:
+            out.append(_ESCAPES[e])
+            i = j + 2
+            continue
+        if e != 0x75:   # u
+            return ("e", "invalid escape sequence in string")
+        at = j + 1                      # offset of the backslash within token
+        ptr = at + 6
+        cp = _hex4(token, at + 2)
+        if 0xD800 <= cp <= 0xDBFF and token[ptr:ptr + 2] == b"\\u":
+            trail = _hex4(token, ptr + 2)
+            if 0xDC00 <= trail <= 0xDFFF:
+                cp = 0x10000 + ((cp & 0x3FF) << 10) + (trail & 0x3FF)
+                ptr += 6
+            else:
+                cp = -1
+        if not _valid_codepoint(cp):
+            return ("e", "%s is not a valid Unicode character"
+                    % token[at:ptr].decode("utf-8", "replace"))
+        out.append(chr(cp))
+        i = ptr - 1
+    return ("v", "".join(out))
+
+
+def _key(tokens, pos: int, n: int):
+    """An object key and the ':' after it at tokens[pos:] -> (key, position after ':')."""
+    if pos < n:
+        kind, val = tokens[pos]
+        if kind == "e":
+            raise ParseError(val)
+        if kind == "v" and isinstance(val, str):
+            if pos + 1 >= n or tokens[pos + 1] != ("s", ":"):
+                raise ParseError("missing : in object pair")
+            return val, pos + 2
+        if kind == "v":
+            raise ParseError("key is not a string in object")
+    raise ParseError("expecting value")
+
+
+def _parse(tokens):
+    """The tokens of one top-level value -> the value, or a ParseError.  Iterative (an
+    explicit stack of open containers): values may nest MAX_NESTING deep, deeper than
+    Python's recursion limit."""
+    n = len(tokens)
+    pos = 0
+    stack = []          # open containers: [container, key] (key: None for lists)
+    try:
+        while True:
+            # one value starts at pos
+            if pos >= n:
+                raise ParseError("expecting value")
+            kind, val = tokens[pos]
+            pos += 1
+            if kind == "v":
+                result = val
+            elif kind == "e":
+                raise ParseError(val)
+            elif kind == "k":
+                raise ParseError("invalid keyword '%s'" % val)
+            elif val == "{":
+                if pos < n and tokens[pos] == ("s", "}"):
+                    pos += 1
+                    result = {}
+                else:
+                    key, pos = _key(tokens, pos, n)
+                    stack.append([{}, key])
+                    continue
+            elif val == "[":
+                if pos < n and tokens[pos] == ("s", "]"):
+                    pos += 1
+                    result = []
+                else:
+                    stack.append([[], None])
+                    continue
+            else:
+                raise ParseError("expecting value")
+            # a value is complete: store it, close the containers it completes
+            while stack:
+                top = stack[-1]
+                container = top[0]
+                nxt = tokens[pos] if pos < n else None
+                if top[1] is None:
+                    container.append(result)
+                    if nxt == ("s", ","):
+                        pos += 1
+                        break
+                    if nxt != ("s", "]"):
+                        raise ParseError("expected separator in list")
+                else:
+                    container[top[1]] = result
+                    if nxt == ("s", ","):
+                        top[1], pos = _key(tokens, pos + 1, n)
+                        break
+                    if nxt != ("s", "}"):
+                        raise ParseError("expected separator in dict")
+                pos += 1
+                stack.pop()
+                result = container
+            else:
+                break
     except ParseError as exc:
         return exc
-    if pos != len(tokens):
+    if pos != n:
         return ParseError("expecting value")
     return result
 
@@ -342,7 +430,53 @@ def _pretty(v, level: int) -> str:
     return json.dumps(v)
 
 
+_END = object()
+
+
+def _dumps_deep(v, pretty: bool) -> str:
+    """json.dumps / _pretty without recursion, for values nested deeper than Python's
+    recursion limit (a request's "id" is echoed as sent, and may nest MAX_NESTING deep)."""
+    pad = "    "
+    out: list[str] = []
+    stack: list = []        # [items iterator, is_dict, level, first]
+
+    def start(x, level):
+        is_dict = isinstance(x, dict)
+        if not is_dict and not isinstance(x, (list, tuple)):
+            out.append(json.dumps(x))
+        elif not x:
+            out.append(("{\n%s}" if is_dict else "[\n%s]") % (pad * level) if pretty
+                       else "{}" if is_dict else "[]")
+        else:
+            out.append("{" if is_dict else "[")
+            stack.append([iter(x.items() if is_dict else x), is_dict, level, True])
+
+    start(v, 0)
+    while stack:
+        top = stack[-1]
+        item = next(top[0], _END)
+        level = top[2]
+        if item is _END:
+            stack.pop()
+            close = "}" if top[1] else "]"
+            out.append("\n" + pad * level + close if pretty else close)
+            continue
+        if pretty:
+            out.append(("\n" if top[3] else ",\n") + pad * (level + 1))
+        elif not top[3]:
+            out.append(", ")
+        top[3] = False
+        if top[1]:
+            out.append(json.dumps(str(item[0])) + ": ")
+            item = item[1]
+        start(item, level + 1)
+    return "".join(out)
+
+
 def encode(msg, pretty: bool = False) -> bytes:
     """One reply or event as the monitor writes it."""
-    text = _pretty(msg, 0) if pretty else json.dumps(msg)
+    try:
+        text = _pretty(msg, 0) if pretty else json.dumps(msg)
+    except RecursionError:
+        text = _dumps_deep(msg, pretty)
     return (text + "\n").replace("\n", "\r\n").encode()

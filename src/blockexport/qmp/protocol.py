@@ -47,6 +47,11 @@ class JsonStreamer:
         self._tokens: list = []
         self._brace = 0
         self._bracket = 0
+        # An incomplete string, keyword or number waits at the start of the buffer for more
+        # bytes; this many of them were scanned already (rescanning from the start at every
+        # feed made a long token arriving in small pieces cost quadratic time).
+        self._scanned = 0
+        self._scanned_escapes = False
 
     def feed(self, data: bytes) -> list:
         self._buf += data
@@ -78,10 +83,18 @@ class JsonStreamer:
             elif c in _KEYWORD_CHARS or c in _NUMBER_CHARS:
                 start = pos
                 chars = _KEYWORD_CHARS if c in _KEYWORD_CHARS else _NUMBER_CHARS
+                if pos == 0 and self._scanned:
+                    pos = self._scanned
+                self._scanned = 0
                 while pos < n and buf[pos] in chars:
                     pos += 1
                 if pos == n:
                     # A keyword or number only ends at a delimiter.
+                    if n - start > MAX_TOKEN_SIZE:
+                        out.append(ParseError("JSON token size limit exceeded"))
+                        self._reset()
+                        continue
+                    self._scanned = pos - start
                     pos = start
                     break
                 text = buf[start:pos].decode("latin-1")
@@ -111,6 +124,9 @@ class JsonStreamer:
         pos = start + 1
         n = len(buf)
         escapes = False
+        if start == 0 and self._scanned:
+            pos, escapes = self._scanned, self._scanned_escapes
+        self._scanned = 0
         while pos < n:
             c = buf[pos]
             if c == quote:
@@ -123,7 +139,7 @@ class JsonStreamer:
                 return ParseError("stray '%s'" % buf[start:pos + 1].decode("utf-8", "replace"))
             if c == 0x5C:   # backslash
                 if pos + 1 >= n:
-                    return None
+                    break
                 e = buf[pos + 1]
                 if e < 0x20 or e >= 0xFE:
                     self._error_end = pos + 2
@@ -136,6 +152,7 @@ class JsonStreamer:
         if n - start > MAX_TOKEN_SIZE:
             self._error_end = n
             return ParseError("JSON token size limit exceeded")
+        self._scanned, self._scanned_escapes = pos - start, escapes
         return None
 
     @staticmethod

@@ -123,6 +123,50 @@ def require_tool(name: str) -> str:
     return path
 
 
+# --- the slow tier ----------------------------------------------------------------------------
+def _slow_enabled(config) -> bool:
+    return bool(config.getoption("--slow")) or os.environ.get("BLOCKEXPORT_SLOW") == "1"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="also run the tests marked 'slow' (long fuzzing runs, VM tests...); "
+                          "same as BLOCKEXPORT_SLOW=1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running tier, deselected unless --slow or "
+                                       "BLOCKEXPORT_SLOW=1 (make test-slow)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests are deselected (not skipped) by default: a normal run stays fast and its
+    skip count stays meaningful."""
+    if _slow_enabled(config):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+_SLOW_REPORT: list[str] = []
+
+
+@pytest.fixture
+def slow_report():
+    """Slow-tier tests append one line each (what they did: inputs, durations...); the lines
+    are printed at the end of the session (they are what docs/testing.md records)."""
+    return _SLOW_REPORT
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SLOW_REPORT:
+        terminalreporter.section("slow tier")
+        for line in _SLOW_REPORT:
+            terminalreporter.write_line(line)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Under CI (CI=true) a skipped test is a failure: the project installs everything the
     suite needs, so a skip there means a test silently did not run."""

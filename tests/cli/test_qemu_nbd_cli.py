@@ -29,16 +29,6 @@ RUN_TIMEOUT = 30
 have_qemu = pytest.mark.skipif(not os.path.exists(QEMU_NBD), reason="qemu-nbd not installed")
 
 
-def _server_available() -> bool:
-    src = REPO / "src" / "blockexport"
-    return all((src / p).exists() for p in ("block/graph.py", "exports/nbd.py",
-                                            "exports/nbd_server.py"))
-
-
-needs_server = pytest.mark.skipif(not _server_available(),
-                                  reason="block graph / NBD server not written yet")
-
-
 def _env(extra=None, in_path=True):
     env = dict(os.environ)
     env.pop("POSIXLY_CORRECT", None)
@@ -293,7 +283,6 @@ OPEN_ERRORS = [
 
 
 @have_qemu
-@needs_server
 @pytest.mark.parametrize("argv", OPEN_ERRORS, ids=lambda a: " ".join(a)[:70])
 def test_open_errors_match_qemu(argv, workdir):
     busy = _busy_port()
@@ -307,7 +296,6 @@ def test_open_errors_match_qemu(argv, workdir):
 
 
 @have_qemu
-@needs_server
 def test_socket_activation_non_socket_fd(workdir):
     status, _, err = _sa_compare(["-f", "raw", "nonexist"], workdir, non_socket=True)
     assert status == 1 and "Failed to use socket activation" in err
@@ -439,7 +427,6 @@ def _image(path: Path, size=1024 * 1024):
     return data
 
 
-@needs_server
 def test_fork_pidfile_serve_and_stop(tmp_path, daemons):
     nbd = _nbd()
     data = _image(tmp_path / "disk.img")
@@ -469,7 +456,6 @@ def test_fork_pidfile_serve_and_stop(tmp_path, daemons):
     assert not pidf.exists()
 
 
-@needs_server
 def test_read_only_offset_shared(tmp_path, daemons):
     nbd = _nbd()
     data = _image(tmp_path / "disk.img")
@@ -494,7 +480,6 @@ def test_read_only_offset_shared(tmp_path, daemons):
 
 
 @have_qemu
-@needs_server
 @pytest.mark.parametrize("prog", ["qemu-nbd", "blockexport-nbd"])
 def test_fork_parent_fails_on_any_startup_output(prog, workdir, daemons):
     """A daemon that printed anything while starting (here: the format-probing warning)
@@ -510,14 +495,12 @@ def test_fork_parent_fails_on_any_startup_output(prog, workdir, daemons):
 
 
 @have_qemu
-@needs_server
 def test_fork_startup_error_relayed(workdir):
     status, out, err = compare(["--fork", "-f", "raw", "-k", str(workdir / "s.sock"),
                                 "nonexist"], workdir)
     assert status == 1 and "Failed to blk_new_open 'nonexist'" in err
 
 
-@needs_server
 def test_socket_activation_serves_and_exits_after_last_client(tmp_path):
     nbd = _nbd()
     data = _image(tmp_path / "disk.img")
@@ -547,7 +530,6 @@ def test_socket_activation_serves_and_exits_after_last_client(tmp_path):
         proc.stderr.close()
 
 
-@needs_server
 def test_tcp_listen_and_sigterm(tmp_path, daemons):
     nbd = _nbd()
     _image(tmp_path / "disk.img")

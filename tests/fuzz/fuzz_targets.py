@@ -294,7 +294,8 @@ def _transmission_client(structured: bool, stream: bytes, inp: Input) -> None:
     tc = NC.TransmissionClient(structured)
     for cmd in (C.CMD_READ, C.CMD_WRITE, C.CMD_BLOCK_STATUS, C.CMD_READ, C.CMD_FLUSH):
         tc.request(cmd, 0, 1 + inp.byte(), cookie=inp.byte() % 4)
-    tc.receive_data(stream)
+    if stream:                  # (b"" is how EOF is told)
+        tc.receive_data(stream)
     tc.receive_data(b"")
     for _ in range(len(stream) + 2):
         ev = tc.next_event()
@@ -313,6 +314,14 @@ def _rep(o: int, t: int, payload: bytes = b"") -> bytes:
 
 
 NBD_CLIENT_SEEDS = [
+    # the first slow run's failure: a harness bug (EOF told twice when no
+    # byte followed the end of negotiation)
+    bytes.fromhex(
+        "014e42444d4147494349484156454f50540000034e42444d5b47a9000000060100000d6d00030436"
+        "e889045565a900a9000003002de80000030000000010000d03006de86f0431550000000000000000"
+        "00000000000000000000000000000000000000000000000000000000000000000000000000000000"
+        "000000000000000000000000000000000065e8e9043d65a900a9000003002d0000"
+    ),
     b"\1" + _greeting() + _rep(3, 2, _lp(b"other") + b"desc") + _rep(3, 1),
     b"\0" + _greeting() + _rep(3, 1) + _rep(6, 3, struct.pack(">HQH", 0, 1 << 20, 0x0d6d))
     + _rep(6, 1),

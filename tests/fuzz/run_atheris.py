@@ -3,8 +3,8 @@
 
     python tests/fuzz/run_atheris.py TARGET [libFuzzer options...] [CORPUS_DIR...]
 
-The target's seeds are written to a fresh corpus directory first (given last, so that
-libFuzzer also saves what it finds there).  The slow tier (tests/fuzz/test_fuzz.py, marker
+The target's seeds are written to a corpus directory first ($BLOCKEXPORT_FUZZ_CORPUS, else
+a fresh one under $TMPDIR), given last, so that libFuzzer also saves what it finds there.  The slow tier (tests/fuzz/test_fuzz.py, marker
 ``slow``) runs this with ``-runs=1000000``; libFuzzer reports "Done N runs in S second(s)".
 A failing input is saved as ``<artifact_prefix>crash-<sha1>`` and the run exits non-zero.
 """
@@ -30,7 +30,11 @@ def main() -> None:
                  % ",".join(fuzz_targets.TARGETS))
     name = sys.argv[1]
     target, seeds = fuzz_targets.TARGETS[name]
-    corpus = tempfile.mkdtemp(prefix="fuzz-%s-" % name)
+    corpus = os.environ.get("BLOCKEXPORT_FUZZ_CORPUS")
+    if corpus:
+        os.makedirs(corpus, exist_ok=True)
+    else:
+        corpus = tempfile.mkdtemp(prefix="fuzz-%s-" % name)
     for i, seed in enumerate(seeds):
         if len(seed) <= MAX_LEN:        # longer seeds (limits) are for the seed tests
             with open(os.path.join(corpus, "seed-%d" % i), "wb") as f:

@@ -82,7 +82,8 @@ def run_atheris(name: str, runs: int, workdir: Path, timeout: float):
     cmd = [sys.executable, str(RUNNER), name, "-runs=%d" % runs,
            "-artifact_prefix=%s/" % workdir, "-timeout=30", "-print_final_stats=1"]
     t0 = time.monotonic()
-    p = subprocess.run(cmd, cwd=workdir, capture_output=True, timeout=timeout)
+    env = dict(os.environ, BLOCKEXPORT_FUZZ_CORPUS=str(workdir / "corpus"))
+    p = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, timeout=timeout)
     elapsed = time.monotonic() - t0
     out = p.stdout + p.stderr
     crashes = sorted(workdir.glob("crash-*")) + sorted(workdir.glob("timeout-*"))

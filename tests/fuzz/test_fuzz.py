@@ -17,9 +17,16 @@ import sys
 import time
 from pathlib import Path
 
+import tempfile
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
+
+# hypothesis keeps caches in ./.hypothesis even without an example database: not in the tree
+set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "blockexport-hypothesis-%d"
+                                     % os.getuid()))
 
 import fuzz_targets
 from fuzz_targets import TARGETS

@@ -7,7 +7,7 @@ DEMO_IMG := $(DEMO_DIR)/disk.img
 DEBIAN_RUN := qemu-utils libnbd-bin
 DEBIAN_TEST := qemu-utils libnbd-bin python3-libnbd nbdkit fio fuse3 libfuse3-dev pkg-config openssl qemu-system-common
 
-.PHONY: run test venv deps-run deps-test demo-image clean
+.PHONY: run test test-slow venv deps-run deps-test demo-image clean
 
 deps-run:
 	@./scripts/apt-install $(DEBIAN_RUN)
@@ -38,8 +38,13 @@ run: deps-run venv demo-image
 	@echo
 	exec $(VENV)/bin/blockexport-nbd -f raw -b 127.0.0.1 -p 10809 -t -e 0 $(DEMO_IMG)
 
+# -rs: list every skipped test with its reason
 test: deps-test venv
-	$(VPY) -m pytest -q -p no:cacheprovider tests
+	$(VPY) -m pytest -q -rs -p no:cacheprovider tests
+
+# The slow tier only (tests marked `slow`: 10^6-input fuzzing per parser, ...; docs/testing.md)
+test-slow: deps-test venv
+	$(VPY) -m pytest -q -rs -p no:cacheprovider --slow -m slow tests
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) build src/*.egg-info

@@ -1,6 +1,7 @@
 """Shared fixtures: every integration test runs against qemu-nbd (the oracle) and blockexport-nbd.
 
-blockexport-nbd is skipped automatically while its modules do not exist yet.
+Our own programs must always exist: if blockexport-nbd is missing the test fails.  A missing
+oracle (qemu-nbd) skips the test outside CI and fails it under CI=true (see oracle_missing()).
 """
 from __future__ import annotations
 
@@ -14,23 +15,25 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import servers as _servers  # noqa: E402
-from helpers.procs import WatchedLauncher  # noqa: E402
-from helpers.servers import SERVER_KINDS, blockexport_available  # noqa: E402
+from helpers.procs import WatchedLauncher, oracle_missing, ours_missing  # noqa: E402
+from helpers.servers import SERVER_KINDS, blockexport_problem  # noqa: E402
 
 MiB = 1024 * 1024
 
 
-def _skip_unavailable(kind: str) -> None:
-    if kind == "blockexport-nbd" and not blockexport_available():
-        pytest.skip("blockexport-nbd is not written yet (src/blockexport/exports/nbd_server.py, cli/qemu_nbd.py)")
+def _require(kind: str) -> None:
+    if kind == "blockexport-nbd":
+        problem = blockexport_problem()
+        if problem:
+            ours_missing(problem)
     if kind == "qemu-nbd" and not os.path.exists(_servers.QEMU_NBD):
-        pytest.skip("qemu-nbd is not installed")
+        oracle_missing("qemu-nbd is not installed")
 
 
 @pytest.fixture(params=SERVER_KINDS)
 def server_kind(request) -> str:
     """'qemu-nbd' or 'blockexport-nbd'."""
-    _skip_unavailable(request.param)
+    _require(request.param)
     return request.param
 
 
@@ -64,7 +67,7 @@ def start_server(server_kind, tmp_path):
 @pytest.fixture
 def start_oracle(tmp_path):
     """Factory like start_server, but always qemu-nbd (for comparing outputs)."""
-    _skip_unavailable("qemu-nbd")
+    _require("qemu-nbd")
     launcher = _Launcher("qemu-nbd", tmp_path)
     try:
         yield launcher
@@ -119,8 +122,52 @@ def shm_dir(tmp_path):
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.skip(f"{name} not installed")
+        oracle_missing(f"{name} not installed")
     return path
+
+
+# --- the slow tier ----------------------------------------------------------------------------
+def _slow_enabled(config) -> bool:
+    return bool(config.getoption("--slow")) or os.environ.get("BLOCKEXPORT_SLOW") == "1"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="also run the tests marked 'slow' (long fuzzing runs, VM tests...); "
+                          "same as BLOCKEXPORT_SLOW=1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running tier, deselected unless --slow or "
+                                       "BLOCKEXPORT_SLOW=1 (make test-slow)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests are deselected (not skipped) by default: a normal run stays fast and its
+    skip count stays meaningful."""
+    if _slow_enabled(config):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+_SLOW_REPORT: list[str] = []
+
+
+@pytest.fixture
+def slow_report():
+    """Slow-tier tests append one line each (what they did: inputs, durations...); the lines
+    are printed at the end of the session (they are what docs/testing.md records)."""
+    return _SLOW_REPORT
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SLOW_REPORT:
+        terminalreporter.section("slow tier")
+        for line in _SLOW_REPORT:
+            terminalreporter.write_line(line)
 
 
 def pytest_sessionfinish(session, exitstatus):

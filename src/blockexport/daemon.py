@@ -18,7 +18,7 @@ from blockexport import QEMU_COMPAT_VERSION, __version__
 from blockexport.block.graph import BlockGraph
 from blockexport.errors import Error
 from blockexport.exports.base import ExportTable
-from blockexport.exports.nbd_server import NbdServer
+from blockexport.exports.nbd_server import DEFAULT_HANDSHAKE_MAX_SECONDS, NbdServer
 from blockexport.objects import ObjectTable
 from blockexport.qapi.schema import default_schema
 from blockexport.qmp import protocol as P
@@ -75,12 +75,15 @@ class Daemon:
 
     # --- NBD server --------------------------------------------------------------------------
     async def nbd_server_start(self, addr: dict, tls_creds=None, tls_authz=None,
-                               max_connections: int = 0) -> None:
+                               max_connections: int = 0,
+                               handshake_max_seconds: int = DEFAULT_HANDSHAKE_MAX_SECONDS
+                               ) -> None:
         """``addr`` is a flat SocketAddress (``{"type": "unix", "path": ...}``); an ``fd``
         address names an inherited descriptor by number (the command line's form)."""
         if self.nbd_server is not None:
             raise Error("NBD server already running")
-        server = NbdServer(max_connections=max_connections, persistent=True)
+        server = NbdServer(max_connections=max_connections, persistent=True,
+                           handshake_max_seconds=handshake_max_seconds)
         # qemu-storage-daemon 7.2 listens with a backlog of SOMAXCONN whatever
         # max-connections says (seen with ss(8)); over the limit it stops accepting instead.
         server.add_listeners(socket_listen(addr, socket.SOMAXCONN))
@@ -101,7 +104,9 @@ class Daemon:
     async def nbd_server_start_options(self, opts: dict) -> None:
         """``--nbd-server``: NbdServerOptions with a flat SocketAddress."""
         await self.nbd_server_start(opts["addr"], opts.get("tls-creds"), opts.get("tls-authz"),
-                                    opts.get("max-connections", 0))
+                                    opts.get("max-connections", 0),
+                                    opts.get("handshake-max-seconds",
+                                             DEFAULT_HANDSHAKE_MAX_SECONDS))
 
     async def nbd_server_stop(self) -> None:
         if self.nbd_server is None:

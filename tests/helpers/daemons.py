@@ -36,20 +36,26 @@ DAEMON_KINDS = ("qemu-storage-daemon", "blockexport-daemon")
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
 
-_available: bool | None = None
+_problem: list = []     # memo: [None] or [message]
 
 
-def blockexport_daemon_available() -> bool:
-    """Ours exists once `blockexport.cli.storage_daemon` and `blockexport.daemon` import."""
-    global _available
-    if _available is None:
+def blockexport_daemon_problem() -> str | None:
+    """Why our blockexport-daemon can't run (its modules don't import, or the console script
+    is missing), or None.  Our own programs must always exist: the fixtures turn a problem
+    into a test failure, never a skip."""
+    if not _problem:
         try:
             importlib.import_module("blockexport.daemon")
             importlib.import_module("blockexport.cli.storage_daemon")
-            _available = os.path.exists(BLOCKEXPORT_DAEMON)
         except Exception:
-            _available = False
-    return _available
+            import traceback
+            _problem.append("importing blockexport-daemon's modules failed:\n"
+                            + traceback.format_exc())
+        else:
+            _problem.append(None if os.path.exists(BLOCKEXPORT_DAEMON) else
+                            f"our console script {BLOCKEXPORT_DAEMON} is missing "
+                            "(run `make venv`)")
+    return _problem[0]
 
 
 def daemon_binary(kind: str) -> str:

@@ -65,3 +65,66 @@ def hang_up(h) -> None:
         s.shutdown(socket.SHUT_RDWR)
     finally:
         s.close()
+
+
+# --- raw clients that stop negotiating (the handshake limit) ------------------------------------
+GREETING_LEN = 18
+IHAVEOPT = b"IHAVEOPT"
+FLAG_C_FIXED_NEWSTYLE = 1
+OPT_GO = 7
+
+
+def stalled_client(family: int, address, stage: str = "silent", timeout: float = 15.0):
+    """A raw socket that connected, read the greeting, then stopped negotiating:
+    'silent' sends nothing; 'mid-option' sends the client flags and the start of an
+    NBD_OPT_GO whose payload never completes.  The socket's timeout is `timeout` (a bound on
+    waits, never a synchronisation)."""
+    import socket
+    import struct
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(address)
+    greeting = b""
+    while len(greeting) < GREETING_LEN:
+        chunk = s.recv(GREETING_LEN - len(greeting))
+        assert chunk, "server closed before its greeting"
+        greeting += chunk
+    assert greeting[8:16] == IHAVEOPT
+    if stage == "mid-option":
+        s.sendall(struct.pack(">I", FLAG_C_FIXED_NEWSTYLE)
+                  + IHAVEOPT + struct.pack(">II", OPT_GO, 100) + b"\0" * 10)
+    else:
+        assert stage == "silent", stage
+    return s
+
+
+def wait_eof(s, timeout: float = 15.0) -> float:
+    """Read from `s` until the server closes it; returns the seconds that took.  Fails if the
+    server sends anything, or does not close within `timeout`."""
+    import socket
+    import time
+    t0 = time.monotonic()
+    s.settimeout(timeout)
+    try:
+        data = s.recv(4096)
+    except ConnectionResetError:
+        data = b""
+    except socket.timeout:
+        raise AssertionError("the server did not drop the client within %ss" % timeout)
+    assert data == b"", "unexpected bytes from the server: %r" % data[:64]
+    return time.monotonic() - t0
+
+
+def finish_export_name(s, name: str = "") -> int:
+    """Complete negotiation on a 'silent' stalled client with NBD_OPT_EXPORT_NAME; returns the
+    export size the server announced (proves the connection was alive)."""
+    import struct
+    payload = name.encode()
+    s.sendall(struct.pack(">I", FLAG_C_FIXED_NEWSTYLE | 2)   # FIXED_NEWSTYLE | NO_ZEROES
+              + IHAVEOPT + struct.pack(">II", 1, len(payload)) + payload)
+    reply = b""
+    while len(reply) < 10:
+        chunk = s.recv(10 - len(reply))
+        assert chunk, "server closed the connection instead of answering NBD_OPT_EXPORT_NAME"
+        reply += chunk
+    return struct.unpack(">QH", reply)[0]

@@ -23,6 +23,21 @@ REPO = Path(__file__).resolve().parents[2]
 WATCHDOG = 20.0
 
 
+def oracle_missing(reason: str) -> None:
+    """A reference tool (qemu-*, nbd tools) is not installed: skip the test, except under
+    CI=true, where the project installs everything and a missing tool is a failure."""
+    import pytest
+    if os.environ.get("CI") == "true":
+        pytest.fail("CI=true: %s" % reason, pytrace=False)
+    pytest.skip(reason)
+
+
+def ours_missing(problem: str) -> None:
+    """One of our own programs can't run: always a failure (a skip would hide it)."""
+    import pytest
+    pytest.fail(problem, pytrace=False)
+
+
 def venv_binary(name: str) -> str:
     """A console script of this project: next to the running interpreter, else in .venv."""
     path = str(Path(sys.executable).parent / name)

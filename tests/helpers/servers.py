@@ -25,14 +25,16 @@ GREETING_LEN = 18
 START_TIMEOUT = 15.0
 
 
-def blockexport_available() -> bool:
-    """Our server exists once its modules have been written."""
+def blockexport_problem() -> str | None:
+    """Why our blockexport-nbd can't run, or None.  Our own programs must always exist: the
+    fixtures turn a problem into a test failure, never a skip."""
     src = REPO / "src" / "blockexport"
-    return (
-        (src / "exports" / "nbd_server.py").exists()
-        and (src / "cli" / "qemu_nbd.py").exists()
-        and os.path.exists(BLOCKEXPORT_NBD)
-    )
+    for module in (src / "exports" / "nbd_server.py", src / "cli" / "qemu_nbd.py"):
+        if not module.exists():
+            return f"our module {module} is missing"
+    if not os.path.exists(BLOCKEXPORT_NBD):
+        return f"our console script {BLOCKEXPORT_NBD} is missing (run `make venv`)"
+    return None
 
 
 def server_binary(kind: str) -> str:

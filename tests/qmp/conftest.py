@@ -1,5 +1,7 @@
 """Fixtures of the QMP suite: every test runs against qemu-storage-daemon 7.2 (the oracle) and
-blockexport-daemon with the same argv; ours is skipped while its modules do not import.
+blockexport-daemon with the same argv.  If ours can't run (its modules don't import, its
+console script is missing) the test fails; a missing oracle skips it outside CI and fails it
+under CI=true.
 
 Comparison tests ("same script, same answers") use `transcripts`, which runs one script on
 each available daemon and normalizes what must differ (tmp paths, ports, "#blockN" names).
@@ -16,21 +18,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helpers import daemons as D  # noqa: E402
 from helpers.daemons import file_node, make_image  # noqa: E402
-from helpers.procs import WatchedLauncher  # noqa: E402
+from helpers.procs import WatchedLauncher, oracle_missing, ours_missing  # noqa: E402
 
 
-def skip_unavailable(kind: str) -> None:
-    if kind == "blockexport-daemon" and not D.blockexport_daemon_available():
-        pytest.skip("blockexport-daemon is not written yet "
-                    "(blockexport.cli.storage_daemon / blockexport.daemon)")
+def require(kind: str) -> None:
+    if kind == "blockexport-daemon":
+        problem = D.blockexport_daemon_problem()
+        if problem:
+            ours_missing(problem)
     if kind == "qemu-storage-daemon" and not os.path.exists(D.QSD):
-        pytest.skip("qemu-storage-daemon is not installed")
+        oracle_missing("qemu-storage-daemon is not installed")
 
 
 @pytest.fixture(params=D.DAEMON_KINDS)
 def daemon_kind(request) -> str:
     """'qemu-storage-daemon' or 'blockexport-daemon'."""
-    skip_unavailable(request.param)
+    require(request.param)
     return request.param
 
 
@@ -106,8 +109,7 @@ class Transcripts:
         """make_script(workdir) -> [(cmd, arguments)]; args(workdir) -> extra argv;
         setup(workdir) prepares files. Returns qemu-storage-daemon's transcript."""
         for kind in D.DAEMON_KINDS:
-            if kind == "blockexport-daemon" and not D.blockexport_daemon_available():
-                continue
+            require(kind)
             workdir = self.tmp_path / kind
             workdir.mkdir(exist_ok=True)
             if setup:
@@ -122,9 +124,7 @@ class Transcripts:
         return self.results["qemu-storage-daemon"]
 
     def assert_same(self) -> None:
-        """Ours answers exactly as QSD did; skips (after QSD's checks passed) if ours is absent."""
-        if "blockexport-daemon" not in self.results:
-            pytest.skip("blockexport-daemon not available: only qemu-storage-daemon checked")
+        """Ours answers exactly as QSD did."""
         ours = self.results["blockexport-daemon"]
         theirs = self.results["qemu-storage-daemon"]
         assert D.dumps(ours) == D.dumps(theirs)
@@ -132,5 +132,5 @@ class Transcripts:
 
 @pytest.fixture
 def transcripts(launch, tmp_path):
-    skip_unavailable("qemu-storage-daemon")
+    require("qemu-storage-daemon")
     return Transcripts(launch, tmp_path)

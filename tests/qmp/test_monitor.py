@@ -160,10 +160,26 @@ def test_id_echoed(raw, ident):
     ("5", "QMP input must be a JSON object"),
     ('"str"', "QMP input must be a JSON object"),
     ("garbage", "JSON parse error, invalid keyword 'garbage'"),
+    # these two dropped our monitor connection with a traceback (found by the fuzz targets)
+    (r'"\u-001"', "JSON parse error, \\u-001 is not a valid Unicode character"),
+    ("[" * 1000 + "]" * 1000, "QMP input must be a JSON object"),
+    ('{"execute": "query-version", "arguments": {"a": "\\x"}}',
+     "JSON parse error, invalid escape sequence in string"),
 ])
 def test_bad_input_then_usable(raw, message, reply):
     raw.negotiate()
     assert raw.ask(message) == err("GenericError", reply)
+    assert "return" in raw.ask({"execute": "query-version"})
+
+
+def test_deeply_nested_id_is_echoed(raw):
+    """qemu-storage-daemon echoes an id nested to the parser's limit; ours raised
+    RecursionError while encoding the reply and dropped the connection."""
+    raw.negotiate()
+    deep = "[" * 1000 + "]" * 1000
+    raw.send('{"execute": "query-version", "id": %s}' % deep)
+    line = raw.f.readline()
+    assert line.startswith(b'{"return": {') and line.endswith(b', "id": %s}\r\n' % deep.encode())
     assert "return" in raw.ask({"execute": "query-version"})
 
 

@@ -72,7 +72,8 @@ def test_model():
     start = s.commands["nbd-server-start"]
     assert start.arg_type == "q_obj_nbd-server-start-arg" and not start.boxed
     assert [(m.name, m.type, m.optional) for m in s.type(start.arg_type).members] == [
-        ("addr", "SocketAddressLegacy", False), ("tls-creds", "str", True),
+        ("addr", "SocketAddressLegacy", False), ("handshake-max-seconds", "uint32", True),
+        ("tls-creds", "str", True),
         ("tls-authz", "str", True), ("max-connections", "uint32", True)]
     assert s.commands["query-block-exports"].ret_type == "[BlockExportInfo]"
     assert s.commands["nbd-server-stop"].arg_type is None

@@ -50,6 +50,105 @@ def test_parse_errors_as_qemu(data, errors):
     assert feed_all(data) == [("err", e) for e in errors]
 
 
+def test_nesting_up_to_the_limit_parses():
+    """Found while writing the qmp-protocol fuzz target: a value nested ~1000 deep (QEMU's
+    limit is 1024) raised RecursionError out of feed() and the monitor dropped the client."""
+    depth = P.MAX_NESTING
+    (value,) = feed_all(b"[" * depth + b"]" * depth)
+    for _ in range(depth - 1):
+        (value,) = value
+    assert value == []
+    (obj,) = feed_all(b'{"a": ' * depth + b"1" + b"}" * depth)
+    for _ in range(depth):
+        obj = obj["a"]
+    assert obj == 1
+    assert feed_all(b"[" * (depth + 1)) == [("err", "JSON nesting depth limit exceeded")]
+
+
+@pytest.mark.parametrize("pretty", [False, True])
+def test_deep_values_encode(pretty):
+    """A request's id is echoed as sent; one nested to the limit made json.dumps raise
+    RecursionError and the monitor dropped the client (qemu-storage-daemon answers)."""
+    depth = P.MAX_NESTING - 1      # inside the request object
+    (req,) = feed_all(b'{"execute": "x", "id": ' + b"[" * depth + b"]" * depth + b"}")
+    out = P.encode(P.error_message("CommandNotFound", "x", True, req["id"]), pretty)
+    if pretty:
+        shallow = P.encode(P.error_message("CommandNotFound", "x", True, [[{}]]), True)
+        assert out.count(b"[") == depth and shallow.count(b"\r\n") < out.count(b"\r\n")
+    else:
+        assert out == b'{"id": ' + b"[" * depth + b"]" * depth + \
+            b', "error": {"class": "CommandNotFound", "desc": "x"}}\r\n'
+
+
+def test_long_tokens_in_small_pieces_cost_linear_time():
+    """A long string (or number) arriving in small pieces was rescanned from its start at
+    every feed: a 1 MiB argument sent in 4 KiB pieces cost ~20 s of the daemon's event loop
+    (found by the qmp-protocol fuzz target's throughput).  Now the pieces cost about what
+    the whole does (the bound is loose: a ratio, so machine speed does not matter)."""
+    import time
+    data = (b'{"execute": "x", "arguments": {"s": "' + b"ab\\n" * (128 << 10)
+            + b'", "n": 1' + b"0" * 3000 + b"}} ")
+
+    def run(piece):
+        st = P.JsonStreamer()
+        t0 = time.perf_counter()
+        out = []
+        for i in range(0, len(data), piece):
+            out += st.feed(data[i:i + piece])
+        return out, time.perf_counter() - t0
+
+    whole, t_whole = run(len(data))
+    pieces, t_pieces = run(2048)
+    # Beyond uint64 QEMU reads an integer as a double (strtod): inf.
+    assert pieces == whole and whole[0]["arguments"]["n"] == float("inf")
+    assert whole[0]["arguments"]["s"] == "ab\n" * (128 << 10)
+    assert t_pieces < 5 * t_whole + 1.0, (t_pieces, t_whole)
+
+
+# Observed on qemu-storage-daemon 7.2.22: QEMU's lexer only finds the end of a string (a
+# backslash takes any next character); escapes and UTF-8 are checked when the value is built,
+# and a bad one fails the whole value with this message.  The first case raised ValueError
+# out of feed() (chr(-1)), found by the same fuzz target.
+@pytest.mark.parametrize("data, item", [
+    (rb'"\u-001"', "\\u-001 is not a valid Unicode character"),
+    (rb'"\u+001"', "\\u+001 is not a valid Unicode character"),
+    (rb'"ab\u12g4cd"', "\\u12g4 is not a valid Unicode character"),
+    (rb"'\u12g4'", "\\u12g4 is not a valid Unicode character"),
+    (rb'{"execute": "\u12g4"}', "\\u12g4 is not a valid Unicode character"),
+    (rb'"\u12"', '\\u12" is not a valid Unicode character'),
+    (rb'"\u0041\u"', '\\u" is not a valid Unicode character'),
+    (rb'"\ud800"', "\\ud800 is not a valid Unicode character"),
+    (rb'"\udc00"', "\\udc00 is not a valid Unicode character"),
+    (rb'"\ufffe"', "\\ufffe is not a valid Unicode character"),
+    (rb'"\ufdd0"', "\\ufdd0 is not a valid Unicode character"),
+    (rb'"\ud83dx"', "\\ud83d is not a valid Unicode character"),
+    (rb'"\ud83d\u0041"', "\\ud83d is not a valid Unicode character"),
+    (rb'"\U0041"', "invalid escape sequence in string"),
+    (rb'"\x"', "invalid escape sequence in string"),
+    ('"\\\u00e9"'.encode(), "invalid escape sequence in string"),
+    (b'"\\\x7f"', "invalid escape sequence in string"),
+    (b'"a\x80b"', "invalid UTF-8 sequence in string"),
+    (b'"a\xed\xa0\x80b"', "invalid UTF-8 sequence in string"),
+    (b'"a\xef\xbf\xbeb"', "invalid UTF-8 sequence in string"),
+])
+def test_bad_escapes_and_utf8_fail_the_value_as_qemu(data, item):
+    assert feed_all(data + b' {"execute": "y"}') == [("err", item), {"execute": "y"}]
+
+
+@pytest.mark.parametrize("data, value", [
+    (rb'"\ud83d\ude00x"', "\U0001f600x"),
+    (rb'"\uD800\uDC00"', "\U00010000"),
+    (rb'"\u00e9\u1234"', "\u00e9\u1234"),
+    (rb'"\u0000"', "\0"),
+    (b'"a\xc0\x80b"', "a\0b"),          # QEMU's modified UTF-8 for U+0000
+    (rb"'\"'", '"'),
+    (rb'"\'"', "'"),
+    ('"\u00e9"'.encode(), "\u00e9"),
+])
+def test_good_escapes_and_utf8(data, value):
+    assert feed_all(data + b" ") == [value]
+
+
 def test_error_then_stream_recovers():
     assert feed_all(b'@ {"execute": "x"}') == [("err", "stray '@'"), {"execute": "x"}]
 

@@ -73,6 +73,9 @@ def display_argv0(argv0: str) -> str:
     return argv0
 
 
+RECURSION_LIMIT = 8 * 1024
+
+
 def run_main(run, argv, prog: str | None, default_prog: str) -> int:
     """A console script's ``main``: ``run(argv, prog)`` with argv defaulting to
     ``sys.argv[1:]`` and the program name to argv[0] as typed (``default_prog`` when run as
@@ -83,6 +86,9 @@ def run_main(run, argv, prog: str | None, default_prog: str) -> int:
         prog = display_argv0(sys.argv[0]) if sys.argv and sys.argv[0] else default_prog
         if prog.endswith(".py") or prog == "-m" or prog.endswith("__main__.py"):
             prog = default_prog
+    # QMP accepts values nested up to QEMU's 1024 levels, and checking one against the schema
+    # (blockdev-add's "file" inside "file"...) takes about five Python frames per level.
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
     try:
         return run(list(argv), prog)
     except CliExit as exc:

@@ -72,6 +72,7 @@ LONG_OPTS = [
     ("object", REQUIRED_ARG, "object"),
     ("export-name", REQUIRED_ARG, "x"),
     ("description", REQUIRED_ARG, "D"),
+    ("handshake-limit", REQUIRED_ARG, "handshake-limit"),   # QEMU 9.1+ (CVE-2024-7409)
     ("tls-creds", REQUIRED_ARG, "tls-creds"),
     ("tls-hostname", REQUIRED_ARG, "tls-hostname"),
     ("tls-authz", REQUIRED_ARG, "tls-authz"),
@@ -126,6 +127,7 @@ class NbdOptions:
     device: str | None = None
     disconnect: bool = False
     selinux_label: str | None = None
+    handshake_limit: int = 10            # seconds; 0 = no limit
 
     @property
     def seen_cache(self) -> bool:
@@ -299,6 +301,11 @@ def _apply_option(o: NbdOptions, val: str, arg, rep: Reporter) -> None:
         if len(os.fsencode(arg)) > NBD_MAX_STRING_SIZE:
             rep.fail("export description '%s' too long" % arg)
         o.description = arg
+    elif val == "handshake-limit":
+        value = strtoi(arg)
+        if value is None or value < 0:
+            rep.fail("Invalid handshake limit '%s'" % arg)
+        o.handshake_limit = value
     elif val == "v":
         o.verbose = True
     elif val == "V":
@@ -360,6 +367,8 @@ Connection properties:
   -v, --verbose             more diagnostics
   -x, --export-name=NAME    name of the export (default: the empty name)
   -D, --description=TEXT    description that clients can read
+      --handshake-limit=N   drop clients still negotiating after N seconds
+                            (default 10, 0 = no limit)
 
 Exposing part of the image:
   -o, --offset=OFFSET       export the image starting at byte OFFSET
@@ -749,7 +758,8 @@ def serve(o: NbdOptions, activation: int, rep: Reporter) -> int:
     for sig in _STOP_SIGNALS:
         signal.signal(sig, _early_stop)
 
-    server = NbdServer(max_connections=o.shared, persistent=o.persistent)
+    server = NbdServer(max_connections=o.shared, persistent=o.persistent,
+                       handshake_max_seconds=o.handshake_limit)
     pidfile = graph = None
     try:
         _listen(server, o, activation, rep)

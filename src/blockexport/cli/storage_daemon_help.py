@@ -51,10 +51,13 @@ given: objects and block nodes must come before the exports and servers that use
 
   --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
                [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
+               [,handshake-max-seconds=<n>]
   --nbd-server addr.type=unix,addr.path=<path>
                [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
+               [,handshake-max-seconds=<n>]
                          start the NBD server (at most one; max-connections=0 means
-                         no limit)
+                         no limit; clients still negotiating after
+                         handshake-max-seconds are dropped, default 10, 0 = no limit)
 
   --object help          list the object types that can be created
   --object <type>,help   list the properties of an object type

@@ -131,6 +131,10 @@ class NbdConnection:
         self._rmv = memoryview(self._rbuf)
         self._rpos = 0
         self._rend = 0
+        # the handshake limit: the server's loop timer, and who won the race against it
+        self.handshake_timer = None
+        self._hs_lock = threading.Lock()
+        self._hs_state = None        # None while negotiating, then "done" or "expired"
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -163,6 +167,15 @@ class NbdConnection:
         except (OSError, ValueError):
             return True
 
+    def handshake_expired(self) -> None:
+        """The server's handshake timer fired (loop thread): drop a client still negotiating."""
+        with self._hs_lock:
+            if self._hs_state is not None:
+                return
+            self._hs_state = "expired"
+        log.debug("client %s: handshake not finished in time, dropped", self.peer)
+        self.shutdown(hard=True)
+
     def _run(self) -> None:
         try:
             try:
@@ -173,6 +186,7 @@ class NbdConnection:
             except Exception:
                 log.exception("client %s: negotiation failed", self.peer)
                 ok = False
+            self.server.handshake_over(self)
             if ok:
                 self._serve()
         except BaseException:
@@ -204,6 +218,10 @@ class NbdConnection:
             ev = hs.next_event()
             out = hs.data_to_send()
             if isinstance(ev, Negotiated):
+                with self._hs_lock:     # against the handshake timer
+                    if self._hs_state is not None:
+                        return False
+                    self._hs_state = "done"
                 # Hold the export before the client hears it may start: from then on a safe
                 # block-export-del must see this client.
                 export = ev.export.handle

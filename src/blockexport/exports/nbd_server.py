@@ -6,6 +6,10 @@ handshake and the data path.  Threads report back with ``loop.call_soon_threadsa
 
 Over the connection limit the listeners stop accepting, so new clients wait in the kernel's
 backlog until a slot frees, as QEMU's do.
+
+Handshake limit (QEMU 9.1+, CVE-2024-7409): a client that has not finished negotiating
+``handshake_max_seconds`` after it was accepted is dropped (a loop timer per connection;
+0 = no limit).  Stopping the server drops every connection, negotiating ones included.
 """
 import asyncio
 import logging
@@ -17,10 +21,15 @@ from blockexport.exports.nbd_conn import BufferBudget, NbdConnection
 
 log = logging.getLogger(__name__)
 
+#: QEMU's NBD_DEFAULT_HANDSHAKE_MAX_SECS
+DEFAULT_HANDSHAKE_MAX_SECONDS = 10
+
 
 class NbdServer:
-    def __init__(self, max_connections: int = 0, persistent: bool = True):
+    def __init__(self, max_connections: int = 0, persistent: bool = True,
+                 handshake_max_seconds: int = DEFAULT_HANDSHAKE_MAX_SECONDS):
         self.max_connections = max_connections
+        self.handshake_max_seconds = handshake_max_seconds
         self.persistent = persistent
         self.exports = {}              # name -> NbdExport, in creation order
         self._views = {}               # name -> ExportView
@@ -145,14 +154,29 @@ class NbdServer:
         self._idle.clear()
         if self.max_connections and len(self._connections) >= self.max_connections:
             self._pause()
+        if self.handshake_max_seconds:
+            conn.handshake_timer = self._loop.call_later(self.handshake_max_seconds,
+                                                         conn.handshake_expired)
         try:
             conn.start()
         except RuntimeError as exc:   # e.g. "can't start new thread": drop this client only
             log.warning("cannot serve client %s: %s", peer, exc)
+            if conn.handshake_timer is not None:
+                conn.handshake_timer.cancel()
             conn.closing = True
             conn._finished = True
             sock.close()
             self._on_closed(conn)
+
+    # --- the handshake limit ------------------------------------------------------------------
+    def handshake_over(self, conn) -> None:
+        """Called from the connection thread once negotiation ended, either way."""
+        timer = conn.handshake_timer
+        if timer is not None:
+            try:
+                self._loop.call_soon_threadsafe(timer.cancel)
+            except RuntimeError:    # the loop is closed: so is the timer
+                pass
 
     # --- called from connection threads ---------------------------------------------------------
     def attach_connection(self, conn, export) -> bool:

@@ -422,6 +422,11 @@ class MonitorClient:
         except Error as exc:
             self.send(P.error_message(exc.qmp_class, exc.message, req.has_id, req.id))
             return
+        except RecursionError:
+            # Beyond the nesting the daemon's stack allows (QEMU itself crashes sooner).
+            self.send(P.error_message("GenericError", "Parameters nested too deeply",
+                                      req.has_id, req.id))
+            return
         except Exception as exc:  # pragma: no cover - a bug must not kill the monitor
             log.exception("command %s failed", req.name)
             self.send(P.error_message("GenericError", "internal error: %s" % exc,

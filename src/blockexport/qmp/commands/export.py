@@ -1,6 +1,7 @@
 """The commands of block-export.json: the NBD server and block exports."""
 from blockexport.errors import Error
 from blockexport.exports.base import export_add
+from blockexport.exports.nbd_server import DEFAULT_HANDSHAKE_MAX_SECONDS
 from blockexport.qmp.dispatcher import command
 from blockexport.util.sockets import flatten_address
 
@@ -14,7 +15,9 @@ async def nbd_server_start(daemon, args):
         # (qemu-storage-daemon 7.2 answers the same); the command line takes numbers.
         raise Error("only QEMU supports file descriptor passing")
     await daemon.nbd_server_start(flatten_address(args["addr"]), args.get("tls-creds"),
-                                  args.get("tls-authz"), args.get("max-connections", 0))
+                                  args.get("tls-authz"), args.get("max-connections", 0),
+                                  args.get("handshake-max-seconds",
+                                           DEFAULT_HANDSHAKE_MAX_SECONDS))
 
 
 @command("nbd-server-stop")

@@ -86,3 +86,31 @@ def test_bitmap_disabled_during_write_does_not_mark(slow_export):
     q.cmd("block-dirty-bitmap-disable", {"node": "n", "name": "b"})
     _wait_done(h, cookie)
     assert _count(q, "n", "b") == 0
+
+
+@pytest.mark.parametrize("bitmap_node", ["dbg", "fmt"])
+def test_unaligned_write_marks_aligned_range(qmp, tmp_path, bitmap_node):
+    """A 512-byte write at 512 on a node with a 4096-byte request alignment (blkdebug
+    ``align``, standing in for O_DIRECT on a 4K disk) is a read-modify-write of [0, 4096) and
+    marks that whole range on the aligned node; a bitmap on the format node above it sees
+    only the bytes the client wrote."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(b"\0" * (1 << 20))
+    qmp.cmd("blockdev-add", {"driver": "file", "node-name": "f", "filename": str(img)})
+    qmp.cmd("blockdev-add", {"driver": "blkdebug", "node-name": "dbg", "image": "f",
+                             "align": 4096})
+    qmp.cmd("blockdev-add", {"driver": "raw", "node-name": "fmt", "file": "dbg"})
+    qmp.cmd("block-dirty-bitmap-add", {"node": bitmap_node, "name": "b", "granularity": 512})
+    sock = tmp_path / "nbd.sock"
+    qmp.cmd("nbd-server-start", {"addr": unix_addr(sock)})
+    qmp.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "fmt", "name": "d",
+                                 "writable": True})
+    h = nbd.NBD()
+    h.connect_uri(nbd_uri(sock, "d"))
+    try:
+        h.pwrite(b"\x77" * 512, 512)
+        h.flush()
+        assert h.pread(4096, 0) == b"\0" * 512 + b"\x77" * 512 + b"\0" * 3072
+    finally:
+        h.shutdown()
+    assert _count(qmp, bitmap_node, "b") == (4096 if bitmap_node == "dbg" else 512)

@@ -19,8 +19,8 @@ committed lazily, at most MAX_REQUESTS + 1 of them, trimmed to ``KEEP_BUFFERS`` 
 pool goes idle).  Larger payloads get a buffer of their own (populated at once, unmapped when
 the request completes) whose bytes count against the server's :class:`BufferBudget`; a reader
 that would exceed it waits.  So an idle connection holds at most a few MiB, whatever it sent
-before, and all connections together hold at most the budget in large buffers (measured in
-BENCHMARKS.md and tests/integration/test_data_path_faults.py).
+before, and all connections together hold at most the budget in large buffers (RSS measured
+by tests/integration/test_data_path_faults.py; docs/nbd-server.md has the numbers).
 
 Faults: any exception while serving a request that has not started its reply becomes an EIO
 reply (and a log entry with the traceback); one that happens mid-reply drops that client.

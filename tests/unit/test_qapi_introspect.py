@@ -160,8 +160,11 @@ def test_schema_info_shape():
     assert enum["values"] == [m["name"] for m in enum["members"]]
     # a union value without a branch points to the empty object (QEMU's implicit branch)
     bdo = by[by["blockdev-add"]["arg-type"]]
+    vmdk = [v for v in bdo["variants"] if v["case"] == "vmdk"][0]
+    assert by[vmdk["type"]]["members"] == []
     qcow2 = [v for v in bdo["variants"] if v["case"] == "qcow2"][0]
-    assert by[qcow2["type"]]["members"] == []
+    assert {"name": "backing", "type": by[qcow2["type"]]["members"][1]["type"],
+            "default": None} in by[qcow2["type"]]["members"]
     assert len(bdo["variants"]) == 42
     assert s.introspect() == info and s.introspect() is not info
 

@@ -88,7 +88,7 @@ def test_model():
                                                         "external": "BlockDirtyBitmap"}
     assert "qcow2" in {v for v, _ in s.type("BlockdevDriver").values}
     assert set(s.type("BlockdevOptions").branches) == \
-        {"blkdebug", "file", "host_device", "raw", "null-co", "null-aio"}
+        {"blkdebug", "file", "host_device", "raw", "qcow2", "null-co", "null-aio"}
     assert s.commands["blockdev-del"].doc.members == {"node-name": "the node to close"}
 
 

@@ -276,6 +276,14 @@ class BlockNode:
     def block_status(self, offset: int, length: int) -> tuple[int, int]:
         return length, BS_DATA | BS_ALLOCATED
 
+    def allocation_depth(self, offset: int, length: int) -> tuple[int, int]:
+        """``(n, depth)`` for ``[offset, offset + n)``: where in the backing chain the data
+        comes from (QEMU's ``bdrv_is_allocated_above``): 1 for this node, 2 for its backing
+        node and so on, 0 when no node of the chain allocates it.  Nodes without a backing
+        chain derive it from :meth:`block_status`."""
+        n, st = self.block_status(offset, length)
+        return n, (1 if st & BS_ALLOCATED else 0)
+
     def cache(self, offset: int, length: int) -> None:
         pass
 
@@ -296,7 +304,7 @@ class BlockNode:
         self._unhooked = None
         self._recording = ()
         for name in ("read_into", "write", "write_zeroes", "discard", "flush",
-                     "block_status", "cache"):
+                     "block_status", "allocation_depth", "cache"):
             setattr(self, name, _closed)
         self.file_range = lambda offset, length: None
 

@@ -7,7 +7,7 @@ duplicate name; then the export takes the node without sharing RESIZE and resolv
 bitmaps.
 """
 from blockexport.block.dirty_bitmap import acquire, release, resolve_export_bitmaps
-from blockexport.block.node import BS_ALLOCATED, BS_DATA, BS_ZERO, PERM_ALL, PERM_RESIZE
+from blockexport.block.node import BS_DATA, BS_ZERO, PERM_ALL, PERM_RESIZE
 from blockexport.errors import Error
 from blockexport.exports.base import BlockExport, ExportDriver
 from blockexport.nbd import constants as C
@@ -22,10 +22,6 @@ _ZERO = C.STATE_ZERO
 def _allocation_flags(st: int) -> int:
     """base:allocation flags of a block-status result (QEMU: no DATA -> HOLE)."""
     return (0 if st & BS_DATA else _HOLE) | (_ZERO if st & BS_ZERO else 0)
-
-
-def _depth(st: int) -> int:
-    return 1 if st & BS_ALLOCATED else 0
 
 
 class NbdExportDriver(ExportDriver):
@@ -143,16 +139,19 @@ class NbdExport(BlockExport):
         return self._extents(offset, length, max_extents, _allocation_flags, _HOLE | _ZERO)
 
     def _allocation_depth(self, offset: int, length: int, max_extents: int):
-        """qemu:allocation-depth: 1 where the top node allocates, 0 elsewhere (no backing
-        chains yet; qcow2 will report deeper layers)."""
-        return self._extents(offset, length, max_extents, _depth, 0)
+        """qemu:allocation-depth: 1 where the top node allocates, 2 for its backing node
+        and so on, 0 where no node of the chain does (QEMU's bdrv_is_allocated_above)."""
+        return self._extents(offset, length, max_extents, None, 0)
 
     def _extents(self, offset, length, max_extents, classify, past_end):
         """Walk the node's block status into a flat [len, value, ...] list, merging runs of
         equal values, at most ``max_extents`` extents; ``past_end`` for the tail beyond the
         node (inside the 512-rounded export size)."""
         node = self.node
-        block_status = node.block_status
+        if classify is None:
+            block_status = node.allocation_depth
+        else:
+            block_status = node.block_status
         node_len = node.length()
         end = offset + length
         out = []
@@ -163,7 +162,7 @@ class NbdExport(BlockExport):
                 n, value = end - offset, past_end
             else:
                 n, st = block_status(offset, min(end, node_len) - offset)
-                value = classify(st)
+                value = classify(st) if classify is not None else st
             if value == last:
                 out[-2] += n
             else:

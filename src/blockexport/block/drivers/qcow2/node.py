@@ -234,8 +234,8 @@ class Qcow2Node(BlockNode):
         try:
             real = os.path.realpath(full) if not _has_protocol(full) else None
             if real is not None and real in stack:
-                raise Error("Could not open backing file: Backing file '%s' of '%s' creates "
-                            "a loop in the backing chain" % (name, self.filename))
+                raise Error("Backing file '%s' of '%s' creates a loop in the backing chain"
+                            % (name, self.filename))
             fmt = self.header.backing_format
             proto = protocol_options(full)
             if fmt is None:
@@ -246,10 +246,7 @@ class Qcow2Node(BlockNode):
                     k: v for k, v in options.items()
                     if k in ("cache", "force-share", "auto-read-only")})
             except Error as e:
-                msg = str(e)
-                if not msg.startswith("Could not open backing file: "):
-                    msg = "Could not open backing file: " + msg
-                raise Error(msg, e.qmp_class) from None
+                raise Error("Could not open backing file: %s" % e, e.qmp_class) from None
         finally:
             if me is not None:
                 stack.pop()

@@ -76,8 +76,26 @@ def full_options(node) -> dict:
     """The options that define what ``node`` shows, children included."""
     opts = _strong_options(node)
     for role, child in node.children.items():
+        if role == "backing" and not backing_overridden(node):
+            continue        # QEMU: only an overridden backing file shows
         opts[role] = full_options(child)
+    if "backing" not in node.children and backing_overridden(node):
+        opts["backing"] = None
     return opts
+
+
+def backing_overridden(node) -> bool:
+    """QEMU's bdrv_backing_overridden(): the node's backing node is not the one its image
+    names (a ``backing`` option naming another node, or the same file by another name)."""
+    header = getattr(node, "header", None)
+    if header is None or getattr(node, "driver", "") != "qcow2":
+        return False
+    backing = getattr(node, "backing", None)
+    if backing is None:
+        return header.backing_file is not None      # "backing": null
+    if getattr(node, "backing_from_header", False):
+        return False
+    return display_name(backing) != (header.backing_file or "")
 
 
 def _exact_filename(node) -> str:
@@ -96,6 +114,8 @@ def _exact_filename(node) -> str:
     if drv in ("null-co", "null-aio"):
         return drv + "://"
     child = node.children.get("file")
+    if child is not None and backing_overridden(node):
+        return ""
     if child is not None:
         # bdrv_refresh_filename(): only a protocol child's plain name will do
         return _exact_filename(child) if getattr(child, "is_protocol", True) else ""

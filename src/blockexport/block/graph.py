@@ -74,13 +74,14 @@ def _inherit(child: dict, parent: dict) -> dict:
 
 
 class _OpenContext:
-    __slots__ = ("name", "options", "checked", "children")
+    __slots__ = ("name", "options", "checked", "children", "named_at")
 
     def __init__(self, name: str, options: dict):
         self.name = name
         self.options = options
         self.checked = False
         self.children: list[BlockNode] = []
+        self.named_at: int | None = None
 
 
 class BlockGraph:
@@ -195,9 +196,22 @@ class BlockGraph:
                 del self._nodes[key]
             self._nodes[node.node_name] = node
             self._nodes.update(newer)
+        elif ctx.named_at is not None and ctx.named_at < len(self._nodes):
+            # a format node that opened more children (a backing chain) after it was named
+            items = list(self._nodes.items())
+            items.insert(ctx.named_at, (node.node_name, node))
+            self._nodes.clear()
+            self._nodes.update(items)
         else:
             self._nodes[node.node_name] = node
         return node
+
+    def mark_named(self) -> None:
+        """For format drivers that open more children after their ``file`` (qcow2's backing
+        chain): the node being opened takes its place in the graph's order now, as QEMU
+        names it in bdrv_open_common() before it opens the backing file, so
+        query-named-block-nodes lists the nodes in QEMU's order."""
+        self._stack[-1].named_at = len(self._nodes)
 
     def open_child(self, parent: BlockNode, role: str, ref, parent_options: dict) -> BlockNode:
         """For format drivers: open (nested dict) or find (node-name string) the ``role``

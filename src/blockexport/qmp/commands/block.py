@@ -36,27 +36,85 @@ def _allocated_size(node):
         return None
 
 
-def node_info(node) -> dict:
-    """QEMU's BlockDeviceInfo for one node."""
+def image_info(node) -> dict:
+    """QEMU's ImageInfo of one node; for a node with a backing chain (qcow2) the backing
+    node's own ImageInfo nests as ``backing-image``."""
     name = display_name(node)
     image = {"virtual-size": node.length(), "filename": name, "format": node.driver}
     bottom = _protocol_node(node)
     if bottom is not None and bottom.driver in ("null-co", "null-aio"):
         image["actual-size"] = 0          # QEMU: nothing allocated, and no image info
-    else:
-        actual = _allocated_size(bottom) if bottom is not None else None
-        if actual is not None:
-            image["actual-size"] = actual
+        return image
+    actual = _allocated_size(bottom) if bottom is not None else None
+    if actual is not None:
+        image["actual-size"] = actual
+    header = getattr(node, "header", None) if node.driver == "qcow2" else None
+    if header is None:
         image["dirty-flag"] = False
+        return image
+    # qcow2: the keys in the order QEMU 7.2 prints them (its QDict's order)
+    info = dict(image)
+    info["dirty-flag"] = header.dirty
+    info["cluster-size"] = header.cluster_size
+    if header.backing_file is not None:
+        info["backing-filename"] = header.backing_file
+        try:
+            info["full-backing-filename"] = node.full_backing_filename()
+        except Exception:
+            pass
+        if header.backing_format is not None:
+            info["backing-filename-format"] = header.backing_format
+    if node.backing is not None:
+        info["backing-image"] = image_info(node.backing)
+    if header.version == 2:
+        data = {"compat": "0.10", "compression-type": node.compression_type,
+                "refcount-bits": header.refcount_bits}
+    else:
+        data = {"compat": "1.1", "compression-type": node.compression_type,
+                "lazy-refcounts": header.lazy_refcounts,
+                "refcount-bits": header.refcount_bits, "corrupt": header.corrupt,
+                "extended-l2": header.extended_l2}
+    info["format-specific"] = {"type": "qcow2", "data": data}
+    return {k: info[k] for k in _QCOW2_IMAGE_ORDER if k in info}
+
+
+_QCOW2_IMAGE_ORDER = (
+    "backing-image", "backing-filename-format", "virtual-size", "filename", "cluster-size",
+    "format", "actual-size", "format-specific", "full-backing-filename", "backing-filename",
+    "dirty-flag")
+
+
+def _backing_chain(node) -> list:
+    chain = []
+    node = getattr(node, "backing", None)
+    while node is not None:
+        chain.append(node)
+        node = getattr(node, "backing", None)
+    return chain
+
+
+def node_info(node) -> dict:
+    """QEMU's BlockDeviceInfo for one node."""
+    name = display_name(node)
+    image = image_info(node)
     info = {
         "iops_rd": 0, "detect_zeroes": node.detect_zeroes, "image": image, "iops_wr": 0,
-        "ro": bool(node.read_only), "node-name": node.node_name, "backing_file_depth": 0,
+        "ro": bool(node.read_only), "node-name": node.node_name,
+        "backing_file_depth": len(_backing_chain(node)),
         "drv": node.driver, "iops": 0, "bps_wr": 0, "write_threshold": 0,
         "encrypted": False, "bps": 0, "bps_rd": 0,
         "cache": {"no-flush": bool(node.no_flush), "direct": bool(node.cache_direct),
                   "writeback": True},
         "file": name,
     }
+    header = getattr(node, "header", None) if node.driver == "qcow2" else None
+    backing = getattr(node, "backing", None)
+    if backing is not None:
+        name = display_name(backing)
+        items = list(info.items())
+        at = [k for k, _ in items].index("encrypted")
+        items.insert(at, ("backing_file", name))
+        info = dict(items)
     if node.dirty_bitmaps:
         info["dirty-bitmaps"] = node_bitmaps_info(node)
     return info

@@ -89,6 +89,8 @@ class Qcow2Node(BlockNode):
         self.file = child
         self.filename = child.filename
         self.backing = None
+        #: the backing node came from the image header (not from the ``backing`` option)
+        self.backing_from_header = False
         self.header: Qcow2Header = self._read_header(child)
         if not self.read_only:
             if self.auto_read_only:
@@ -99,6 +101,7 @@ class Qcow2Node(BlockNode):
         self._check_options(options)
         self._setup_geometry()
         self._read_l1()
+        graph.mark_named()
         self._open_backing(graph, options)
         self._md_prealloc = None        # metadata preallocation, detected on first use
         self._corruption_reported = False
@@ -251,6 +254,7 @@ class Qcow2Node(BlockNode):
             if me is not None:
                 stack.pop()
         self._attach_backing(child)
+        self.backing_from_header = True
 
     def _attach_backing(self, child: BlockNode) -> None:
         self._add_child("backing", child)

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import connect, qemu_io, raw_bytes, read_all, run
+from qcow2.qcow2_util import connect, nbd_module, qemu_io, raw_bytes, read_all, run
 from helpers import servers
 
 
@@ -48,3 +48,38 @@ def test_writable_probed_open_refused(overlay):
     assert p.returncode == 1
     assert p.stderr == ("blockexport-nbd: Failed to blk_new_open '%s': qcow2 write support is "
                         "not available yet; open the image read-only\n" % overlay)
+
+
+@pytest.mark.parametrize("event", ["l2_load", "read_aio", "read_backing_aio"])
+def test_blkdebug_events_as_qemu_nbd(overlay, tmp_path, event):
+    """qcow2 over blkdebug: the events it fires make the same reads fail as in qemu-nbd."""
+    nbd = nbd_module()
+    opts = ("driver=qcow2,file.driver=blkdebug,file.image.driver=file,"
+            "file.image.filename=%s,file.inject-error.0.event=%s,"
+            "file.inject-error.0.errno=5,file.inject-error.0.once=on" % (overlay, event))
+    results = []
+    for kind in ("qemu-nbd", "blockexport-nbd"):
+        s = servers.start_server(kind, opts, ["-r", "--image-opts"], tmp_path=tmp_path,
+                                 fmt=None)
+        try:
+            got = []
+            # a connection per read: qemu-nbd 7.2 drops a connection whose structured read
+            # fails (docs/block-layer.md)
+            for off in (512 * 1024, 0, 1 << 20, 512 * 1024 + 4096, 512 * 1024):
+                h = connect(s.uri(), meta=())
+                try:
+                    h.pread(4096, off)
+                    got.append("ok")
+                except nbd.Error as e:
+                    # qemu-nbd drops the connection (ENOTCONN), we send EIO
+                    assert e.errnum in (5, 107), e
+                    got.append("fail")
+                try:
+                    h.shutdown()
+                except nbd.Error:
+                    pass
+        finally:
+            s.stop()
+        results.append(got)
+    assert results[0] == results[1]
+    assert "fail" in results[1]

@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from conftest import connect, qemu_io, read_all, run
+from qcow2.qcow2_util import connect, qemu_io, read_all, run
 from helpers import daemons as D
 from helpers.procs import oracle_missing, ours_missing
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import connect, nbd_module, qemu_io, raw_bytes, run, served
+from qcow2.qcow2_util import connect, nbd_module, qemu_io, raw_bytes, run, served
 from helpers import servers
 
 MiB = 1 << 20

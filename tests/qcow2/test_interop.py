@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import connect, maps, qemu_io, raw_bytes, read_all, run, served
+from qcow2.qcow2_util import connect, maps, qemu_io, raw_bytes, read_all, run, served
 
 MiB = 1 << 20
 SIZE = 16 * MiB

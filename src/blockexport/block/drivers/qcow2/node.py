@@ -261,8 +261,8 @@ class Qcow2Node(BlockNode):
         self.backing = child
 
     def _real_path(self):
-        f = self.file
-        if f.driver in ("file", "host_device") and f.filename:
+        f = _bottom_file(self.file)
+        if f is not None and f.filename:
             return os.path.realpath(f.filename)
         return None
 
@@ -274,9 +274,10 @@ class Qcow2Node(BlockNode):
             return None
         if os.path.isabs(name) or _has_protocol(name):
             return name
-        f = self.file
-        if f.driver not in ("file", "host_device") or _has_protocol(f.filename or ""):
-            raise Error("Cannot use relative backing file names for '%s'" % (f.filename or ""))
+        # QEMU's bdrv_dirname(): down the file (blkdebug: image) children to a file node
+        f = _bottom_file(self.file)
+        if f is None or _has_protocol(f.filename or ""):
+            raise Error("Cannot generate a base directory for %s nodes" % self.file.driver)
         return os.path.join(os.path.dirname(f.filename), name)
 
     # ---- permissions --------------------------------------------------------------------
@@ -324,6 +325,9 @@ class Qcow2Node(BlockNode):
             raise self._corruption("L2 table offset %#x past the end of the image file "
                                    "(L1 index: %#x)" % (l2_offset, l1_index))
         buf = bytearray(size)
+        debug = getattr(self.file, "debug_event", None)
+        if debug is not None:
+            debug("l2_load")
         self.file.read_into(key, memoryview(buf))
         t = self._slice_struct.unpack(buf)
         self.l2_cache.put(key, t)
@@ -346,6 +350,9 @@ class Qcow2Node(BlockNode):
                                    % coff)
         csize = min(csize, flen - coff)
         buf = bytearray(csize)
+        debug = getattr(self.file, "debug_event", None)
+        if debug is not None:
+            debug("read_compressed")
         self.file.read_into(coff, memoryview(buf))
         cs = self.cluster_size
         try:
@@ -529,6 +536,7 @@ class Qcow2Node(BlockNode):
         mapf = map_extended if extended else map_standard
         self.map = mapf
         zero_kinds = (K_ZERO, K_PAST_END)
+        debug = getattr(file, "debug_event", None)    # blkdebug below: QEMU's events
 
         def read_into(offset, buf):
             mv = memoryview(buf)
@@ -540,6 +548,8 @@ class Qcow2Node(BlockNode):
                 off = offset + pos
                 n, kind, host = mapf(off, total - pos)
                 if kind == K_NORMAL:
+                    if debug is not None:
+                        debug("read_aio")
                     file.read_into(host, mv[pos:pos + n])
                 elif kind in zero_kinds:
                     zero_fill(mv[pos:pos + n])
@@ -553,6 +563,8 @@ class Qcow2Node(BlockNode):
                         if k > n:
                             k = n
                         if k:
+                            if debug is not None:
+                                debug("read_backing_aio")
                             backing.read_into(off, mv[pos:pos + k])
                         if k < n:
                             zero_fill(mv[pos + k:pos + n])
@@ -611,6 +623,8 @@ class Qcow2Node(BlockNode):
             return bn, (d + 1 if d else 0)
 
         def file_range(offset, length):
+            if debug is not None:
+                return None
             n, kind, host = mapf(offset, length)
             if kind == K_NORMAL and n == length:
                 return file.file_range(host, length)
@@ -713,6 +727,17 @@ def _count_refcounted(node: Qcow2Node, allocated: int) -> bool:
         else:
             count += sum(data.translate(_NONZERO_PER_BYTE[bits]))
     return count >= threshold
+
+
+def _bottom_file(node):
+    """The file node under ``node`` (through ``file`` and blkdebug's ``image`` children), or
+    None."""
+    while node is not None:
+        if node.driver in ("file", "host_device"):
+            return node
+        children = node.children
+        node = children.get("file") or children.get("image")
+    return None
 
 
 def _has_protocol(name: str) -> bool:

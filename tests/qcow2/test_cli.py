@@ -83,3 +83,21 @@ def test_blkdebug_events_as_qemu_nbd(overlay, tmp_path, event):
         results.append(got)
     assert results[0] == results[1]
     assert "fail" in results[1]
+
+
+def test_zstd_image_without_zstandard(tools, tmp_path):
+    """Without the zstandard package a zstd image fails at open, saying why (zlib images
+    still open)."""
+    img = tmp_path / "z.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", "-o", "compression_type=zstd", img, "1M")
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "zstandard.py").write_text("raise ImportError('blocked for the test')\n")
+    import os
+    env = dict(os.environ, PYTHONPATH=str(blocker))
+    p = subprocess.run([servers.server_binary("blockexport-nbd"), "-r", "-f", "qcow2", "-k",
+                        str(tmp_path / "z.sock"), str(img)], capture_output=True, text=True,
+                       timeout=20, stdin=subprocess.DEVNULL, env=env)
+    assert p.returncode == 1
+    assert p.stderr == ("blockexport-nbd: Failed to blk_new_open '%s': qcow2: zstd compression "
+                        "needs the Python package 'zstandard', which is not installed\n" % img)

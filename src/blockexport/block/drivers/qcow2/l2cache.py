@@ -1,13 +1,14 @@
 """A bounded LRU cache of L2 table slices (QEMU's ``l2-cache-size``/``l2-cache-entry-size``).
 
 One cache entry is a *slice* of an L2 table (``l2-cache-entry-size`` bytes, by default the
-whole cluster) decoded into a tuple of plain ints, keyed by its offset in the image file.
+whole cluster) decoded into an ``array('Q')`` of the entries in host byte order, keyed by its offset in the image file.
 Thread-safe: lookups and insertions hold one lock for a few dict operations; loading a slice
 from the file happens outside the lock (two threads may load the same slice; both results are
 equal and one wins).
 
-A write path updates a slice with :meth:`L2Cache.put` after writing it to the file (the
-cache never writes anything itself) and drops one with :meth:`L2Cache.discard`.
+Cached slices are never modified in place (readers index them without a lock): a write path
+writes the table to the file, then puts a new array with :meth:`L2Cache.put` (the cache never
+writes anything itself) and drops one with :meth:`L2Cache.discard`.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class L2Cache:
 
     def __init__(self, capacity: int):
         self.capacity = max(1, capacity)
-        self._entries: OrderedDict[int, tuple] = OrderedDict()
+        self._entries: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -37,7 +38,7 @@ class L2Cache:
                 self.misses += 1
             return t
 
-    def put(self, key: int, table: tuple) -> None:
+    def put(self, key: int, table) -> None:
         with self._lock:
             entries = self._entries
             entries[key] = table

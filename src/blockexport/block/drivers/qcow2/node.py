@@ -24,12 +24,14 @@ Damaged metadata (an L2 table offset unaligned or past the end of the file, a da
 offset unaligned or past the end, invalid extended-L2 bitmaps) raises ``OSError(EIO)`` for
 that range only; the rest of the image stays readable.
 
-L1 is a list of ints in memory (:attr:`Qcow2Node.l1`); L2 tables are loaded by slice through
+L1 is an ``array('Q')`` in memory (:attr:`Qcow2Node.l1`, host byte order, entries as on
+disk); L2 tables are loaded by slice through
 :class:`~blockexport.block.drivers.qcow2.l2cache.L2Cache` (:meth:`Qcow2Node.l2_slice`).  A
 write path would update ``l1`` and the cache after writing the tables to the file.
 """
 from __future__ import annotations
 
+import array
 import errno
 import os
 import struct
@@ -66,6 +68,7 @@ DEFAULT_L2_CACHE_MAX_SIZE = 32 * 1024 * 1024
 MIN_L2_CACHE_SIZE = 2           # slices
 MIN_REFCOUNT_CACHE_SIZE = 4     # clusters
 
+_LITTLE = sys.byteorder == "little"
 _opening = threading.local()    # realpaths of the qcow2 images being opened (cycle check)
 
 
@@ -197,7 +200,6 @@ class Qcow2Node(BlockNode):
         slice_entries = self.l2_cache_entry_size // self.l2_entry_size
         self.slice_bits = slice_entries.bit_length() - 1       # entries per slice, log2
         self.subcluster_bits = cb - 5 if h.extended_l2 else cb
-        self._slice_struct = struct.Struct(">%dQ" % (self.l2_cache_entry_size // 8))
         self.compression_type = COMPRESSION_NAMES[h.compression_type]
 
     def _read_l1(self) -> None:
@@ -209,7 +211,10 @@ class Qcow2Node(BlockNode):
                 self.file.read_into(h.l1_table_offset, memoryview(buf))
             except OSError as e:
                 raise Error("Could not read L1 table: %s" % os.strerror(e.errno)) from None
-        self.l1 = list(struct.unpack(">%dQ" % n, buf))
+        l1 = array.array("Q", buf)
+        if _LITTLE:
+            l1.byteswap()
+        self.l1 = l1
 
     # ---- backing chain --------------------------------------------------------------------
 
@@ -309,8 +314,9 @@ class Qcow2Node(BlockNode):
             sys.stderr.flush()
         return _eio(msg)
 
-    def l2_slice(self, l2_offset: int, slice_index: int, l1_index: int = -1) -> tuple:
-        """Slice ``slice_index`` of the L2 table at ``l2_offset`` (a tuple of ints; with
+    def l2_slice(self, l2_offset: int, slice_index: int, l1_index: int = -1):
+        """Slice ``slice_index`` of the L2 table at ``l2_offset`` (an ``array('Q')`` of the
+        entries in host order, never modified once cached: replace it; with
         extended L2 entries, entry and bitmap interleaved).  EIO when the table offset is
         unaligned or past the end of the file."""
         key = l2_offset + slice_index * self.l2_cache_entry_size
@@ -329,7 +335,11 @@ class Qcow2Node(BlockNode):
         if debug is not None:
             debug("l2_load")
         self.file.read_into(key, memoryview(buf))
-        t = self._slice_struct.unpack(buf)
+        # an array of 64-bit ints: as compact as the table on disk (a tuple of Python ints
+        # would take five times the memory the cache size promises)
+        t = array.array("Q", buf)
+        if _LITTLE:
+            t.byteswap()
         self.l2_cache.put(key, t)
         return t
 
@@ -721,7 +731,6 @@ def _count_refcounted(node: Qcow2Node, allocated: int) -> bool:
             if width == 1:
                 count += nbytes - data.count(0)
             else:
-                import array
                 arr = array.array({2: "H", 4: "I", 8: "Q"}[width], data)
                 count += len(arr) - arr.count(0)
         else:

@@ -197,3 +197,26 @@ def test_daemon_exports_a_chain(chain, tmp_path):
         assert not errors, errors
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize("opts", [
+    "cache-size=1048576,l2-cache-size=524288,refcount-cache-size=262144",
+    "cache-size=1048576,l2-cache-size=2097152",
+    "cache-size=1048576,refcount-cache-size=2097152",
+    "cache-size=1M",
+    "l2-cache-entry-size=131072",
+    "l2-cache-entry-size=1000",
+    "l2-cache-size=-1",
+    "cache-clean-interval=5000000000",
+    "overlap-check=foo",
+    "discard-no-unref=on",
+    "encrypt.format=aes",
+])
+def test_option_errors_as_qsd(chain, opts):
+    _require()
+    args = ["--blockdev", "driver=qcow2,node-name=x,read-only=on,file.driver=file,"
+            "file.filename=%s,%s" % (chain / "v2.qcow2", opts)]
+    theirs = D.run_to_exit("qemu-storage-daemon", args)
+    ours = D.run_to_exit("blockexport-daemon", args)
+    assert theirs.returncode == ours.returncode == 1
+    assert ours.stderr.replace("blockexport-daemon:", "qemu-storage-daemon:") == theirs.stderr

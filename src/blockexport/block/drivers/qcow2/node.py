@@ -50,6 +50,7 @@ from blockexport.block.node import (
 )
 from blockexport.block.probe import PROBE_BUF_SIZE, probe_format, protocol_options
 from blockexport.errors import Error
+from blockexport.util.cutils import SIZE_HINT
 
 K_NORMAL = 0
 K_ZERO = 1
@@ -161,7 +162,8 @@ class Qcow2Node(BlockNode):
         refcount = options.get("refcount-cache-size", 0)
         for key in ("cache-size", "l2-cache-size", "refcount-cache-size"):
             if options.get(key, 0) < 0:
-                raise Error("Parameter '%s' expects a non-negative number below 2^64" % key)
+                raise Error("Parameter '%s' expects a non-negative number below 2^64" % key,
+                            hint=SIZE_HINT)
         l2_size = min(max_l2_cache, l2_max_setting)
         min_refcount = MIN_REFCOUNT_CACHE_SIZE * cs
         if combined is not None:

@@ -122,6 +122,11 @@ def test_backing_null_and_reference(chain, tmp_path):
         {"execute": "blockdev-add", "arguments": {
             "driver": "qcow2", "node-name": "top", "read-only": True, "backing": "mid",
             "file": {"driver": "file", "filename": top}}},
+        {"execute": "blockdev-add", "arguments": {
+            "driver": "qcow2", "node-name": "nested", "read-only": True,
+            "backing": {"driver": "qcow2", "file": {"driver": "file", "filename": mid},
+                        "backing": None},
+            "file": {"driver": "file", "filename": top}}},
         {"execute": "query-named-block-nodes"},
     ]
     theirs, ours = both(tmp_path, [], cmds)
@@ -130,6 +135,7 @@ def test_backing_null_and_reference(chain, tmp_path):
     assert nodes["alone"]["backing_file_depth"] == 0
     assert "backing-image" not in nodes["alone"]["image"]
     assert nodes["top"]["backing_file_depth"] == 2
+    assert nodes["nested"]["backing_file_depth"] == 1
 
 
 def test_blockdev_errors(chain, tmp_path):

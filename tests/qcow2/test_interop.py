@@ -234,3 +234,22 @@ def test_matrix_images_are_what_they_claim(images):
                        images("compressed-zlib")).stdout)
     assert any(e["data"] and "offset" not in e for e in m), "no compressed cluster"
     assert os.path.getsize(images("prealloc-metadata")) >= SIZE
+
+
+@pytest.mark.parametrize("name", ["chain-3-raw-base", "prealloc-metadata", "extended-l2"])
+def test_offset_window_like_qemu_nbd(images, name, tmp_path):
+    """``-o OFFSET`` puts a raw window on the qcow2 node; as in QEMU, raw passes block status
+    down one layer only, so the maps show the top image alone (backing data: hole, depth 0)."""
+    img = images(name)
+    offset = 65536 + 4096
+    expected = raw_bytes(img, tmp_path)[offset:]
+    with served("blockexport-nbd", img, tmp_path, ["-o", str(offset)]) as ours, \
+            served("qemu-nbd", img, tmp_path, ["-o", str(offset)]) as theirs:
+        h1 = connect(ours.uri())
+        h2 = connect(theirs.uri())
+        try:
+            assert read_all(h1)[:len(expected)] == expected
+            assert maps(h1) == maps(h2)
+        finally:
+            h1.shutdown()
+            h2.shutdown()

@@ -86,7 +86,9 @@ class RawNode(BlockNode):
         off = self.offset
         child_read = child.read_into
         child_write = child.write
-        child_status = child.block_status
+        # a node with a backing chain (qcow2) below raw answers for itself alone: QEMU's
+        # raw passes block status down one layer (BDRV_BLOCK_RAW), not along the chain
+        child_status = getattr(child, "layer_status", None) or child.block_status
         child_range = child.file_range
         child_cache = child.cache
         self.flush = child.flush

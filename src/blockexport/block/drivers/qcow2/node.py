@@ -297,9 +297,8 @@ class Qcow2Node(BlockNode):
             nshared = (PERM_WRITE | PERM_RESIZE) if shared & PERM_WRITE else 0
             return perm, nshared | PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED
         # metadata and data child: always consistent read; never shared for writing or
-        # resizing
-        if not self.read_only:
-            perm |= PERM_WRITE | PERM_RESIZE
+        # resizing.  (A write path adds WRITE | RESIZE here for a writable node: QEMU's
+        # format drivers may update metadata without a guest write.)
         if perm & PERM_WRITE_UNCHANGED:
             perm |= PERM_WRITE
         if perm & PERM_WRITE:
@@ -586,6 +585,17 @@ class Qcow2Node(BlockNode):
                     mv[pos:pos + n] = data[start:start + n]
                 pos += n
 
+        def layer_status(offset, length):
+            """This image's own status, its backing chain not consulted (QEMU's
+            bdrv_co_block_status() on this node alone): what a raw node on top sees."""
+            n, kind, host = mapf(offset, length)
+            if kind != K_UNALLOC:
+                return block_status(offset, length)
+            backing = node.backing
+            if backing is None or offset >= backing.length():
+                return n, BS_ZERO
+            return n, 0
+
         def block_status(offset, length):
             n, kind, host = mapf(offset, length)
             if kind == K_NORMAL:
@@ -644,6 +654,7 @@ class Qcow2Node(BlockNode):
 
         self.read_into = read_into
         self.block_status = block_status
+        self.layer_status = layer_status
         self.allocation_depth = allocation_depth
         self.file_range = file_range
 

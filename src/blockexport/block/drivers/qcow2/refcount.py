@@ -39,7 +39,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-__all__ = ["RefcountManager", "RefcountError", "header_table_updater"]
+__all__ = ["RefcountManager", "RefcountError", "header_table_updater", "get_entry", "set_entry",
+           "block_entries"]
 
 #: Offsets are at most 56 bits; the low 9 bits of a refcount table entry are reserved.
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -65,6 +66,53 @@ def header_table_updater(io, *, header_offset: int = 48):
         io.pwrite(header_offset, struct.pack(">QI", table_offset, table_clusters))
         io.flush()
     return update
+
+
+def get_entry(data, index: int, refcount_order: int) -> int:
+    """Entry ``index`` of refcount block ``data`` (from the spec's layout)."""
+    bits = 1 << refcount_order
+    if bits >= 8:
+        nb = bits // 8
+        return int.from_bytes(data[index * nb:(index + 1) * nb], "big")
+    per = 8 // bits
+    return (data[index // per] >> ((index % per) * bits)) & ((1 << bits) - 1)
+
+
+def set_entry(data: bytearray, index: int, value: int, refcount_order: int) -> None:
+    """Store ``value`` as entry ``index`` of refcount block ``data``."""
+    bits = 1 << refcount_order
+    if not 0 <= value < (1 << bits):
+        raise ValueError("refcount %d does not fit in %d bits" % (value, bits))
+    if bits >= 8:
+        nb = bits // 8
+        data[index * nb:(index + 1) * nb] = value.to_bytes(nb, "big")
+        return
+    per = 8 // bits
+    shift = (index % per) * bits
+    b = index // per
+    data[b] = (data[b] & ~(((1 << bits) - 1) << shift) & 0xFF) | (value << shift)
+
+
+_UNPACK = {8: "B", 16: "H", 32: "I", 64: "Q"}
+
+
+def block_entries(data, refcount_order: int):
+    """``(index, refcount)`` for every nonzero entry of refcount block ``data``."""
+    bits = 1 << refcount_order
+    if bits >= 8:
+        n = len(data) * 8 // bits
+        values = struct.unpack(">%d%s" % (n, _UNPACK[bits]), bytes(data))
+        return [(i, v) for i, v in enumerate(values) if v]
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    out = []
+    for bi, byte in enumerate(data):
+        if byte:
+            for k in range(per):
+                v = (byte >> (k * bits)) & mask
+                if v:
+                    out.append((bi * per + k, v))
+    return out
 
 
 @dataclass

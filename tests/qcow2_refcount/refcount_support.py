@@ -86,8 +86,10 @@ def create(path, size="64M", **opts) -> str:
     return str(path)
 
 
-def qemu_io(path, *cmds, abort=False):
-    args = [QEMU_IO, "-f", "qcow2"]
+def qemu_io(path, *cmds, abort=False, read_only=False):
+    """qemu-io's commands on the image.  Note: a writable open of an image with the dirty
+    bit set makes qemu repair it first (read_only=True leaves it alone)."""
+    args = [QEMU_IO, "-f", "qcow2"] + (["-r"] if read_only else [])
     for c in cmds:
         args += ["-c", c]
     if abort:

@@ -101,7 +101,8 @@ def test_allocate_then_free_many(tmp_path, order, cluster_size):
     for i in range(n):
         k = 1 + i % 3
         off = m.allocate(k)
-        io.pwrite(off, bytes([i & 0xFF]) * (k * cs))
+        io.pwrite(off, bytes([i & 0xFF]) * 512)       # the file covers the run
+        io.pwrite(off + k * cs - 512, bytes([i & 0xFF]) * 512)
         runs.append((off, k))
     m.flush()
     total = sum(k for _, k in runs)
@@ -350,4 +351,35 @@ def test_header_updater_writes_the_two_fields(tmp_path):
     with open(p, "rb") as f:
         f.seek(48)
         assert struct.unpack(">QI", f.read(12)) == (0x123000, 7)
+    io.close()
+
+
+def test_new_block_never_lands_in_the_range_being_counted(tmp_path):
+    """increase() over clusters whose refcount block does not exist yet (1-bit refcounts:
+    4096 clusters a block): the new block goes elsewhere, not onto those clusters."""
+    p = _prefill(tmp_path, 0, upto_margin=1)
+    leaks_before = check(p)["leaks"]          # what _prefill allocated
+    io, m = open_manager(p)
+    E = m.block_entries
+    assert all(m.get(c) for c in range(E)) and len(m.table) > 1 and not m.table[1]
+    m.increase(E * 512, 4 * 512, 1)
+    io.pwrite(E * 512, b"\x44" * 2048)
+    assert [m.get(c) for c in range(E, E + 4)] == [1, 1, 1, 1]
+    assert not E <= m.table[1] // 512 < E + 4
+    m.flush()
+    res = check(p)
+    assert no_corruption(res) and res["leaks"] == leaks_before + 4, res["report"]
+    io.close()
+
+
+def test_freed_compressed_cluster_is_not_packed_into_after_reuse(tmp_path):
+    p = create(tmp_path / "fb.qcow2", "1M", cluster_size=4096)
+    io, m = open_manager(p)
+    a = m.allocate_bytes(1000)
+    m.free(a, 1000)
+    x = m.allocate()                       # the freed cluster, now a whole data cluster
+    assert x == a // 4096 * 4096
+    b = m.allocate_bytes(500)
+    assert b // 4096 != x // 4096
+    assert m.get(x // 4096) == 1
     io.close()

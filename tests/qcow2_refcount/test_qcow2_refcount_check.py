@@ -30,7 +30,7 @@ def write_patterns(path, extra=(), abort=False):
 
 
 def verify_patterns(path):
-    qemu_io(path, *["read -P %s %s %s" % w for w in WRITES])
+    qemu_io(path, *["read -P %s %s %s" % w for w in WRITES], read_only=True)
 
 
 def ours(path, **kw):
@@ -325,3 +325,39 @@ def test_repair_reloads_a_manager_that_keeps_working(tmp_path):
     assert res.get("corruptions", 0) == 0 and res.get("leaks") == 300, res["report"]
     verify_patterns(p)
     assert os.path.getsize(p) > 0
+
+
+def test_crash_at_every_write_of_a_repair(tmp_path):
+    """The rebuild killed before each of its writes: the image is as damaged as before (the
+    header still names the old structure) or repaired, never worse."""
+    from refcount_support import Crash, CrashingIO
+    import shutil
+    base = create(tmp_path / "base.qcow2", "16M", cluster_size=512, refcount_bits=16,
+                  lazy_refcounts="on")
+    write_patterns(base, abort=True)
+    orig = check(base)
+    assert orig.get("corruptions", 0) > 0
+    h = Header(base)
+    k = 0
+    while True:
+        p = str(tmp_path / ("c%d.qcow2" % k))
+        shutil.copy(base, p)
+        io = CrashingIO(p, k)
+        try:
+            repair_refcounts(io, on_table_moved=header_table_updater(io), **h.check_kwargs())
+            done = True
+        except Crash:
+            done = False
+        io.close()
+        res = check(p)
+        if Header(p).rt_offset == h.rt_offset:
+            assert not done
+            assert res.get("corruptions") == orig["corruptions"], (k, res["report"])
+        else:
+            assert "corruptions" not in res and "leaks" not in res, (k, res["report"])
+        verify_patterns(p)
+        os.unlink(p)
+        if done:
+            break
+        k += 1
+    assert k >= 3

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from blockexport.block.drivers.qcow2.refcount import (
     OFFSET_MASK, RefcountError, RefcountManager, block_entries, set_entry)
 
-__all__ = ["CheckResult", "RepairResult", "check_refcounts", "repair_refcounts"]
+__all__ = ["CheckResult", "RepairResult", "check_refcounts", "repair_refcounts",
+           "rebuild_refcounts"]
 
 L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L2_OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -291,11 +292,16 @@ def repair_refcounts(io, *, cluster_bits: int, refcount_order: int,
                      l1_offset: int, l1_size: int, on_table_moved, extended_l2: bool = False,
                      extra_ranges=(), nb_snapshots: int = 0, snapshot_l1s=None,
                      fix_leaks: bool = True, fix_errors: bool = True,
+                     force_rebuild: bool = False,
                      manager: RefcountManager | None = None) -> RepairResult:
     """Check, then repair (see the module's docstring); returns the result before and
     after.  ``on_table_moved(offset, clusters)`` rewrites the header when the refcount
-    structure is rebuilt; ``manager``, when given, is reloaded afterwards (its cached state
-    would be stale)."""
+    structure is rebuilt; ``manager``, when given, is flushed first and reloaded afterwards
+    (its cached state would be stale).  ``force_rebuild`` rebuilds the refcount structure
+    even when leaks (or nothing) are all there is to fix.
+
+    For an image opened writable with the dirty bit set: repair, then clear the dirty bit
+    (the driver owns the header)."""
     args = (cluster_bits, refcount_order, refcount_table_offset, refcount_table_clusters,
             l1_offset, l1_size, extended_l2, tuple(extra_ranges), nb_snapshots, snapshot_l1s)
     if manager is not None:
@@ -308,7 +314,7 @@ def repair_refcounts(io, *, cluster_bits: int, refcount_order: int,
                        table=(refcount_table_offset, refcount_table_clusters))
     table = out.table
     cs = 1 << cluster_bits
-    if fix_errors and (before.errors or before.structure_errors):
+    if force_rebuild or (fix_errors and (before.errors or before.structure_errors)):
         table = _rebuild(io, walk, cluster_bits, refcount_order, on_table_moved)
         out.rebuilt = True
         out.corruptions_fixed += len(before.errors) + before.structure_errors
@@ -375,3 +381,8 @@ def _rebuild(io, walk: _Walk, cluster_bits, refcount_order, on_table_moved):
     io.flush()
     on_table_moved(start * cs, nt)
     return start * cs, nt
+
+
+def rebuild_refcounts(io, **kw) -> RepairResult:
+    """:func:`repair_refcounts` with a rebuild of the whole refcount structure."""
+    return repair_refcounts(io, force_rebuild=True, **kw)

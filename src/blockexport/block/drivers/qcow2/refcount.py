@@ -376,23 +376,31 @@ class RefcountManager:
     def _table_entry_write(self, ti: int) -> None:
         self.io.pwrite(self.table_offset + 8 * ti, struct.pack(">Q", self.table[ti]))
 
-    def _ensure_block(self, ti: int) -> bool:
-        """Make sure refcount block ``ti`` exists; True when metadata was allocated."""
+    def _free_cluster_outside(self, avoid) -> int:
+        f = self._find_free_run(1)
+        while avoid is not None and avoid[0] <= f < avoid[1]:
+            f = self._find_free(avoid[1], True)
+        return f
+
+    def _ensure_block(self, ti: int, avoid=None) -> bool:
+        """Make sure refcount block ``ti`` exists, placing new metadata outside the cluster
+        range ``avoid`` (clusters the caller is about to count as in use); True when
+        metadata was allocated."""
         changed = False
         E = self.block_entries
         cs = self.cluster_size
         while True:
             if ti >= len(self.table):
-                self._grow_table(ti)
+                self._grow_table(ti, avoid)
                 changed = True
                 continue
             if self.table[ti]:
                 return changed
-            f = self._find_free_run(1)
+            f = self._free_cluster_outside(avoid)
             tf = f // E
             if tf != ti:
                 if tf >= len(self.table) or not self.table[tf]:
-                    self._ensure_block(tf)   # the block describing f first; then look again
+                    self._ensure_block(tf, avoid)  # the block describing f first; look again
                     changed = True
                     continue
                 # f is described by an existing block: raise its refcount first
@@ -414,7 +422,7 @@ class RefcountManager:
                 self.free_hint = f + 1
             changed = True
 
-    def _grow_table(self, need_ti: int) -> None:
+    def _grow_table(self, need_ti: int, avoid=None) -> None:
         """A new, larger refcount table (and the blocks describing it) past everything the
         current table describes; the header is switched by ``on_table_moved``."""
         if self.on_table_moved is None:
@@ -424,7 +432,10 @@ class RefcountManager:
         E = self.block_entries
         per_table_cluster = cs // 8
         old_len = len(self.table)
+        self.file_length = max(self.file_length, self.io.length())
         start = max(self.covered_clusters, -(-self.file_length // cs))
+        if avoid is not None and avoid[1] > start:
+            start = avoid[1]
         nb, nt = 0, self.table_clusters
         while True:
             end = start + nb + nt                      # area: [start, end)
@@ -481,8 +492,11 @@ class RefcountManager:
             for k in range(bi, bi + stop - c):
                 v = self._get_entry(blk.data, k) + delta
                 self._set_entry(blk.data, k, v)
-                if v == 0 and ti * E + k < self.free_hint:
-                    self.free_hint = ti * E + k
+                if v == 0:
+                    if ti * E + k < self.free_hint:
+                        self.free_hint = ti * E + k
+                    if self.free_byte_offset >> self.cluster_bits == ti * E + k:
+                        self.free_byte_offset = 0     # freed: may be reused whole
             lo = self._entry_span(bi)[0]
             hi = self._entry_span(bi + stop - c - 1)[1]
             blk.mark(lo, hi)
@@ -528,7 +542,7 @@ class RefcountManager:
             # blocks first (this may allocate, so it comes before the checks)
             E = self.block_entries
             for ti in range(first // E, (first + n - 1) // E + 1):
-                self._ensure_block(ti)
+                self._ensure_block(ti, (first, first + n))
         self._check_range(first, n, delta, check_metadata)
         self._change(first, n, delta)
 

@@ -383,3 +383,32 @@ def test_freed_compressed_cluster_is_not_packed_into_after_reuse(tmp_path):
     assert b // 4096 != x // 4096
     assert m.get(x // 4096) == 1
     io.close()
+
+
+@pytest.mark.parametrize("order", [0, 6])
+def test_allocate_runs_fills_holes_first(tmp_path, order):
+    p = create(tmp_path / "runs.qcow2", "64M", cluster_size=512, refcount_bits=1 << order)
+    io, m = open_manager(p)
+    offs = [m.allocate() for _ in range(40)]
+    for o in offs[::2]:
+        m.free(o, 512)
+    with pytest.raises(ValueError, match="allocate_runs"):
+        m.allocate(3, contiguous=False)
+    runs = m.allocate_runs(25)
+    assert sum(n for _, n in runs) == 25
+    got = [o // 512 + j for o, n in runs for j in range(n)]
+    assert len(set(got)) == 25
+    holes = sorted(o // 512 for o in offs[::2])
+    assert sorted(got)[:20] == holes           # the holes first, lowest first
+    assert len(runs) == 21                      # 20 single holes, then one run of 5
+    # across the metadata a long run needs: 5000 clusters (new blocks, a table move at 64)
+    runs = m.allocate_runs(5000)
+    assert sum(n for _, n in runs) == 5000
+    for o, n in m.allocate_runs(3) + runs:
+        io.pwrite(o + n * 512 - 512, b"\x01" * 512)
+    for o in offs[1::2]:
+        io.pwrite(o, b"\x01" * 512)
+    m.flush()
+    res = check(p)
+    assert no_corruption(res) and res["leaks"] == 20 + 25 + 5000 + 3, res["report"][-500:]
+    io.close()

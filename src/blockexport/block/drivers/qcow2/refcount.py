@@ -487,6 +487,9 @@ class RefcountManager:
         while c < end:
             ti, bi = divmod(c, E)
             off = self.table[ti]
+            if not off:
+                raise RefcountError(errno.EIO, "qcow2: internal error: no refcount block "
+                                    "for cluster %d" % c)
             blk = self._block(off)
             stop = min(end, (ti + 1) * E)
             for k in range(bi, bi + stop - c):
@@ -591,27 +594,22 @@ class RefcountManager:
         out = []
         with self._lock:
             left = nclusters
+            E = self.block_entries
             while left:
                 c = self._find_free_run(1)
                 run = self._find_free(c, False, c + left) - c
-                off = self._allocate_at_most(c, run)
-                out.append(off)
-                left -= off[1]
+                changed = False
+                for ti in range(c // E, (c + run - 1) // E + 1):
+                    changed |= self._ensure_block(ti)
+                if changed:
+                    continue                  # metadata was placed: look again
+                self._check_range(c, run, 1, False)
+                self._change(c, run, +1)
+                if c == self.free_hint:
+                    self.free_hint = c + run
+                out.append((c << self.cluster_bits, run))
+                left -= run
         return out
-
-    def _allocate_at_most(self, c: int, run: int) -> tuple[int, int]:
-        E = self.block_entries
-        changed = False
-        for ti in range(c // E, (c + run - 1) // E + 1):
-            changed |= self._ensure_block(ti)
-        if changed:
-            c = self._find_free_run(1)
-            run = max(1, min(run, self._find_free(c, False, c + run) - c))
-        self._check_range(c, run, 1, False)
-        self._change(c, run, +1)
-        if c == self.free_hint:
-            self.free_hint = c + run
-        return c << self.cluster_bits, run
 
     def allocate_bytes(self, size: int) -> int:
         """Allocate ``size`` bytes (1..cluster_size) for a compressed cluster: packed after

@@ -412,3 +412,19 @@ def test_allocate_runs_fills_holes_first(tmp_path, order):
     res = check(p)
     assert no_corruption(res) and res["leaks"] == 20 + 25 + 5000 + 3, res["report"][-500:]
     io.close()
+
+
+def test_far_offsets_grow_the_table_up_to_qemus_limit(tmp_path):
+    p = create(tmp_path / "far.qcow2", "64M", cluster_size=512, refcount_bits=64)
+    io, m = open_manager(p)
+    with pytest.raises(RefcountError, match="more than the 8388608 QEMU allows") as ei:
+        m.increase(1 << 40, 512, 1)
+    assert ei.value.errno == errno.EFBIG
+    far = 256 << 20                          # needs a 64-cluster table
+    m.increase(far, 512, 1)
+    io.pwrite(far, b"\x01" * 512)
+    assert m.get(far // 512) == 1 and m.table_clusters >= 64
+    m.flush()
+    res = check(p)
+    assert no_corruption(res) and res["leaks"] == 1, res["report"][-800:]
+    io.close()

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 __all__ = ["RefcountManager", "RefcountError", "header_table_updater", "get_entry", "set_entry",
            "block_entries"]
 
+#: QEMU's limit on the refcount table (it won't open an image with a larger one).
+MAX_TABLE_BYTES = 8 << 20
 #: Offsets are at most 56 bits; the low 9 bits of a refcount table entry are reserved.
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
 _TABLE_ENTRY_RESERVED = 0x1FF
@@ -139,9 +141,23 @@ def _has_zero_field_table(bits: int) -> bytes:
 
 
 class RefcountManager:
-    """The refcount table and blocks of one qcow2 image, with a bounded block cache.
+    """The refcount table and blocks of one qcow2 image, with a bounded block cache
+    (``cache_blocks`` refcount blocks, least recently used clean ones evicted first).
 
-    All public methods are thread-safe (one lock)."""
+    All public methods are thread-safe (one re-entrant lock).  The callbacks run with that
+    lock held and must not call back into the manager:
+
+    * ``on_table_moved(new_table_offset, new_table_clusters)``: write both header fields
+      and make them durable (:func:`header_table_updater` does exactly that); without it a
+      full table raises :class:`RefcountError` (``ENOSPC``) instead of growing.
+    * ``before_decrease_write()``: make durable the metadata updates that dropped
+      references (the driver's L2/L1 write-back), before a lowered refcount is written.
+
+    ``get(cluster)``, ``allocate(n)``, ``allocate_runs(n)``, ``allocate_bytes(size)``,
+    ``increase(offset, length, delta)``, ``free(offset, length)``, ``set_refcount(cluster,
+    value)``, ``flush()``, ``reload(table_offset, table_clusters)``; attributes
+    ``table_offset``, ``table_clusters``, ``table``, ``max_refcount``, ``block_entries``,
+    ``free_hint``."""
 
     def __init__(self, io, *, cluster_bits: int, refcount_order: int, table_offset: int,
                  table_clusters: int, file_length: int, cache_blocks: int = 64,
@@ -446,6 +462,9 @@ class RefcountManager:
             if (want_nb, want_nt) == (nb, nt):
                 break
             nb, nt = max(nb, want_nb), max(nt, want_nt)
+        if nt * cs > MAX_TABLE_BYTES:
+            raise RefcountError(errno.EFBIG, "qcow2: the refcount table would need %d bytes, "
+                                "more than the %d QEMU allows" % (nt * cs, MAX_TABLE_BYTES))
         blocks_at = start
         table_at = start + nb
         new_table = self.table + [0] * (nt * per_table_cluster - old_len)

@@ -155,13 +155,17 @@ class _Walk:
             l2 = self.read(l2_off, cs)
             if l2 is None:
                 continue
-            for j in range(0, cs, stride):
-                e = struct.unpack_from(">Q", l2, j)[0]
+            words = struct.unpack(">%dQ" % (cs // 8), l2)
+            for k in range(0, len(words), stride // 8):
+                e = words[k]
+                if not e:
+                    continue
+                j = k * 8                                   # byte offset in the table
                 if e & COMPRESSED:
                     if e & COPIED:
                         self.error("ERROR: coffset=%#x: copied flag must never be set for "
                                    "compressed clusters" % (e & coff_mask), unrepairable=True)
-                    if extended_l2 and struct.unpack_from(">Q", l2, j + 8)[0]:
+                    if extended_l2 and words[k + 1]:
                         self.error("ERROR compressed cluster at L2 offset %#x entry %d has a "
                                    "subcluster bitmap" % (l2_off, j // stride),
                                    unrepairable=True)

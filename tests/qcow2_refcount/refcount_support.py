@@ -30,6 +30,7 @@ class FileIO:
         self.lock = threading.Lock()
         self.preads = 0
         self.pwrites = 0
+        self.flushes = 0
 
     def pread(self, offset, length):
         self.preads += 1
@@ -41,6 +42,7 @@ class FileIO:
             raise OSError("short write")
 
     def flush(self):
+        self.flushes += 1
         os.fdatasync(self.fd)
 
     def length(self):
@@ -76,6 +78,47 @@ class CrashingIO(FileIO):
         if self.crashed:
             raise Crash("crashed")
         super().flush()
+
+
+class PowerLossIO(FileIO):
+    """A crash that is a power cut: the power goes before the ``budget``-th write or flush
+    (counted together), and a random subset of the writes made since the last completed
+    flush is lost (what the disk had not made durable)."""
+
+    def __init__(self, path, budget, rng):
+        super().__init__(path)
+        self.budget = budget
+        self.rng = rng
+        self.crashed = False
+        self.journal = []            # (offset, bytes before the write) since the last flush
+
+    def _op(self):
+        if self.crashed or self.pwrites + self.flushes >= self.budget:
+            self.crashed = True
+            raise Crash("power cut")
+
+    def pwrite(self, offset, data):
+        self._op()
+        old = os.pread(self.fd, len(data), offset)
+        self.journal.append((offset, old.ljust(len(data), b"\0")))
+        super().pwrite(offset, data)
+
+    def flush(self):
+        self._op()
+        super().flush()
+        self.journal.clear()
+
+    def lose_unflushed(self, how: str) -> int:
+        """Undo unflushed writes: ``all`` of them, all but the newest (``keep_newest``: the
+        disk reordered them), or a ``random`` half."""
+        lost = 0
+        for i, (offset, old) in reversed(list(enumerate(self.journal))):
+            if how == "all" or (how == "keep_newest" and i < len(self.journal) - 1) or \
+                    (how == "random" and self.rng.random() < 0.5):
+                os.pwrite(self.fd, old, offset)
+                lost += 1
+        self.journal.clear()
+        return lost
 
 
 def create(path, size="64M", **opts) -> str:

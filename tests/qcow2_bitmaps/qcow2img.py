@@ -14,7 +14,7 @@ import shutil
 import struct
 import subprocess
 
-from helpers.procs import oracle_missing
+from helpers.procs import oracle_missing  # noqa: F401 (tests use Q.oracle_missing)
 
 from blockexport.block.drivers.qcow2 import bitmaps as B
 

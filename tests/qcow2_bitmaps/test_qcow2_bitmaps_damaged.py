@@ -146,5 +146,8 @@ def test_nonzero_padding_and_tail_bits_are_ignored(tmp_path, base):
         f.pwrite(last, bytes(511) + b"\x80")  # only the last byte's unused top bit
         f.pwrite(info.table_offset + 8 * (len(table) - 1), struct.pack(">Q", last))
     assert data == b"\xff" * 16 + bytes(496)
+    with Q.ImageFile(img) as f:
+        bits = B.load_bitmap(f, info, cluster_size=512, disk_size=64 * MiB - 512)
+    assert len(bits) == 16384 and bits[-1] == 0  # the tail bit is not loaded
     ours = Q.load_ranges(img, "t")
     assert ours == [(0, 65536)] == Q.qemu_dirty_map(img, "t")

@@ -180,18 +180,26 @@ def test_in_use_bitmap_set_by_a_writable_qemu(tmp_path):
     Q.create(img, 8 * MiB)
     Q.bitmap(img, "--add", "b1")
     Q.bitmap(img, "--add", "--disable", "b2")
-    p = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", str(sock), str(img)])
+    p = subprocess.Popen(["qemu-nbd", "--persistent", "-f", "qcow2", "-k", str(sock), str(img)])
     try:
-        for _ in range(200):
-            if sock.exists():
+        for _ in range(500):  # serving: the image is open (the socket comes first)
+            if Q.run("nbdinfo", "--size", "nbd+unix:///?socket=%s" % sock,
+                     check=False).returncode == 0:
                 break
             time.sleep(0.01)
+        else:
+            raise AssertionError("qemu-nbd did not start serving")
         with Q.ImageFile(img) as f:
             infos = Q.read_infos(f)[1]
         assert [(i.in_use, i.inconsistent) for i in infos] == [(True, True), (True, True)]
     finally:
         p.terminate()
-        p.wait(10)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            raise
     with Q.ImageFile(img) as f:
         assert [i.in_use for i in Q.read_infos(f)[1]] == [False, False]
 

@@ -462,6 +462,76 @@ def from_dirty_bitmap(bm: DirtyBitmap, disk_size: int | None = None) -> BitmapDa
                       bits=bytes(bits_from_ranges(ranges, gbits, size)))
 
 
+# ---- what a driver does on open -----------------------------------------------------------
+
+def load_bitmaps(io, *, ext: BitmapsExtension | None, autoclear_features: int,
+                 cluster_size: int, disk_size: int, read_only: bool, node=None,
+                 file_size: int | None = None, warn=None):
+    """QEMU's open-time handling of the extension: ``(infos, bitmaps)`` with one
+    :class:`DirtyBitmap` per entry (directory order).
+
+    * no extension: nothing;
+    * autoclear bit 0 clear: ``warn(AUTOCLEAR_WARNING, AUTOCLEAR_HINT)`` and nothing (the
+      bitmaps are not found; a writable open then drops the extension from the header);
+    * in-use bitmaps come back inconsistent (no content), others with their content,
+      enabled when ``auto``, read-only on a read-only open;
+    * on a writable open every bitmap is then flagged in use on disk (:func:`set_in_use`), to
+      be stored and cleared on a clean close.
+
+    Raises :class:`BitmapError` (QEMU's messages) for a damaged extension.
+    """
+    if ext is None:
+        return [], []
+    if not extension_consistent(autoclear_features):
+        if warn is not None:
+            warn(AUTOCLEAR_WARNING, AUTOCLEAR_HINT)
+        return [], []
+    infos = read_directory(io, ext_nb_bitmaps=ext.nb_bitmaps, ext_dir_size=ext.dir_size,
+                           ext_dir_offset=ext.dir_offset, cluster_size=cluster_size,
+                           disk_size=disk_size, file_size=file_size)
+    bitmaps = []
+    for info in infos:
+        bits = None if info.inconsistent else load_bitmap(
+            io, info, cluster_size=cluster_size, disk_size=disk_size, file_size=file_size)
+        bitmaps.append(to_dirty_bitmap(info, bits, disk_size=disk_size, node=node,
+                                       read_only=read_only))
+    if not read_only:
+        set_in_use(io, infos, True)
+    return infos, bitmaps
+
+
+def check_can_store(*, version: int, node_name: str, name: str, granularity: int,
+                    infos=(), new_names=()) -> None:
+    """``block-dirty-bitmap-add persistent=true`` on a qcow2 node: QEMU's refusals, each
+    ``Can't make bitmap 'NAME' persistent in 'NODE': REASON``.  ``infos`` are the bitmaps on
+    disk and ``new_names`` those added (persistent) since the open, for the count and
+    directory-size limits.  The version and name-length reasons are QEMU 7.2's words
+    (observed); QEMU's words for the granularity, count and size reasons were not observed
+    (QMP's uint32 granularity can't exceed 2^31, the limit)."""
+    def refuse(reason: str):
+        raise Error("Can't make bitmap '%s' persistent in '%s': %s" % (name, node_name,
+                                                                       reason))
+    if version < 3:
+        refuse("Cannot store dirty bitmaps in qcow2 v2 files")
+    name_size = len(name.encode("utf-8", "surrogateescape"))
+    if name_size > MAX_NAME_SIZE:
+        refuse("Name length exceeds maximum (%d characters)" % MAX_NAME_SIZE)
+    gbits = granularity.bit_length() - 1
+    if gbits > MAX_GRANULARITY_BITS:
+        refuse("Granularity exceeds maximum (%d bytes)" % (1 << MAX_GRANULARITY_BITS))
+    if gbits < MIN_GRANULARITY_BITS:
+        refuse("Granularity is under minimum (%d bytes)" % (1 << MIN_GRANULARITY_BITS))
+    infos = list(infos)
+    new_names = list(new_names)
+    if len(infos) + len(new_names) >= MAX_BITMAPS:
+        refuse("Maximum number of persistent bitmaps is already reached")
+    dir_size = sum(i.entry_size for i in infos) + sum(
+        _round8(ENTRY_HEAD.size + len(n.encode("utf-8", "surrogateescape")))
+        for n in new_names + [name])
+    if dir_size > MAX_DIR_SIZE:
+        refuse("Not enough space in the bitmap directory")
+
+
 # ---- storing -------------------------------------------------------------------------------
 
 def _cluster_round(n: int, cluster_size: int) -> int:

@@ -67,7 +67,12 @@ def test_all_ones_table_entries(tmp_path):
     with Q.ImageFile(img) as f:
         h, [info] = Q.read_infos(f)
         table = B.read_table(f, info, cluster_size=512)
-    assert info.table_size == 8 and table[0] == 0 and table[1] and table[2] & ~1
+    # QEMU itself stores all-ones clusters as data clusters full of 0xff
+    assert info.table_size == 8 and table[0] == table[3] == 0
+    with Q.ImageFile(img) as f:
+        for i in (1, 2):
+            assert table[i] & B.TABLE_OFFSET_MASK == table[i]
+            assert f.pread(table[i], 512) == b"\xff" * 512
     assert Q.load_ranges(img, "b") == [(2 * MiB, 4 * MiB), (9 * MiB, 512)]
     # turn the entries of clusters 1 and 7 into "all ones" (cluster 1's data cluster leaks)
     with Q.ImageFile(img, writable=True) as f:
@@ -131,6 +136,11 @@ def test_to_dirty_bitmap(tmp_path):
         assert data.bits == B.load_bitmap(f, infos[0], cluster_size=h.cluster_size,
                                           disk_size=h.size)
     assert (data.name, data.granularity_bits, data.auto) == ("on", 13, True)
+    # for another disk size (the run-by-run path): the same dirty ranges
+    bigger = B.from_dirty_bitmap(on, disk_size=h.size + 8192)
+    assert len(bigger.bits) == len(data.bits) + 1
+    assert (B.dirty_ranges(bigger.bits, 13, h.size + 8192)
+            == B.dirty_ranges(data.bits, 13, h.size) == [(0, 16384), (7 * MiB, MiB)])
 
 
 def test_in_use_is_inconsistent_as_in_qemu(tmp_path):

@@ -430,9 +430,21 @@ def to_dirty_bitmap(info: BitmapInfo, bits, *, disk_size: int, node=None,
         bm.inconsistent = True
         return bm
     if bits is not None:
-        for offset, length in dirty_ranges(bits, info.granularity_bits, disk_size):
-            bm.mark(offset, length)
+        _fill(bm, bits, info.granularity_bits, disk_size)
     return bm
+
+
+def _fill(bm: DirtyBitmap, bits, granularity_bits: int, disk_size: int) -> None:
+    """Set ``bm``'s bits.  DirtyBitmap documents its in-memory layout (a bytearray, bit ``i``
+    = bit ``i & 7`` of byte ``i >> 3``), the same as the on-disk one: copied in one go when
+    the sizes agree, else run by run through ``mark``."""
+    own = getattr(bm, "_bits", None)
+    if isinstance(own, bytearray) and len(own) == len(bits) and bm.size == disk_size:
+        with bm._lock:
+            bm._bits = bytearray(bits)
+        return
+    for offset, length in dirty_ranges(bits, granularity_bits, disk_size):
+        bm.mark(offset, length)
 
 
 @dataclass
@@ -451,7 +463,13 @@ def from_dirty_bitmap(bm: DirtyBitmap, disk_size: int | None = None) -> BitmapDa
     """What :func:`store_bitmaps` writes for an in-memory bitmap (``auto`` = enabled)."""
     size = bm.size if disk_size is None else disk_size
     gbits = bm.granularity.bit_length() - 1
-    ext = bm.extents(0, size, 1 << 62) if size else []
+    own = getattr(bm, "_bits", None)
+    if isinstance(own, bytearray) and size == bm.size:  # the layout is the on-disk one
+        with bm._lock:
+            bits = bytes(bm._bits)
+        return BitmapData(name=bm.name, granularity_bits=gbits, auto=bm.enabled, bits=bits)
+    covered = min(size, bm.size)  # past its size a bitmap is clean
+    ext = bm.extents(0, covered, 1 << 62) if covered else []
     ranges = []
     pos = 0
     for i in range(0, len(ext), 2):
@@ -598,8 +616,9 @@ def bitmap_clusters(io, info: BitmapInfo, *, cluster_size: int) -> list[tuple[in
 
 
 def free_bitmaps(io, allocator, infos, *, cluster_size: int, keep=()) -> None:
-    """Free the clusters of the bitmaps ``infos`` (not those in ``keep``, whose tables a new
-    directory still points at) and the directory they were in."""
+    """Free the clusters of the bitmaps ``infos`` -- every entry of one old directory, as
+    :func:`read_directory` returned them -- (not those in ``keep``, whose tables a new
+    directory still points at) and that directory's clusters."""
     infos = list(infos)
     if not infos:
         return
@@ -610,8 +629,8 @@ def free_bitmaps(io, allocator, infos, *, cluster_size: int, keep=()) -> None:
         for off, length in bitmap_clusters(io, info, cluster_size=cluster_size):
             allocator.free(off, length)
     dir_offset = min(i.entry_offset for i in infos)
-    dir_size = sum(i.entry_size for i in infos)
-    allocator.free(dir_offset, _cluster_round(dir_size, cluster_size))
+    dir_end = max(i.entry_offset + i.entry_size for i in infos)
+    allocator.free(dir_offset, _cluster_round(dir_end - dir_offset, cluster_size))
 
 
 class _StoreResult(NamedTuple):

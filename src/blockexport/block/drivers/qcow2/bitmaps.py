@@ -50,12 +50,11 @@ never leave the header pointing at freed or half-written metadata.
 """
 from __future__ import annotations
 
-import re
 import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from blockexport.block.dirty_bitmap import DirtyBitmap
+from blockexport.block.dirty_bitmap import DirtyBitmap, _next_bit
 from blockexport.errors import Error
 
 #: Header extension type of the bitmaps extension.
@@ -352,27 +351,6 @@ def load_bitmap(io, info: BitmapInfo, *, cluster_size: int, disk_size: int,
 def _mask_tail(bits: bytearray, nbits: int) -> None:
     if nbits & 7 and bits:
         bits[-1] &= (1 << (nbits & 7)) - 1
-
-
-_NOT_ZERO = re.compile(b"[^\x00]")
-_NOT_ONES = re.compile(b"[^\xff]")
-
-
-def _next_bit(bits, i: int, nbits: int, value: bool) -> int:
-    """Index of the first bit >= ``i`` equal to ``value`` (``nbits`` when none)."""
-    if i >= nbits:
-        return nbits
-    byte = i >> 3
-    cur = bits[byte] if value else bits[byte] ^ 0xFF
-    cur &= (0xFF << (i & 7)) & 0xFF
-    if not cur:
-        m = (_NOT_ZERO if value else _NOT_ONES).search(bits, byte + 1)
-        if m is None:
-            return nbits
-        byte = m.start()
-        cur = bits[byte] if value else bits[byte] ^ 0xFF
-    j = (byte << 3) + ((cur & -cur).bit_length() - 1)
-    return min(j, nbits)
 
 
 def dirty_ranges(bits, granularity_bits: int, disk_size: int) -> list[tuple[int, int]]:

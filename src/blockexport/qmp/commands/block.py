@@ -124,7 +124,11 @@ def node_info(node) -> dict:
         items.insert(at, ("backing_file", name))
         info = dict(items)
     if node.dirty_bitmaps:
-        info["dirty-bitmaps"] = node_bitmaps_info(node)
+        # QEMU 7.2's QDict order: after write_threshold (and backing_file), before encrypted
+        items = list(info.items())
+        at = [k for k, _ in items].index("encrypted")
+        items.insert(at, ("dirty-bitmaps", node_bitmaps_info(node)))
+        info = dict(items)
     return info
 
 

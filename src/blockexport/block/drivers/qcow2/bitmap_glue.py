@@ -45,7 +45,7 @@ def _default_warn(message: str, hint: str | None = None) -> None:
     prog = os.path.basename(sys.argv[0] or "") or "blockexport"
     text = "%s: %s\n" % (prog, message)
     if hint:
-        text += hint + "\n"
+        text += hint  # as given: QEMU's hint for the autoclear warning has no newline
     try:
         sys.stderr.write(text)
         sys.stderr.flush()

@@ -148,6 +148,34 @@ def test_read_only_node_as_qsd(tools, tmp_path):
     assert [b["flags"] for b in Q.info_bitmaps(img)] == [["auto"], [], ["in-use", "auto"]]
 
 
+def test_chain_with_bitmaps_as_qsd(tools, tmp_path):
+    """Bitmaps on the top and the backing image of a chain: query-named-block-nodes of the
+    whole chain (keys in QEMU's order, ``backing_file`` and ``dirty-bitmaps`` both present)
+    and an export of the top naming the backing image's bitmap."""
+    from qcow2.test_daemon import both
+    base = tmp_path / "base.qcow2"
+    Q.create(base, 4 * MiB)
+    Q.bitmap(base, "--add", "-g", "1024", "base-bm")
+    qemu_io(base, "write 0 3000")
+    top = tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    Q.bitmap(top, "--add", "--disable", "top-bm")
+    theirs, ours = both(tmp_path, [
+        "--blockdev", "driver=qcow2,node-name=top,read-only=on,file.driver=file,"
+        "file.filename=%s" % top], [
+        {"execute": "query-named-block-nodes"},
+        {"execute": "nbd-server-start", "arguments": {
+            "addr": {"type": "unix", "data": {"path": str(tmp_path / "c.sock")}}}},
+        {"execute": "block-export-add", "arguments": {
+            "type": "nbd", "id": "e", "node-name": "top", "bitmaps": ["base-bm", "top-bm"]}},
+        {"execute": "block-export-del", "arguments": {"id": "e"}}])
+    _same(ours, theirs)
+    assert ours == theirs
+    nodes = json.loads(ours[0])["return"]
+    assert [n["dirty-bitmaps"][0]["name"] for n in nodes if "dirty-bitmaps" in n] == [
+        "base-bm", "top-bm"]
+
+
 def _nbd_stderr(kind, args, tmp_path):
     """Exit status and stderr (program name as qemu-nbd's) of a server that fails to start."""
     sock = tmp_path / ("%s-err.sock" % kind)

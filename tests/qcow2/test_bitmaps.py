@@ -262,10 +262,10 @@ def _writable_session(kind, img, tmp_path):
         h.pwrite(b"y", 16 * MiB - 1)
         h.flush()
         h.shutdown()
-        seen["query"] = json.loads(_replies(d, [{"execute": "query-named-block-nodes"}])[0])[
-            "return"][0]["dirty-bitmaps"]
+        seen["query"] = q.result("query-named-block-nodes")["return"][0]["dirty-bitmaps"]
+        q.result("quit")
         q.close()
-        _quit(d)
+        d.proc.wait(20)
     finally:
         d.stop()
     seen["stderr"] = _stderr(d)
@@ -292,8 +292,8 @@ def test_writable_open_stores_on_close_as_qsd(tools, tmp_path):
         assert ours[key] == theirs[key], key
     assert ours["check"] == (0, 0)
     # the granules our writes dirtied, as the real qemu-nbd exports them
-    assert ours["maps"]["new"] == [(3 * MiB, 3584), (70000 // 512 * 512, 9 * MiB + 512),
-                                   (16 * MiB - 512, 512)]
+    assert [b["name"] for b in theirs["closed"]] == ["on", "bad", "new2", "new"]
+    assert ours["maps"]["new"] == [(3 * MiB, 3584), (9 * MiB, 70144), (16 * MiB - 512, 512)]
 
 
 # ---- the glue's store paths before the write path exists -----------------------------------
@@ -411,6 +411,7 @@ def test_glue_writable_paths_with_a_stub_node(tools, tmp_path):
     graph = _Graph(node)
     new = DB.bitmap_add(graph, node, "new", granularity=512, persistent=True)
     DB.bitmap_add(graph, node, "tmp")                   # not persistent: not stored
+    DB.bitmap_add(graph, node, "new2", persistent=True, disabled=True)
     with pytest.raises(Error) as e:
         DB.bitmap_add(graph, node, "x" * 1024, persistent=True)
     assert str(e.value) == ("Can't make bitmap '%s' persistent in 'q': Name length exceeds "
@@ -425,6 +426,7 @@ def test_glue_writable_paths_with_a_stub_node(tools, tmp_path):
     assert Q.info_bitmaps(img) == [
         {"flags": ["auto"], "name": "on", "granularity": 4096},
         {"flags": ["in-use", "auto"], "name": "bad", "granularity": 65536},
+        {"flags": [], "name": "new2", "granularity": 65536},   # new ones newest first
         {"flags": ["auto"], "name": "new", "granularity": 512}]
     c = Q.check(img)
     assert not c.get("leaks") and not c.get("corruptions"), c

@@ -13,7 +13,7 @@ the node's dirty bitmaps (:mod:`blockexport.block.dirty_bitmap`), as QEMU 7.2 do
   header by a writable open;
 * a writable open flags every bitmap ``in_use`` on disk and registers a close hook
   (``node.close_hooks``) that stores every persistent node bitmap (those loaded, in directory
-  order, then the ones added since, in their order) into freshly allocated clusters, points
+  order, then the ones added since, newest first, as QEMU) into freshly allocated clusters, points
   the header at the new directory, frees the old one and so clears ``in_use``; an
   inconsistent bitmap is kept as it is on disk;
 * ``block-dirty-bitmap-add persistent=true`` asks ``node.can_store_dirty_bitmap`` (QEMU's
@@ -174,7 +174,8 @@ class NodeBitmaps:
                 items.append(info)  # kept as it is (in use) on disk
             else:
                 items.append(B.from_dirty_bitmap(bm, node.header.size))
-        for bm in bms.values():
+        # then the new ones, newest first (QEMU keeps a node's bitmaps newest first)
+        for bm in reversed(list(bms.values())):
             if bm.persistent and bm.name not in stored and not bm.inconsistent:
                 items.append(B.from_dirty_bitmap(bm, node.header.size))
         if not items and not self.infos:

@@ -459,3 +459,27 @@ def test_glue_remove_last_drops_the_extension(tools, tmp_path):
     c = Q.check(img)
     assert not c.get("leaks") and not c.get("corruptions"), c
     assert not node.header.autoclear_features & B.AUTOCLEAR_BITMAPS
+
+
+def test_glue_store_failure_is_reported_and_leaves_bitmaps_in_use(tools, tmp_path, capsys):
+    """A store that fails at close (here: no cluster can be allocated) is reported as QEMU
+    reports it; the image keeps its old directory, the bitmaps still flagged in use."""
+    import errno
+    from blockexport.block.drivers.qcow2 import bitmap_glue
+    img = make_image(tmp_path / "f.qcow2")
+    node = StubWritableNode(img)
+    bitmap_glue.attach(node)
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    node.refcounts.allocate = no_space
+    node.close()
+    err = capsys.readouterr().err
+    assert err.endswith(": Lost persistent bitmaps during inactivation of node 'q': No space "
+                        "left on device\n"), err
+    assert [b["flags"] for b in Q.info_bitmaps(img)] == [
+        ["in-use", "auto"], ["in-use"], ["in-use", "auto"]]
+    c = Q.check(img)
+    assert not c.get("corruptions"), c
+    # the inconsistent bitmaps are refused by the real qemu-nbd as by us
+    assert "Bitmap 'on' is inconsistent" in Q.qemu_nbd_error(img, "on")

@@ -25,7 +25,8 @@ the node's dirty bitmaps (:mod:`blockexport.block.dirty_bitmap`), as QEMU 7.2 do
 
 The write path supplies, on a writable node: ``node.refcounts`` (the cluster allocator),
 ``node.meta_lock`` (an RLock serialising metadata changes), ``node.rewrite_header(**changes)``
-(``autoclear_features=int``, ``bitmaps_ext=bitmaps.BitmapsExtension | None``) and
+(``autoclear_features=int``, ``bitmaps_ext=HeaderBitmapsExt | None``: the extension's
+fields under both modules' names, ``pack()`` its 24 bytes) and
 ``node.close_hooks`` (callables run at the start of a clean close of a writable node, under
 ``meta_lock``).
 
@@ -55,6 +56,20 @@ def _default_warn(message: str, hint: str | None = None) -> None:
 
 #: Where warnings go (``warn(message, hint=None)``); the CLIs may replace it.
 warn = _default_warn
+
+
+class HeaderBitmapsExt(B.BitmapsExtension):
+    """What ``rewrite_header(bitmaps_ext=...)`` gets: :class:`.bitmaps.BitmapsExtension`
+    (``nb_bitmaps``, ``dir_size``, ``dir_offset``, ``pack()``) that also answers to the field
+    names of :class:`.header.BitmapsExtension` (``directory_size``, ``directory_offset``)."""
+
+    @property
+    def directory_size(self) -> int:
+        return self.dir_size
+
+    @property
+    def directory_offset(self) -> int:
+        return self.dir_offset
 
 
 class FileIO:
@@ -180,7 +195,12 @@ class NodeBitmaps:
                 items.append(B.from_dirty_bitmap(bm, node.header.size))
         if not items and not self.infos:
             return
-        self._write_directory(items)
+        try:
+            self._write_directory(items)
+        except (Error, OSError) as e:  # QEMU reports it and goes on closing
+            msg = str(e) if isinstance(e, Error) else os.strerror(e.errno or 5)
+            warn("Lost persistent bitmaps during inactivation of node '%s': %s"
+                 % (node.node_name, msg))
 
     def read_only_close(self) -> None:
         """QEMU's message when a read-only node had persistent bitmaps added."""
@@ -201,7 +221,7 @@ class NodeBitmaps:
             if nb:
                 node.rewrite_header(
                     autoclear_features=node.header.autoclear_features | B.AUTOCLEAR_BITMAPS,
-                    bitmaps_ext=B.BitmapsExtension(nb, dir_size, dir_offset))
+                    bitmaps_ext=HeaderBitmapsExt(nb, dir_size, dir_offset))
             else:
                 node.rewrite_header(
                     autoclear_features=node.header.autoclear_features & ~B.AUTOCLEAR_BITMAPS,

@@ -207,6 +207,20 @@ def test_qemu_nbd_refusals(tools, tmp_path, case):
     assert "Traceback" not in ours[1]
 
 
+@pytest.mark.parametrize("bitmap", ["bad", "nope"])
+def test_daemon_command_line_export_refusal_as_qsd(tools, tmp_path, bitmap):
+    _require()
+    img = make_image(tmp_path / "d.qcow2")
+    args = ["--blockdev", "driver=qcow2,node-name=q,read-only=on,file.driver=file,"
+            "file.filename=%s" % img,
+            "--nbd-server", "addr.type=unix,addr.path=%s" % (tmp_path / "x.sock"),
+            "--export", "type=nbd,id=e,node-name=q,bitmaps.0=%s" % bitmap]
+    theirs = D.run_to_exit("qemu-storage-daemon", args)
+    ours = D.run_to_exit("blockexport-daemon", args)
+    assert theirs.returncode == ours.returncode == 1
+    assert ours.stderr.replace("blockexport-daemon:", "qemu-storage-daemon:") == theirs.stderr
+
+
 @pytest.mark.parametrize("case", ["v2", "long name", "fine"])
 def test_persistent_add_checks_as_qsd(tools, tmp_path, case):
     """block-dirty-bitmap-add persistent=true on a qcow2 node: QEMU's refusals."""

@@ -207,6 +207,25 @@ def test_qemu_nbd_refusals(tools, tmp_path, case):
     assert "Traceback" not in ours[1]
 
 
+def test_damaged_directory_blockdev_add_as_qsd(tools, tmp_path):
+    """A damaged bitmap directory fails blockdev-add with QEMU's message and leaves no node
+    behind."""
+    from qcow2.test_daemon import both
+    img = make_image(tmp_path / "x.qcow2")
+    with Q.ImageFile(img) as f:
+        first = Q.read_infos(f)[1][0]
+    with open(img, "r+b") as f:
+        f.seek(first.entry_offset + 20)
+        f.write(struct.pack(">I", 8))  # extra data
+    theirs, ours = both(tmp_path, [], [
+        {"execute": "blockdev-add", "arguments": {
+            "driver": "qcow2", "node-name": "q", "read-only": True,
+            "file": {"driver": "file", "filename": str(img)}}},
+        {"execute": "query-named-block-nodes"}])
+    assert ours == theirs
+    assert "Bitmap extra data is not supported" in ours[0]
+
+
 @pytest.mark.parametrize("bitmap", ["bad", "nope"])
 def test_daemon_command_line_export_refusal_as_qsd(tools, tmp_path, bitmap):
     _require()

@@ -321,6 +321,13 @@ def bitmap_images(tools, tmp_path_factory):
 def test_dirty_bitmaps_like_qemu_nbd(bitmap_images, name, tmp_path):
     img = bitmap_images(name)
     names = BITMAP_IMAGES[name][1]
+    import json
+    info = json.loads(run("qemu-img", "info", "--output=json", img).stdout)
+    flags = {b["name"]: b["flags"] for b in info["format-specific"]["data"]["bitmaps"]}
+    for n in names:
+        if n in flags:  # (mid-bm lives in the backing file)
+            want_auto = not (n.startswith("frozen") or n == "off")
+            assert flags[n] == (["auto"] if want_auto else []), (name, n, flags)
     args = [a for n in names for a in ("-B", n)]
     contexts = ["qemu:dirty-bitmap:" + n for n in names]
     with served("blockexport-nbd", img, tmp_path, args) as ours, \

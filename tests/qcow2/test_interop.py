@@ -253,3 +253,96 @@ def test_offset_window_like_qemu_nbd(images, name, tmp_path):
         finally:
             h1.shutdown()
             h2.shutdown()
+
+
+# ---- persistent dirty bitmaps: qemu:dirty-bitmap:NAME as qemu-nbd -B NAME serves it ---------
+
+def _bitmaps(*spec, cluster: str = "cluster_size=65536", seed: int = 30):
+    """An image with bitmaps made by qemu-img bitmap (``(name, args...)`` each, added in
+    order), then writes by qemu-io (which loads the bitmaps, marks the enabled ones and
+    stores them on exit); a bitmap named ``frozen*`` is disabled after a first round of
+    writes, so it holds those and misses the second round."""
+    def build(d: Path) -> Path:
+        img = create(d / "img.qcow2", cluster)
+        for name, *args in spec:
+            run("qemu-img", "bitmap", "--add", *args, img, name)
+        fill(img, seed)
+        for name, *_ in spec:
+            if name.startswith("frozen"):
+                run("qemu-img", "bitmap", "--disable", img, name)
+        fill(img, seed + 1)
+        return img
+    return build
+
+
+def _bitmaps_chain(d: Path) -> Path:
+    """The 3-deep chain with a bitmap on its top and one on the middle image (found by
+    ``-B`` down the backing chain, as QEMU looks it up)."""
+    top = _chain(d)
+    mid = d / "mid.qcow2"
+    run("qemu-img", "bitmap", "--add", "-g", "4096", mid, "mid-bm")
+    fill(mid, 84, 8 * MiB)
+    run("qemu-img", "bitmap", "--add", top, "top-bm")
+    run("qemu-img", "bitmap", "--add", "-g", "512", top, "top-fine")
+    fill(top, 85)
+    return top
+
+
+BITMAP_IMAGES = {
+    "bitmaps-granularities": (_bitmaps(("g512", "-g", "512"), ("g4k", "-g", "4096"),
+                                       ("g64k",), ("g1M", "-g", "1048576"),
+                                       ("frozen", "-g", "8192"),
+                                       ("off", "--disable")),
+                              ["g512", "g4k", "g64k", "g1M", "frozen", "off"]),
+    "bitmaps-cluster-512": (_bitmaps(("fine", "-g", "512"), ("frozen-2M", "-g", "2097152"),
+                                     cluster="cluster_size=512", seed=40),
+                            ["fine", "frozen-2M"]),
+    "bitmaps-extended-l2": (_bitmaps(("a", "-g", "16384"), cluster="extended_l2=on",
+                                     seed=50), ["a"]),
+    "bitmaps-chain-top": (_bitmaps_chain, ["top-bm", "top-fine", "mid-bm"]),
+}
+
+
+@pytest.fixture(scope="module")
+def bitmap_images(tools, tmp_path_factory):
+    root = tmp_path_factory.mktemp("qcow2-bitmap-images")
+    built = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            d = root / name
+            d.mkdir()
+            built[name] = BITMAP_IMAGES[name][0](d)
+        return built[name]
+    return get
+
+
+@pytest.mark.parametrize("name", list(BITMAP_IMAGES))
+def test_dirty_bitmaps_like_qemu_nbd(bitmap_images, name, tmp_path):
+    img = bitmap_images(name)
+    names = BITMAP_IMAGES[name][1]
+    import json
+    info = json.loads(run("qemu-img", "info", "--output=json", img).stdout)
+    flags = {b["name"]: b["flags"] for b in info["format-specific"]["data"]["bitmaps"]}
+    for n in names:
+        if n in flags:  # (mid-bm lives in the backing file)
+            want_auto = not (n.startswith("frozen") or n == "off")
+            assert flags[n] == (["auto"] if want_auto else []), (name, n, flags)
+    args = [a for n in names for a in ("-B", n)]
+    contexts = ["qemu:dirty-bitmap:" + n for n in names]
+    with served("blockexport-nbd", img, tmp_path, args) as ours, \
+            served("qemu-nbd", img, tmp_path, args) as theirs:
+        h1 = connect(ours.uri(), ["base:allocation"] + contexts)
+        h2 = connect(theirs.uri(), ["base:allocation"] + contexts)
+        try:
+            m1 = maps(h1, ["base:allocation"] + contexts)
+            m2 = maps(h2, ["base:allocation"] + contexts)
+            for c in contexts:
+                assert m1[c] == m2[c], (name, c)
+            assert m1 == m2
+            # the bitmaps really hold something (the one disabled from the start nothing)
+            for c in contexts:
+                assert any(fl for _, fl in m1[c]) == (not c.endswith(":off")), (name, c)
+        finally:
+            h1.shutdown()
+            h2.shutdown()

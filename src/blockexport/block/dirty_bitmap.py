@@ -218,8 +218,9 @@ def check(bm: DirtyBitmap, allow_ro: bool = False) -> None:
     if not allow_ro and bm.readonly:
         raise Error("Bitmap '%s' is readonly and cannot be modified" % bm.name)
     if bm.inconsistent:
-        raise Error("Bitmap '%s' is inconsistent and cannot be used" % bm.name,
-                    hint="Try block-dirty-bitmap-remove to delete this bitmap from disk")
+        # QEMU appends a hint (try block-dirty-bitmap-remove) that no user sees: QMP drops
+        # hints and qemu-nbd/--export fail through &error_fatal, which loses it
+        raise Error("Bitmap '%s' is inconsistent and cannot be used" % bm.name)
 
 
 def default_granularity(node) -> int:

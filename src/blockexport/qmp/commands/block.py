@@ -72,8 +72,16 @@ def image_info(node) -> dict:
     else:
         data = {"compat": "1.1", "compression-type": node.compression_type,
                 "lazy-refcounts": header.lazy_refcounts,
+                "bitmaps": None,
                 "refcount-bits": header.refcount_bits, "corrupt": header.corrupt,
                 "extended-l2": header.extended_l2}
+        # the directory as it is on disk now (QEMU reads it at query time); none: no key
+        bitmaps_info = getattr(node, "qcow2_bitmaps_info", None)
+        bitmaps = bitmaps_info() if bitmaps_info is not None else []
+        if bitmaps:
+            data["bitmaps"] = bitmaps
+        else:
+            del data["bitmaps"]
     info["format-specific"] = {"type": "qcow2", "data": data}
     return {k: info[k] for k in _QCOW2_IMAGE_ORDER if k in info}
 
@@ -116,7 +124,11 @@ def node_info(node) -> dict:
         items.insert(at, ("backing_file", name))
         info = dict(items)
     if node.dirty_bitmaps:
-        info["dirty-bitmaps"] = node_bitmaps_info(node)
+        # QEMU 7.2's QDict order: after write_threshold (and backing_file), before encrypted
+        items = list(info.items())
+        at = [k for k, _ in items].index("encrypted")
+        items.insert(at, ("dirty-bitmaps", node_bitmaps_info(node)))
+        info = dict(items)
     return info
 
 

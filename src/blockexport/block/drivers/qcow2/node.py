@@ -39,6 +39,7 @@ import sys
 import threading
 import zlib
 
+from blockexport.block.drivers.qcow2 import bitmap_glue
 from blockexport.block.drivers.qcow2.header import (
     COMPRESSION_NAMES, COMPRESSION_ZSTD, OFFSET_MASK, Qcow2Header, header_bytes_needed,
     parse_header,
@@ -110,6 +111,7 @@ class Qcow2Node(BlockNode):
         self._md_prealloc = None        # metadata preallocation, detected on first use
         self._corruption_reported = False
         self._bind()
+        bitmap_glue.attach(self)        # persistent dirty bitmaps (after the node is set up)
 
     # ---- open ---------------------------------------------------------------------------
 

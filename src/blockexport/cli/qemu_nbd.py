@@ -495,12 +495,26 @@ def _open_probed(graph, proto, top_opts: dict, o: NbdOptions, rep: Reporter):
         raise
 
 
+def _fill_protocols(opts: dict) -> dict:
+    """QEMU's legacy open (bdrv_fill_options with BDRV_O_PROTOCOL): a ``file`` child given
+    with a ``filename`` and no ``driver`` is a ``file`` node."""
+    out = dict(opts)
+    child = out.get("file")
+    if isinstance(child, dict):
+        child = _fill_protocols(child)
+        if "driver" not in child and "filename" in child:
+            # a file name given as an option is never parsed for a "proto:" prefix
+            child["driver"] = "file"
+        out["file"] = child
+    return out
+
+
 def _open_options(graph, opts: dict, o: NbdOptions, rep: Reporter):
     """Open a nested options tree; without ``driver`` the format is probed (QEMU's legacy
     open: the protocol comes from ``file`` or ``filename``)."""
     top = o.offset == 0
     if "driver" in opts:
-        return graph.blockdev_add(_apply_defaults(opts, o, NODE_IMAGE, top))
+        return graph.blockdev_add(_apply_defaults(_fill_protocols(opts), o, NODE_IMAGE, top))
     rest = {k: v for k, v in opts.items() if k not in ("file", "filename")}
     child = opts.get("file")
     if isinstance(child, dict):
@@ -621,13 +635,71 @@ def _blk_new_open(graph, o: NbdOptions, rep: Reporter):
     return _open_probed(graph, proto, _apply_defaults({}, o, NODE_IMAGE, top), o, rep)
 
 
+NODE_OVERLAY = "qemu-nbd-overlay"
+_TMP_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def _create_tmp_file() -> str:
+    """An empty new file ``vl.XXXXXX`` in $TMPDIR, else /var/tmp (QEMU's create_tmp_file:
+    /tmp is often a small tmpfs, so /tmp means /var/tmp)."""
+    import random
+    tmpdir = os.environ.get("TMPDIR") or "/tmp"
+    if tmpdir == "/tmp":
+        tmpdir = "/var/tmp"
+    rnd = random.SystemRandom()
+    while True:
+        path = "%s/vl.%s" % (tmpdir, "".join(rnd.choice(_TMP_CHARS) for _ in range(6)))
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise Error("Could not open temporary file '%s': %s" % (path, exc.strerror)) \
+                from None
+        os.close(fd)
+        return path
+
+
+def _temp_overlay(graph, image, o: NbdOptions):
+    """``-s``: a temporary qcow2 overlay over ``image`` (QEMU's bdrv_append_temp_snapshot):
+    created empty with the image's size, opened with the image as its backing node (not
+    named in its header), and unlinked as soon as it is open; writes go there only."""
+    from blockexport.block.drivers.qcow2.create import create_image
+    size = -(-image.length() // 512) * 512
+    path = _create_tmp_file()
+    try:
+        try:
+            create_image(path, size)
+        except (Error, OSError) as exc:
+            msg = exc.message if isinstance(exc, Error) else os.strerror(exc.errno)
+            raise Error("Could not create temporary overlay '%s': %s" % (path, msg)) \
+                from None
+        opts = _apply_defaults({
+            "driver": "qcow2", "file": {"driver": "file", "filename": path},
+            "backing": image.node_name, "read-only": o.read_only,
+            # QEMU's bdrv_temp_snapshot_options
+            "cache": {"direct": False, "no-flush": True},
+        }, o, NODE_OVERLAY, o.offset == 0)
+        return graph.blockdev_add(opts)
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def open_image(graph, o: NbdOptions, rep: Reporter):
     """Open FILE as qemu-nbd does and return the node to export (after ``-o``, ``-l`` and
     detect-zeroes).  Prints QEMU's messages and raises :class:`CliExit` on failure."""
     if o.image_opts and o.fmt:
         rep.fail("--image-opts and -f are mutually exclusive")
     try:
-        node = _blk_new_open(graph, o, rep)
+        if o.snapshot:
+            # QEMU's BDRV_O_SNAPSHOT: the image read-only under a temporary overlay
+            node = _temp_overlay(graph, _blk_new_open(graph, dataclasses.replace(
+                o, read_only=True), rep), o)
+        else:
+            node = _blk_new_open(graph, o, rep)
         if not o.read_only and getattr(node, "read_only", False):
             raise Error("Block node is read-only")
     except Error as err:
@@ -647,7 +719,14 @@ def open_image(graph, o: NbdOptions, rep: Reporter):
         if node.driver != "qcow2":
             rep.fail("Failed to load snapshot: Block format '%s' used by device '' does not "
                      "support temporarily loading internal snapshots" % node.driver)
-        rep.fail("Failed to load snapshot: internal snapshots are not supported yet")
+        try:
+            sn_opts = o.load_snapshot_opts
+            if sn_opts is not None:
+                node.load_snapshot(sn_opts.get("snapshot.id"), sn_opts.get("snapshot.name"))
+            else:
+                node.load_snapshot(id_or_name=o.load_snapshot)
+        except Error as err:
+            rep.fail_err(err, "Failed to load snapshot: ")
     return node
 
 
@@ -811,8 +890,6 @@ def run(argv, argv0: str) -> int:
         return _run_list(o, rep)
     if o.device is not None or o.disconnect:
         rep.fail("Kernel /dev/nbdN support not available")
-    if o.snapshot:
-        rep.fail("-s/--snapshot is not supported yet (it needs a temporary qcow2 overlay)")
     return serve(o, activation, rep)
 
 

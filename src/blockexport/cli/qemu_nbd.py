@@ -495,26 +495,85 @@ def _open_probed(graph, proto, top_opts: dict, o: NbdOptions, rep: Reporter):
         raise
 
 
+def _plain_file(opts) -> str | None:
+    if (isinstance(opts, dict) and opts.get("driver") == "file"
+            and isinstance(opts.get("filename"), str)):
+        return opts["filename"]
+    return None
+
+
+def _read_start(path: str, n: int) -> bytes | None:
+    try:
+        with open(path, "rb") as fp:
+            return fp.read(n)
+    except OSError:
+        return None
+
+
+def _backing_format(parent: dict, backing: dict) -> str | None:
+    """The format of a ``backing`` child given as options without a driver (QEMU's
+    bdrv_open_backing_file): the parent image's backing format from its header, else the
+    backing file's probed format.  None when neither can be read here: the open then fails
+    with its own error."""
+    from blockexport.block.drivers.qcow2.header import header_bytes_needed, parse_header
+    from blockexport.block.probe import PROBE_BUF_SIZE, probe_format
+    path = _plain_file(parent.get("file"))
+    buf = _read_start(path, 4096) if path is not None else None
+    parent_fmt = parent.get("driver")
+    if parent_fmt is None and buf is not None:
+        parent_fmt = probe_format(buf[:PROBE_BUF_SIZE])
+    if parent_fmt == "qcow2" and buf is not None:
+        if len(buf) >= 72:
+            buf = _read_start(path, max(header_bytes_needed(buf), len(buf))) or buf
+            try:
+                fmt = parse_header(buf, os.path.getsize(path)).backing_format
+            except (Error, OSError):
+                fmt = None
+            if fmt is not None:
+                return fmt
+    path = _plain_file(backing.get("file"))
+    if path is not None:
+        buf = _read_start(path, PROBE_BUF_SIZE)
+        if buf is not None:
+            return probe_format(buf)
+    return None
+
+
 def _fill_protocols(opts: dict) -> dict:
-    """QEMU's legacy open (bdrv_fill_options with BDRV_O_PROTOCOL): a ``file`` child given
-    with a ``filename`` and no ``driver`` is a ``file`` node."""
+    """QEMU's legacy open for nested options (bdrv_fill_options): a ``file`` child (opened
+    with BDRV_O_PROTOCOL) given a ``filename`` and no ``driver`` is a ``file`` node (the
+    name is not parsed for a "proto:" prefix), also under a ``backing`` child (whose format
+    the qcow2 driver takes from the image header or probes); a format without a ``file``
+    child is QEMU's error."""
     out = dict(opts)
-    child = out.get("file")
-    if isinstance(child, dict):
+    for role in ("file", "backing"):
+        child = out.get(role)
+        if not isinstance(child, dict):
+            continue
         child = _fill_protocols(child)
-        if "driver" not in child and "filename" in child:
-            # a file name given as an option is never parsed for a "proto:" prefix
-            child["driver"] = "file"
-        out["file"] = child
+        if "driver" not in child:
+            if role == "file" and "filename" in child:
+                child["driver"] = "file"
+            elif role == "backing":
+                fmt = _backing_format(out, child)
+                if fmt is not None:
+                    child["driver"] = fmt
+        out[role] = child
+    if out.get("driver") in _FORMAT_DRIVERS and "file" not in out:
+        raise Error('A block device must be specified for "file"')
     return out
+
+
+_FORMAT_DRIVERS = ("raw", "qcow2")
 
 
 def _open_options(graph, opts: dict, o: NbdOptions, rep: Reporter):
     """Open a nested options tree; without ``driver`` the format is probed (QEMU's legacy
     open: the protocol comes from ``file`` or ``filename``)."""
     top = o.offset == 0
+    opts = _fill_protocols(opts)
     if "driver" in opts:
-        return graph.blockdev_add(_apply_defaults(_fill_protocols(opts), o, NODE_IMAGE, top))
+        return graph.blockdev_add(_apply_defaults(opts, o, NODE_IMAGE, top))
     rest = {k: v for k, v in opts.items() if k not in ("file", "filename")}
     child = opts.get("file")
     if isinstance(child, dict):
@@ -528,9 +587,8 @@ def _open_options(graph, opts: dict, o: NbdOptions, rep: Reporter):
         if node is None:
             raise Error("Cannot find device='%s' nor node-name='%s'" % (child, child))
         return _open_probed(graph, node, _apply_defaults(rest, o, NODE_IMAGE, top), o, rep)
-    if "filename" in opts:
-        proto = _apply_defaults(protocol_options(opts["filename"]), o, NODE_PROTOCOL)
-        return _open_probed(graph, proto, _apply_defaults(rest, o, NODE_IMAGE, top), o, rep)
+    # a "filename" option is only looked at for protocol nodes: without a driver or a
+    # file child there is nothing to probe
     raise Error("Must specify either driver or file")
 
 

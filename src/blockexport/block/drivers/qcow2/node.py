@@ -264,7 +264,10 @@ class Qcow2Node(BlockNode):
             if isinstance(ref, dict):
                 ref = dict(ref)
                 ref.setdefault("read-only", True)
-            child = graph.open_child(self, "backing", ref, options)
+            try:
+                child = graph.open_child(self, "backing", ref, options)
+            except Error as e:
+                raise Error("Could not open backing file: %s" % e, e.qmp_class) from None
             self._attach_backing(child)
             return
         name = self.header.backing_file

@@ -219,3 +219,31 @@ def test_load_snapshot_of_raw_or_offset(images, tmp_path):
     assert ours == theirs == (1, "PROG: Failed to load snapshot: Block format 'raw' used by "
                                  "device '' does not support temporarily loading internal "
                                  "snapshots\n")
+
+
+@pytest.mark.parametrize("name", list(IMAGES))
+def test_table_as_qemu_img_info_lists_it(images, name):
+    """Every field qemu-img info shows of each snapshot, from our parser; and the node's
+    lookup errors in QEMU's order."""
+    import json
+    from blockexport.block.graph import BlockGraph
+    from blockexport.errors import Error
+    img = images(name)
+    info = json.loads(run("qemu-img", "info", "--output=json", img).stdout)
+    g = BlockGraph()
+    try:
+        node = g.blockdev_add({"driver": "qcow2", "node-name": "n", "read-only": True,
+                               "file": {"driver": "file", "filename": str(img)}})
+        ours = [{"id": s.id, "name": s.name, "vm-state-size": s.vm_state_size,
+                 "date-sec": s.date_sec, "date-nsec": s.date_nsec,
+                 "vm-clock-sec": s.vm_clock_nsec // 10**9,
+                 "vm-clock-nsec": s.vm_clock_nsec % 10**9,
+                 **({"icount": s.icount} if s.icount is not None else {})}
+                for s in node.snapshots]
+        assert ours == info["snapshots"]
+        assert all(s.disk_size in (SIZE, SIZE // 2, SIZE + 3 * MiB) for s in node.snapshots)
+        with pytest.raises(Error, match="^snapshot_id and name are both NULL$"):
+            node.load_snapshot()
+        assert node.load_snapshot(id_or_name="first").name == "first"
+    finally:
+        g.close()

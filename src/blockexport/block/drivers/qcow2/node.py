@@ -242,6 +242,8 @@ class Qcow2Node(BlockNode):
         its L1 table is switched to the snapshot's.  As in QEMU the virtual size stays the
         image's current one (a snapshot taken before a resize reads as unallocated past its
         own L1 table).  Raises :class:`Error` with QEMU's messages."""
+        if id_or_name is None and snapshot_id is None and name is None:
+            raise Error("snapshot_id and name are both NULL")
         if not self.read_only:
             raise Error("Device is not readonly")
         sn = find_snapshot_to_load(self.snapshots, snapshot_id, name, self.cluster_size,

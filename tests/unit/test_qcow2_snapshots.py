@@ -183,3 +183,18 @@ def test_read_l1_table_pads_with_unallocated_entries():
     assert list(l1) == [0x8000000000050000, 0x60000, 0, 0]
     assert list(S.read_l1_table(read, S.Snapshot("1", "a", 3 * CS, 2), 1)) == \
         [0x8000000000050000, 0x60000]
+
+
+def test_many_entries_read_in_chunks():
+    """65536 entries (QEMU's maximum) parse quickly: the table is read in chunks, not with
+    a read per field."""
+    one = entry("1", "name", extra=v3_extra())
+    data = bytes(CS) + one * S.MAX_SNAPSHOTS
+    reads = []
+
+    def read(off, n):
+        reads.append(n)
+        return data[off:off + n]
+    sns = S.read_snapshot_table(read, CS, S.MAX_SNAPSHOTS, len(data), 0)
+    assert len(sns) == S.MAX_SNAPSHOTS and sns[-1].name == "name"
+    assert len(reads) < len(data) // 65536 + 2

@@ -53,6 +53,7 @@ _EXTRA_DISK_SIZE_END = 16
 _EXTRA_ICOUNT_END = 24
 
 _LITTLE = sys.byteorder == "little"
+_READ_CHUNK = 65536
 
 
 @dataclass
@@ -104,10 +105,19 @@ def read_snapshot_table(read, offset: int, nb_snapshots: int, file_length: int,
     table_length = 0
     pos = offset
 
+    window = [0, b""]          # (offset, bytes): the table is read in chunks, not per field
+
     def get(at: int, n: int) -> bytes:
         if at + n > file_length:
             raise Error("Snapshot table lies past the end of the image file")
-        return read(at, n) if n else b""
+        if not n:
+            return b""
+        start, buf = window
+        if at < start or at + n > start + len(buf):
+            buf = read(at, min(max(n, _READ_CHUNK), file_length - at))
+            window[:] = [at, buf]
+            start = at
+        return buf[at - start:at - start + n]
 
     for i in range(nb_snapshots):
         pre = pos

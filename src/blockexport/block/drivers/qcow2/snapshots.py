@@ -37,7 +37,6 @@ from blockexport.errors import Error
 SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")
 #: the known extra data: vm_state_size_large, disk_size, icount (24 bytes)
 SNAPSHOT_EXTRA = struct.Struct(">QQQ")
-_U64 = struct.Struct(">Q")
 
 #: QEMU's limits (block/qcow2.h)
 MAX_SNAPSHOTS = 65536

@@ -271,6 +271,10 @@ OPEN_ERRORS = [
     ["-B", "bm", "-f", "raw", "-k", "{d}/s.sock", "x"],
     ["-l", "snap", "-f", "raw", "-k", "{d}/s.sock", "x"],
     ["-l", "snapshot.id=1", "-r", "-f", "raw", "-k", "{d}/s.sock", "x"],
+    # -s: the snapshot is looked up in the (empty) temporary overlay
+    ["-s", "-l", "snap", "-f", "raw", "-k", "{d}/s.sock", "x"],
+    ["-s", "-r", "-f", "raw", "-o", "2000000", "-k", "{d}/s.sock", "x"],
+    ["-s", "-f", "raw", "-k", "{d}/s.sock", "nonexist"],
     ["-b", "127.0.0.1", "-p", "{busy}", "-f", "raw", "x"],
     ["-b", "127.0.0.1", "-p", "{busy}", "-f", "raw", "--image-opts", "x"],
     ["-k", "{d}/nonexistdir/s", "x"],
@@ -320,9 +324,19 @@ def test_kernel_device_not_available(workdir):
         assert (status, out, err) == (1, "", "PROG: Kernel /dev/nbdN support not available\n")
 
 
-def test_snapshot_not_supported(workdir):
-    status, _, err = _ours(["-s", "-f", "raw", "x"], workdir)
-    assert status == 1 and err.startswith("PROG: -s/--snapshot is not supported")
+@have_qemu
+def test_snapshot_temp_dir_missing(workdir):
+    """-s creates its overlay in $TMPDIR: a missing directory is qemu-nbd's error (the
+    random file name aside)."""
+    import re
+    argv = ["-s", "-r", "-f", "raw", "-k", str(workdir / "s.sock"), "x"]
+    env = {"TMPDIR": str(workdir / "nonexist")}
+    got = [run_prog(p, argv, workdir, env_extra=env) for p in ("qemu-nbd", "blockexport-nbd")]
+    got = [(st, out, re.sub(r"/vl\.[A-Za-z0-9]{6}'", "/vl.XXXXXX'", err))
+           for st, out, err in got]
+    assert got[0] == got[1]
+    assert got[1] == (1, "", "PROG: Failed to blk_new_open 'x': Could not open temporary file "
+                             "'%s/nonexist/vl.XXXXXX': No such file or directory\n" % workdir)
 
 
 def test_selinux_label_not_supported(workdir):

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from qcow2.qcow2_util import connect, nbd_module, qemu_io, raw_bytes, read_all, run
+from qcow2.qcow2_util import connect, maps, nbd_module, qemu_io, raw_bytes, read_all, run
 from helpers import servers
 
 
@@ -101,3 +101,83 @@ def test_zstd_image_without_zstandard(tools, tmp_path):
     assert p.returncode == 1
     assert p.stderr == ("blockexport-nbd: Failed to blk_new_open '%s': qcow2: zstd compression "
                         "needs the Python package 'zstandard', which is not installed\n" % img)
+
+
+# The ways qemu-nbd's legacy open takes a qcow2 chain: nested options with and without
+# drivers (a file child's driver defaults to "file", a format without one is probed, also
+# for a backing child given as options), -f, probing.  {d}: the images' directory.
+OPEN_WAYS = [
+    ["-f", "qcow2", "{d}/top.qcow2"],
+    ["{d}/top.qcow2"],
+    ["--image-opts", "driver=qcow2,file.filename={d}/top.qcow2"],
+    ["--image-opts", "file.filename={d}/top.qcow2"],
+    ["--image-opts", "file.driver=file,file.filename={d}/top.qcow2"],
+    ['json:{"file": {"filename": "{d}/top.qcow2"}}'],
+    ['json:{"driver": "qcow2", "file": {"filename": "{d}/top.qcow2"}}'],
+    ["--image-opts", "file.filename={d}/top.qcow2,backing.driver=raw,"
+     "backing.file.filename={d}/other.raw"],
+    ["--image-opts", "driver=qcow2,file.filename={d}/top.qcow2,backing.file.filename="
+     "{d}/base.qcow2"],
+    ['json:{"driver": "qcow2", "file": {"filename": "{d}/top.qcow2"}, "backing": null}'],
+    ["-f", "raw", "{d}/top.qcow2"],
+]
+
+OPEN_ERRORS = [
+    # the backing format comes from the header (qcow2), not from probing the file
+    ["--image-opts", "driver=qcow2,file.filename={d}/top.qcow2,backing.file.filename="
+     "{d}/other.raw"],
+    ["--image-opts", "file.filename={d}/top.qcow2,backing.file.filename={d}/other.raw"],
+    ['json:{"filename": "{d}/top.qcow2"}'],
+    ["--image-opts", "filename={d}/top.qcow2"],
+    ["--image-opts", "driver=qcow2,filename={d}/top.qcow2"],
+    ["--image-opts", "driver=raw,filename={d}/top.qcow2"],
+    ["--image-opts", "driver=qcow2,file.filename=file:{d}/top.qcow2"],
+    ["--image-opts", "driver=qcow2,file.filename={d}/top.qcow2,backing=nonexist"],
+    ["--image-opts", "driver=qcow2,file.filename={d}/top.qcow2,backing.driver=raw,"
+     "backing.file.filename={d}/nonexist"],
+]
+
+
+def _argv(argv, d):
+    return [a.replace("{d}", str(d)) for a in argv]
+
+
+@pytest.fixture(scope="module")
+def other_raw(overlay):
+    path = overlay.parent / "other.raw"
+    path.write_bytes(bytes(range(256)) * 8192)
+    return path
+
+
+@pytest.mark.parametrize("argv", OPEN_WAYS, ids=lambda a: " ".join(a)[-60:])
+def test_open_ways_like_qemu_nbd(overlay, other_raw, tmp_path, argv):
+    """Served bytes and maps equal qemu-nbd's with the same argv, and no warning (the
+    image is read-only)."""
+    argv = _argv(argv, overlay.parent)
+    got = []
+    for kind in ("qemu-nbd", "blockexport-nbd"):
+        s = servers.start_server(kind, argv[-1], ["-r", "-A"] + argv[:-1], tmp_path=tmp_path,
+                                 fmt=None)
+        try:
+            h = connect(s.uri())
+            try:
+                got.append((h.get_size(), read_all(h), maps(h)))
+            finally:
+                h.shutdown()
+        finally:
+            s.stop()
+        assert "WARNING" not in s.stderr()
+    assert got[0] == got[1]
+
+
+@pytest.mark.parametrize("argv", OPEN_ERRORS, ids=lambda a: " ".join(a)[-60:])
+def test_open_errors_like_qemu_nbd(overlay, tmp_path, argv):
+    argv = _argv(argv, overlay.parent)
+    got = []
+    for kind in ("qemu-nbd", "blockexport-nbd"):
+        p = subprocess.run([servers.server_binary(kind), "-r", "-k",
+                            str(tmp_path / "never.sock")] + argv, capture_output=True,
+                           text=True, timeout=20, stdin=subprocess.DEVNULL)
+        got.append((p.returncode, p.stderr.replace(kind + ":", "PROG:")))
+    assert got[0] == got[1]
+    assert got[1][0] == 1

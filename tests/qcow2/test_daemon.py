@@ -226,3 +226,21 @@ def test_option_errors_as_qsd(chain, opts):
     ours = D.run_to_exit("blockexport-daemon", args)
     assert theirs.returncode == ours.returncode == 1
     assert ours.stderr.replace("blockexport-daemon:", "qemu-storage-daemon:") == theirs.stderr
+
+
+@pytest.mark.parametrize("backing", [
+    "backing=nonexist",
+    "backing.driver=raw,backing.file.driver=file,backing.file.filename=nonexist",
+    "backing.driver=qcow2,backing.file.driver=file,backing.file.filename={d}/base.raw",
+])
+def test_backing_open_errors_as_qsd(chain, backing):
+    """A backing child given as an option that fails to open: QEMU's "Could not open backing
+    file: " before the reason."""
+    _require()
+    args = ["--blockdev", "driver=qcow2,node-name=x,read-only=on,file.driver=file,"
+            "file.filename=%s,%s" % (chain / "mid.qcow2", backing.format(d=chain))]
+    theirs = D.run_to_exit("qemu-storage-daemon", args)
+    ours = D.run_to_exit("blockexport-daemon", args)
+    assert theirs.returncode == ours.returncode == 1
+    assert ours.stderr.replace("blockexport-daemon:", "qemu-storage-daemon:") == theirs.stderr
+    assert ": Could not open backing file: " in ours.stderr

@@ -150,6 +150,18 @@ def _retype_extension(image: Path, old: int, new: int) -> None:
             off += 8 + (n + 7) // 8 * 8
 
 
+def _snapshots(d: Path) -> Path:
+    """Internal snapshots, then more writes: the active image shares clusters with the
+    snapshots (refcount > 1, no COPIED flag in L1/L2 entries) and has copied others."""
+    img = create(d / "img.qcow2")
+    fill(img, 18)
+    run("qemu-img", "snapshot", "-c", "one", img)
+    fill(img, 19)
+    run("qemu-img", "snapshot", "-c", "two", img)
+    qemu_io(img, "write -P 9 65536 4096", "write -z 2000000 70000")
+    return img
+
+
 IMAGES = {
     "cluster-512": _plain("cluster_size=512", seed=2),
     "cluster-4k": _plain("cluster_size=4096", seed=3),
@@ -170,6 +182,7 @@ IMAGES = {
     "chain-3-raw-base": _chain,
     "chain-extended-l2": _chain_extl2,
     "chain-probed-format": _chain_probed,
+    "snapshots": _snapshots,
 }
 
 
@@ -234,6 +247,24 @@ def test_matrix_images_are_what_they_claim(images):
                        images("compressed-zlib")).stdout)
     assert any(e["data"] and "offset" not in e for e in m), "no compressed cluster"
     assert os.path.getsize(images("prealloc-metadata")) >= SIZE
+    # shared clusters: L2 entries without the COPIED flag in the active image
+    m = json.loads(run("qemu-img", "check", "--output=json", images("snapshots")).stdout)
+    assert m["check-errors"] == 0
+    assert _uncopied_l2_entries(images("snapshots")) > 0
+
+
+def _uncopied_l2_entries(image: Path) -> int:
+    import struct
+    with open(image, "rb") as f:
+        data = f.read()
+    cb, _size, _crypt, l1_size, l1_off = struct.unpack_from(">IQIIQ", data, 20)
+    n = 0
+    for (e,) in struct.iter_unpack(">Q", data[l1_off:l1_off + 8 * l1_size]):
+        l2 = e & 0x00FFFFFFFFFFFE00
+        if l2:
+            for (x,) in struct.iter_unpack(">Q", data[l2:l2 + (1 << cb)]):
+                n += bool(x & 0x00FFFFFFFFFFFE00) and not x >> 63
+    return n
 
 
 @pytest.mark.parametrize("name", ["chain-3-raw-base", "prealloc-metadata", "extended-l2"])

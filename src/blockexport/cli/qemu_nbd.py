@@ -495,10 +495,83 @@ def _open_probed(graph, proto, top_opts: dict, o: NbdOptions, rep: Reporter):
         raise
 
 
+def _plain_file(opts) -> str | None:
+    if (isinstance(opts, dict) and opts.get("driver") == "file"
+            and isinstance(opts.get("filename"), str)):
+        return opts["filename"]
+    return None
+
+
+def _read_start(path: str, n: int) -> bytes | None:
+    try:
+        with open(path, "rb") as fp:
+            return fp.read(n)
+    except OSError:
+        return None
+
+
+def _backing_format(parent: dict, backing: dict) -> str | None:
+    """The format of a ``backing`` child given as options without a driver (QEMU's
+    bdrv_open_backing_file): the parent image's backing format from its header, else the
+    backing file's probed format.  None when neither can be read here: the open then fails
+    with its own error."""
+    from blockexport.block.drivers.qcow2.header import header_bytes_needed, parse_header
+    from blockexport.block.probe import PROBE_BUF_SIZE, probe_format
+    path = _plain_file(parent.get("file"))
+    buf = _read_start(path, 4096) if path is not None else None
+    parent_fmt = parent.get("driver")
+    if parent_fmt is None and buf is not None:
+        parent_fmt = probe_format(buf[:PROBE_BUF_SIZE])
+    if parent_fmt == "qcow2" and buf is not None:
+        if len(buf) >= 72:
+            buf = _read_start(path, max(header_bytes_needed(buf), len(buf))) or buf
+            try:
+                fmt = parse_header(buf, os.path.getsize(path)).backing_format
+            except (Error, OSError):
+                fmt = None
+            if fmt is not None:
+                return fmt
+    path = _plain_file(backing.get("file"))
+    if path is not None:
+        buf = _read_start(path, PROBE_BUF_SIZE)
+        if buf is not None:
+            return probe_format(buf)
+    return None
+
+
+def _fill_protocols(opts: dict) -> dict:
+    """QEMU's legacy open for nested options (bdrv_fill_options): a ``file`` child (opened
+    with BDRV_O_PROTOCOL) given a ``filename`` and no ``driver`` is a ``file`` node (the
+    name is not parsed for a "proto:" prefix), also under a ``backing`` child (whose format
+    the qcow2 driver takes from the image header or probes); a format without a ``file``
+    child is QEMU's error."""
+    out = dict(opts)
+    for role in ("file", "backing"):
+        child = out.get(role)
+        if not isinstance(child, dict):
+            continue
+        child = _fill_protocols(child)
+        if "driver" not in child:
+            if role == "file" and "filename" in child:
+                child["driver"] = "file"
+            elif role == "backing":
+                fmt = _backing_format(out, child)
+                if fmt is not None:
+                    child["driver"] = fmt
+        out[role] = child
+    if out.get("driver") in _FORMAT_DRIVERS and "file" not in out:
+        raise Error('A block device must be specified for "file"')
+    return out
+
+
+_FORMAT_DRIVERS = ("raw", "qcow2")
+
+
 def _open_options(graph, opts: dict, o: NbdOptions, rep: Reporter):
     """Open a nested options tree; without ``driver`` the format is probed (QEMU's legacy
     open: the protocol comes from ``file`` or ``filename``)."""
     top = o.offset == 0
+    opts = _fill_protocols(opts)
     if "driver" in opts:
         return graph.blockdev_add(_apply_defaults(opts, o, NODE_IMAGE, top))
     rest = {k: v for k, v in opts.items() if k not in ("file", "filename")}
@@ -514,9 +587,8 @@ def _open_options(graph, opts: dict, o: NbdOptions, rep: Reporter):
         if node is None:
             raise Error("Cannot find device='%s' nor node-name='%s'" % (child, child))
         return _open_probed(graph, node, _apply_defaults(rest, o, NODE_IMAGE, top), o, rep)
-    if "filename" in opts:
-        proto = _apply_defaults(protocol_options(opts["filename"]), o, NODE_PROTOCOL)
-        return _open_probed(graph, proto, _apply_defaults(rest, o, NODE_IMAGE, top), o, rep)
+    # a "filename" option is only looked at for protocol nodes: without a driver or a
+    # file child there is nothing to probe
     raise Error("Must specify either driver or file")
 
 
@@ -621,13 +693,71 @@ def _blk_new_open(graph, o: NbdOptions, rep: Reporter):
     return _open_probed(graph, proto, _apply_defaults({}, o, NODE_IMAGE, top), o, rep)
 
 
+NODE_OVERLAY = "qemu-nbd-overlay"
+_TMP_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def _create_tmp_file() -> str:
+    """An empty new file ``vl.XXXXXX`` in $TMPDIR, else /var/tmp (QEMU's create_tmp_file:
+    /tmp is often a small tmpfs, so /tmp means /var/tmp)."""
+    import random
+    tmpdir = os.environ.get("TMPDIR") or "/tmp"
+    if tmpdir == "/tmp":
+        tmpdir = "/var/tmp"
+    rnd = random.SystemRandom()
+    while True:
+        path = "%s/vl.%s" % (tmpdir, "".join(rnd.choice(_TMP_CHARS) for _ in range(6)))
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise Error("Could not open temporary file '%s': %s" % (path, exc.strerror)) \
+                from None
+        os.close(fd)
+        return path
+
+
+def _temp_overlay(graph, image, o: NbdOptions):
+    """``-s``: a temporary qcow2 overlay over ``image`` (QEMU's bdrv_append_temp_snapshot):
+    created empty with the image's size, opened with the image as its backing node (not
+    named in its header), and unlinked as soon as it is open; writes go there only."""
+    from blockexport.block.drivers.qcow2.create import create_image
+    size = -(-image.length() // 512) * 512
+    path = _create_tmp_file()
+    try:
+        try:
+            create_image(path, size)
+        except (Error, OSError) as exc:
+            msg = exc.message if isinstance(exc, Error) else os.strerror(exc.errno)
+            raise Error("Could not create temporary overlay '%s': %s" % (path, msg)) \
+                from None
+        opts = _apply_defaults({
+            "driver": "qcow2", "file": {"driver": "file", "filename": path},
+            "backing": image.node_name, "read-only": o.read_only,
+            # QEMU's bdrv_temp_snapshot_options
+            "cache": {"direct": False, "no-flush": True},
+        }, o, NODE_OVERLAY, o.offset == 0)
+        return graph.blockdev_add(opts)
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def open_image(graph, o: NbdOptions, rep: Reporter):
     """Open FILE as qemu-nbd does and return the node to export (after ``-o``, ``-l`` and
     detect-zeroes).  Prints QEMU's messages and raises :class:`CliExit` on failure."""
     if o.image_opts and o.fmt:
         rep.fail("--image-opts and -f are mutually exclusive")
     try:
-        node = _blk_new_open(graph, o, rep)
+        if o.snapshot:
+            # QEMU's BDRV_O_SNAPSHOT: the image read-only under a temporary overlay
+            node = _temp_overlay(graph, _blk_new_open(graph, dataclasses.replace(
+                o, read_only=True), rep), o)
+        else:
+            node = _blk_new_open(graph, o, rep)
         if not o.read_only and getattr(node, "read_only", False):
             raise Error("Block node is read-only")
     except Error as err:
@@ -647,7 +777,14 @@ def open_image(graph, o: NbdOptions, rep: Reporter):
         if node.driver != "qcow2":
             rep.fail("Failed to load snapshot: Block format '%s' used by device '' does not "
                      "support temporarily loading internal snapshots" % node.driver)
-        rep.fail("Failed to load snapshot: internal snapshots are not supported yet")
+        try:
+            sn_opts = o.load_snapshot_opts
+            if sn_opts is not None:
+                node.load_snapshot(sn_opts.get("snapshot.id"), sn_opts.get("snapshot.name"))
+            else:
+                node.load_snapshot(id_or_name=o.load_snapshot)
+        except Error as err:
+            rep.fail_err(err, "Failed to load snapshot: ")
     return node
 
 
@@ -811,8 +948,6 @@ def run(argv, argv0: str) -> int:
         return _run_list(o, rep)
     if o.device is not None or o.disconnect:
         rep.fail("Kernel /dev/nbdN support not available")
-    if o.snapshot:
-        rep.fail("-s/--snapshot is not supported yet (it needs a temporary qcow2 overlay)")
     return serve(o, activation, rep)
 
 

@@ -62,6 +62,8 @@ MAX_CLUSTER_BITS = 21
 MAX_L1_SIZE = 0x2000000
 MAX_REFTABLE_SIZE = 0x800000
 MAX_BACKING_FILE_NAME = 1023
+#: QEMU's limit on the number of internal snapshots
+MAX_SNAPSHOTS = 65536
 
 #: Bits 9..55 of an L1/L2/refcount-table entry: the cluster offset.
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -237,9 +239,11 @@ def parse_header(buf: bytes, file_length: int, writable: bool = False) -> Qcow2H
     _check_table(h, refcount_table_offset, refcount_table_clusters << cluster_bits,
                  file_length, "Invalid reference count table offset",
                  "Reference count table lies past the end of the image file")
+    if nb_snapshots > MAX_SNAPSHOTS:
+        raise Error("Snapshot table too large")
     if snapshots_offset or nb_snapshots:
         _check_table(h, snapshots_offset, nb_snapshots * 40, file_length,
-                     "Invalid snapshot table offset",
+                     "Snapshot table offset invalid",
                      "Snapshot table lies past the end of the image file")
     if l1_size > MAX_L1_SIZE // 8:
         raise Error("Active L1 table too large")

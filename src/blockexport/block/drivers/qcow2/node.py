@@ -45,6 +45,9 @@ from blockexport.block.drivers.qcow2.header import (
     parse_header,
 )
 from blockexport.block.drivers.qcow2.l2cache import L2Cache
+from blockexport.block.drivers.qcow2.snapshots import (
+    Snapshot, find_snapshot_to_load, read_l1_table, read_snapshot_table,
+)
 from blockexport.block.node import (
     BS_ALLOCATED, BS_DATA, BS_ZERO, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE,
     PERM_WRITE_UNCHANGED, BlockNode, zero_fill,
@@ -106,6 +109,7 @@ class Qcow2Node(BlockNode):
         self._check_options(options)
         self._setup_geometry()
         self._read_l1()
+        self._read_snapshots()
         graph.mark_named()
         self._open_backing(graph, options)
         self._md_prealloc = None        # metadata preallocation, detected on first use
@@ -220,6 +224,40 @@ class Qcow2Node(BlockNode):
             l1.byteswap()
         self.l1 = l1
 
+    def _read_file(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.file.read_into(offset, memoryview(buf))
+        return bytes(buf)
+
+    def _read_snapshots(self) -> None:
+        h = self.header
+        try:
+            self.snapshots = read_snapshot_table(self._read_file, h.snapshots_offset,
+                                                 h.nb_snapshots, self._file_length, h.size)
+        except OSError as e:
+            raise Error("Failed to read snapshot table: %s" % os.strerror(e.errno)) from None
+
+    def load_snapshot(self, snapshot_id: str | None = None, name: str | None = None, *,
+                      id_or_name: str | None = None) -> Snapshot:
+        """Serve the internal snapshot instead of the active image from now on (QEMU's
+        bdrv_snapshot_load_tmp, what ``qemu-nbd -l`` does): the node must be read-only;
+        its L1 table is switched to the snapshot's.  As in QEMU the virtual size stays the
+        image's current one (a snapshot taken before a resize reads as unallocated past its
+        own L1 table).  Raises :class:`Error` with QEMU's messages."""
+        if id_or_name is None and snapshot_id is None and name is None:
+            raise Error("snapshot_id and name are both NULL")
+        if not self.read_only:
+            raise Error("Device is not readonly")
+        sn = find_snapshot_to_load(self.snapshots, snapshot_id, name, self.cluster_size,
+                                   self.file.length(), id_or_name=id_or_name)
+        needed = -(-self.size // (1 << (self.cluster_bits + self.l2_bits)))
+        self.l1 = read_l1_table(self._read_file, sn, needed)
+        self.loaded_snapshot = sn
+        self._bind()
+        return sn
+
+    loaded_snapshot = None
+
     # ---- backing chain --------------------------------------------------------------------
 
     def _open_backing(self, graph, options: dict) -> None:
@@ -230,7 +268,10 @@ class Qcow2Node(BlockNode):
             if isinstance(ref, dict):
                 ref = dict(ref)
                 ref.setdefault("read-only", True)
-            child = graph.open_child(self, "backing", ref, options)
+            try:
+                child = graph.open_child(self, "backing", ref, options)
+            except Error as e:
+                raise Error("Could not open backing file: %s" % e, e.qmp_class) from None
             self._attach_backing(child)
             return
         name = self.header.backing_file

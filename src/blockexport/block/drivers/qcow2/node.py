@@ -1,4 +1,5 @@
-"""The qcow2 format node: read path, block status, allocation depth, backing chains.
+"""The qcow2 format node: read and write paths, block status, allocation depth, backing
+chains.
 
 Written from the published qcow2 specification (QEMU's ``docs/interop/qcow2.txt``).
 
@@ -26,8 +27,27 @@ that range only; the rest of the image stays readable.
 
 L1 is an ``array('Q')`` in memory (:attr:`Qcow2Node.l1`, host byte order, entries as on
 disk); L2 tables are loaded by slice through
-:class:`~blockexport.block.drivers.qcow2.l2cache.L2Cache` (:meth:`Qcow2Node.l2_slice`).  A
-write path would update ``l1`` and the cache after writing the tables to the file.
+:class:`~blockexport.block.drivers.qcow2.l2cache.L2Cache` (:meth:`Qcow2Node.l2_slice`).
+
+Write path (writable nodes; docs/block-layer.md has the full ordering)
+---------------------------------------------------------------------
+* ``write``: runs of COPIED (refcount 1) data clusters are overwritten in place with no
+  metadata and no lock but the direct-write gate (:meth:`Qcow2Node._drain` waits for the
+  writes in flight before a cluster is freed); the rest goes to :meth:`_write_slow` under
+  :attr:`meta_lock`: allocate (``RefcountManager.allocate``, increases written at once), write
+  data and COW, set the L2 entries (:meth:`_set_entries`), free what they no longer name.
+* L2 updates never modify a cached slice: a new array goes into the cache and into
+  ``_l2_dirty`` (pending; :meth:`l2_slice` serves it after an eviction), written back by
+  :meth:`_writeback_l2` after a file flush (data and refcounts before L2 entries) at
+  ``flush()``, before a refcount decrease is written, or when too many are pending.  A cache
+  fill racing with an update is detected by ``_l2_version`` and retried.
+* New L2 tables: written and flushed before the L1 entry (``l1`` is updated in place; a new
+  L1 or size would need ``self._rebind_io(self._bind)``: :meth:`rewrite_header` does it).
+* Public for the other qcow2 code: :attr:`refcounts` (the RefcountManager, None when
+  read-only; call it holding :attr:`meta_lock`), :attr:`meta_lock`, :meth:`rewrite_header`,
+  :attr:`close_hooks` (run at the start of a clean close, under meta_lock).
+* Refcounts are always exact: the dirty bit is never set (lazy_refcounts or not); a dirty
+  image is repaired on a writable open.
 """
 from __future__ import annotations
 
@@ -958,6 +978,12 @@ class Qcow2Node(BlockNode):
             self.file.flush()
             self._header_used = used
             self.header = h
+            if "l1_offset" in changes or "l1_size" in changes or "size" in changes:
+                # hot closures capture size and l1
+                self.size = h.size
+                if "l1_offset" in changes or "l1_size" in changes:
+                    self._read_l1()
+                self._rebind_io(self._bind)
 
     def _drain(self) -> None:
         """Wait until every direct (in-place) write that may have looked up a mapping

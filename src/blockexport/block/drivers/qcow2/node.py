@@ -793,12 +793,37 @@ class Qcow2Node(BlockNode):
                 return n, host + (offset & cmask)
 
         def write(offset, buf, fua=False):
-            mv = memoryview(buf)
-            if mv.format != "B" or mv.ndim != 1:
-                mv = mv.cast("B")
-            total = len(mv)
+            tb = type(buf)
+            if tb is not bytes and tb is not bytearray:
+                if tb is not memoryview:
+                    buf = memoryview(buf)
+                if buf.format != "B" or buf.ndim != 1:
+                    buf = buf.cast("B")
+            total = len(buf)
             if offset + total > size:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            if not total:
+                return
+            # the common case: one run of allocated clusters, the caller's buffer as is
+            gate_lock.acquire()
+            ep = 1 + (gate[0] & 1)
+            gate[ep] += 1
+            gate_lock.release()
+            try:
+                n, host = wmap(offset, total)
+                if host and n == total:
+                    file.write(host, buf)
+            finally:
+                gate_lock.acquire()
+                gate[ep] -= 1
+                if gate[3] and not gate[ep]:
+                    gate_cond.notify_all()
+                gate_lock.release()
+            if host and n == total:
+                if fua:
+                    node.flush()
+                return
+            mv = memoryview(buf)
             pos = 0
             while pos < total:
                 gate_lock.acquire()

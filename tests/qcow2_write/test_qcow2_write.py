@@ -87,6 +87,8 @@ CONFIGS = [
     (16384, 16, "1.1", True, False, 4 * MiB),
     (2 * MiB, 16, "1.1", False, True, 8 * MiB),
     (2 * MiB, 64, "1.1", True, False, 8 * MiB),
+    (512, 64, "1.1", False, False, 3 * MiB + 4608),     # the refcount table must grow
+    (65536, 16, "1.1", True, True, 3 * MiB + 4608),     # a partial last cluster
 ]
 
 
@@ -478,3 +480,53 @@ def test_write_zeroes_and_discard_map_as_qemu(tmp_path):
         strip = lambda m: [{k: v for k, v in e.items() if k != "offset"}  # noqa: E731
                            for e in __import__("json").loads(m)]
         assert strip(m1) == strip(m2), compat
+
+
+def test_refcount_table_growth_then_header_rewrite(tmp_path):
+    """512-byte clusters, 64-bit refcounts: one table cluster describes 2 MiB; writing 3 MiB
+    moves the table (header updated), a later header rewrite keeps the new table."""
+    img = tmp_path / "g.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", img,
+        "4M")
+    old_table = _header_u64(img, 48)
+    g, node = _open(img)
+    try:
+        node.write(0, b"\x42" * (3 * MiB))
+        node.flush()
+        assert _header_u64(img, 48) != old_table
+        node.rewrite_header(autoclear_features=0)
+    finally:
+        g.close()
+    assert node.header.refcount_table_offset == _header_u64(img, 48)
+    _check_clean(img)
+    _compare(img, b"\x42" * (3 * MiB) + bytes(MiB), tmp_path)
+
+
+def test_bitmaps_extension_kept_or_dropped(tmp_path):
+    from blockexport.block.drivers.qcow2.header import AUTOCLEAR_BITMAPS
+    img = tmp_path / "b.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", img, "4M")
+    run("qemu-img", "bitmap", "--add", img, "bm0")
+    g, node = _open(img)
+    try:
+        ext = node.header.bitmaps
+        assert ext is not None
+        node.write(0, b"\x01" * 4096)
+        node.rewrite_header(autoclear_features=node.header.autoclear_features)
+    finally:
+        g.close()
+    info = subprocess.run(["qemu-img", "info", "--output=json", str(img)],
+                          capture_output=True, text=True).stdout
+    assert '"name": "bm0"' in info
+    _check_clean(img)
+    g, node = _open(img)
+    try:
+        node.rewrite_header(bitmaps_ext=None,
+                            autoclear_features=node.header.autoclear_features
+                            & ~AUTOCLEAR_BITMAPS)
+        assert node.header.bitmaps is None
+    finally:
+        g.close()
+    info = subprocess.run(["qemu-img", "info", "--output=json", str(img)],
+                          capture_output=True, text=True).stdout
+    assert "bm0" not in info

@@ -530,3 +530,46 @@ def test_bitmaps_extension_kept_or_dropped(tmp_path):
     info = subprocess.run(["qemu-img", "info", "--output=json", str(img)],
                           capture_output=True, text=True).stdout
     assert "bm0" not in info
+
+
+def test_served_connections_write_at_once(tmp_path):
+    """Four NBD connections (libnbd, one thread each) writing stripes of the same clusters
+    and trimming through an in-process server; then qemu-img check and compare."""
+    from helpers.inprocess import InProcessServer
+    from qcow2.qcow2_util import nbd_module
+    nbd = nbd_module()
+    img, model = _make(tmp_path, 65536, 16, "1.1", False, True, 4 * MiB)
+    g, node = _open(img)
+    srv = InProcessServer(tmp_path / "s.sock", g, node="q")
+    errors = []
+    try:
+        srv.add("e", writable=True)
+
+        def client(t):
+            try:
+                h = nbd.NBD()
+                h.connect_uri(srv.uri("e"))
+                for k in range(0, 3 * MiB, 65536 + 512):
+                    h.pwrite(bytes([t + 1]) * 512, k + t * 512)
+                h.trim(65536, 3 * MiB + t * 65536)
+                h.flush()
+                h.shutdown()
+            except Exception as e:   # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=client, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert not errors, errors
+        srv.remove("e")
+    finally:
+        srv.stop()
+        g.close()
+    for t in range(4):
+        for k in range(0, 3 * MiB, 65536 + 512):
+            model[k + t * 512:k + t * 512 + 512] = bytes([t + 1]) * 512
+    _check_clean(img)
+    model[3 * MiB:3 * MiB + 4 * 65536] = bytes(4 * 65536)    # trimmed: v3 reads zeroes
+    _compare(img, bytes(model), tmp_path)

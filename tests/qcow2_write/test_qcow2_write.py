@@ -4,6 +4,7 @@ qemu-io as oracles: ``qemu-img check`` clean (no errors, no leaks) after a clean
 equal to a fresh open's.  (The NBD-served case is in tests/qcow2/test_cli.py.)"""
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import struct
@@ -442,44 +443,52 @@ def test_close_hooks_run_before_final_flush(tmp_path):
     _check_clean(img)
 
 
-def test_write_zeroes_and_discard_map_as_qemu(tmp_path):
-    """Whole clusters: zero flag (v3) with or without unmapping; discard reads zeroes (v3)
-    or, on v2 over a backing file, is ignored (QEMU 7.2); the map equals qemu-io's."""
-    for compat in ("1.1", "0.10"):
-        d = tmp_path / compat
-        d.mkdir()
-        run("qemu-img", "create", "-f", "qcow2", d / "b.qcow2", "1M")
-        qemu_io(d / "b.qcow2", "write -P 0x11 0 1M")
-        ours, ref = d / "ours.qcow2", d / "ref.qcow2"
-        for img in (ours, ref):
-            run("qemu-img", "create", "-f", "qcow2", "-o", "compat=" + compat, "-b", "b.qcow2",
-                "-F", "qcow2", img)
-        cmds = [("write", 0, 256 * KiB), ("discard", 0, 128 * KiB),
-                ("discard", 192 * KiB, 100 * KiB), ("zero", 512 * KiB, 64 * KiB),
-                ("zero_unmap", 64 * KiB, 64 * KiB)]
-        g, node = _open(ours)
-        try:
-            for op, off, n in cmds:
-                if op == "write":
-                    node.write(off, b"\x22" * n)
-                elif op == "discard":
-                    node.discard(off, n)
-                else:
-                    node.write_zeroes(off, n, may_unmap=op == "zero_unmap")
-        finally:
-            g.close()
-        qemu_io(ref, *[{"write": "write -P 0x22 %d %d", "discard": "discard %d %d",
-                        "zero": "write -z %d %d", "zero_unmap": "write -z -u %d %d"}[op]
-                       % (off, n) for op, off, n in cmds])
-        _check_clean(ours)
-        assert subprocess.run(["qemu-img", "compare", str(ours), str(ref)]).returncode == 0
-        m1 = subprocess.run(["qemu-img", "map", "--output=json", str(ours)],
-                            capture_output=True, text=True).stdout
-        m2 = subprocess.run(["qemu-img", "map", "--output=json", str(ref)],
-                            capture_output=True, text=True).stdout
-        strip = lambda m: [{k: v for k, v in e.items() if k != "offset"}  # noqa: E731
-                           for e in __import__("json").loads(m)]
-        assert strip(m1) == strip(m2), compat
+MAP_CASES = [("1.1", True, ""), ("0.10", True, ""), ("1.1", False, ""),
+             ("0.10", False, ""), ("1.1", True, ",extended_l2=on,cluster_size=65536"),
+             ("1.1", False, ",cluster_size=4096")]
+
+
+@pytest.mark.parametrize("compat, backing, extra", MAP_CASES)
+def test_write_zeroes_and_discard_map_as_qemu(tmp_path, compat, backing, extra):
+    """Zero writes (aligned, unaligned, with and without unmap) and discards give the same
+    content and the same map (qemu-img map, offsets aside) as qemu-io doing them: v3 zero
+    flag, v2 without backing file unallocated, v2 over a backing file zero data and
+    ignored discards; unaligned zeroes that leave a zero (sub)cluster zero it whole."""
+    opts = ["-o", "compat=" + compat + extra]
+    ours, ref = tmp_path / "ours.qcow2", tmp_path / "ref.qcow2"
+    if backing:
+        run("qemu-img", "create", "-f", "qcow2", tmp_path / "b.qcow2", "1M")
+        qemu_io(tmp_path / "b.qcow2", "write -P 0x11 0 640k")
+        opts += ["-b", "b.qcow2", "-F", "qcow2"]
+    for img in (ours, ref):
+        run("qemu-img", "create", "-f", "qcow2", *opts, img, "1M")
+    cmds = [("write", 0, 256 * KiB), ("discard", 0, 128 * KiB),
+            ("discard", 192 * KiB, 100 * KiB), ("zero", 512 * KiB, 64 * KiB),
+            ("zero_unmap", 64 * KiB, 64 * KiB), ("zero", 700 * KiB + 1000, 70000),
+            ("write", 800 * KiB, 10 * KiB), ("zero", 800 * KiB + 1024, 2048),
+            ("zero_unmap", 300 * KiB, 2 * 65536 + 100), ("zero", 1000 * KiB, 24 * KiB)]
+    g, node = _open(ours)
+    try:
+        for op, off, n in cmds:
+            if op == "write":
+                node.write(off, b"\x22" * n)
+            elif op == "discard":
+                node.discard(off, n)
+            else:
+                node.write_zeroes(off, n, may_unmap=op == "zero_unmap")
+    finally:
+        g.close()
+    qemu_io(ref, *[{"write": "write -P 0x22 %d %d", "discard": "discard %d %d",
+                    "zero": "write -z %d %d", "zero_unmap": "write -z -u %d %d"}[op]
+                   % (off, n) for op, off, n in cmds])
+    _check_clean(ours)
+    assert subprocess.run(["qemu-img", "compare", str(ours), str(ref)]).returncode == 0
+
+    def strip(img):
+        m = subprocess.run(["qemu-img", "map", "--output=json", str(img)],
+                           capture_output=True, text=True).stdout
+        return [{k: v for k, v in e.items() if k != "offset"} for e in json.loads(m)]
+    assert strip(ours) == strip(ref)
 
 
 def test_refcount_table_growth_then_header_rewrite(tmp_path):

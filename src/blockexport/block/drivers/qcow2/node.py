@@ -1245,6 +1245,18 @@ class Qcow2Node(BlockNode):
                 i = j
             pieces = []
             new_end = 0
+            fresh = -1                  # start of a run of partly written fresh clusters
+            for k, p in enumerate(plans):
+                if p[11] and p[4] >= flen and (p[5] < p[1] or p[2] < p[6]):
+                    if fresh < 0:
+                        fresh = p[4] + p[5]
+                    nxt = plans[k + 1] if k + 1 < len(plans) else None
+                    if not (nxt and nxt[11] and nxt[4] == p[4] + cs and nxt[4] >= flen):
+                        self._allocate_zeroes(fresh, p[4] + p[6] - fresh)
+                        fresh = -1
+                elif fresh >= 0:
+                    self._allocate_zeroes(fresh, plans[k - 1][4] + plans[k - 1][6] - fresh)
+                    fresh = -1
             for p in plans:
                 gc, a, b, pos, target, ws, we, nb, free, e, bm, new = p
                 if ws < a:
@@ -1268,6 +1280,16 @@ class Qcow2Node(BlockNode):
             if changed:
                 self._set_entries(plans[0][0], vals)
             self._free_old([p[8] for p in plans if p[8] is not None], False)
+
+    def _allocate_zeroes(self, host: int, length: int) -> None:
+        """New clusters past the old end of the file read zeroes already; allocate them in
+        the file without writing (a fast zero write; nothing when the file system can't),
+        as QEMU does, so the file's allocation reflects the clusters in use."""
+        try:
+            self.file.write_zeroes(host, length, False, True)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
 
     def _issue(self, pieces, flen: int) -> None:
         """Write the pieces, coalescing adjacent data into one write; zero pieces in
@@ -1303,49 +1325,85 @@ class Qcow2Node(BlockNode):
             pos += n
 
     def write_zeroes(self, offset, length, may_unmap=False, fast=False, fua=False):
+        """As QEMU 7.2: whole (sub)clusters become zero (sub)clusters (v3) or unallocated (v2
+        without a backing file); an unaligned head or tail zeroes its whole (sub)cluster when
+        that is unallocated or zero and the rest of it reads zeroes, else it is written as
+        zero data (``fast``: ENOTSUP).  v2 over a backing file writes zero data."""
         if self.refcounts is None:
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-        if offset + length > self.size:
+        size = self.size
+        end = offset + length
+        if end > size:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if length <= 0:
             return
         align = 1 << self.subcluster_bits
-        end = offset + length
-        a0 = -(-offset // align) * align
-        a1 = end // align * align
-        if a1 < end and end == self.size:
-            a1 = end                    # the image's last, partial (sub)cluster
-        if a0 >= a1:
-            if fast:
-                raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
-            self._write_zero_data(offset, length)
-        else:
-            if fast and (offset < a0 or a1 < end):
-                raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
-            if offset < a0:
-                self._write_zero_data(offset, a0 - offset)
-            self._zeroize(a0, a1 - a0, may_unmap, fast)
-            if a1 < end:
-                self._write_zero_data(a1, end - a1)
+        h_end = offset
+        if offset % align:
+            h_end = min(end, offset - offset % align + align)
+        t_start = end
+        if end % align and end != size:
+            t_start = max(h_end, end - end % align)
+        if h_end > offset:
+            self._zero_partial(offset, h_end, may_unmap, fast)
+        if t_start > h_end:
+            if not self._zeroize(h_end, t_start - h_end, may_unmap):
+                if fast:
+                    raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+                self._write_zero_data(h_end, t_start - h_end)
+        if end > t_start:
+            self._zero_partial(t_start, end, may_unmap, fast)
         if fua:
             self.flush()
 
-    def _zeroize(self, offset: int, length: int, may_unmap: bool, fast: bool) -> None:
+    def _zero_partial(self, p0: int, p1: int, may_unmap: bool, fast: bool) -> None:
+        """Zero [p0, p1), inside one (sub)cluster and not covering it."""
+        align = 1 << self.subcluster_bits
+        sc = p0 - p0 % align
+        sc_end = min(sc + align, self.size)
+        with self.meta_lock:
+            ok = (self.map(sc, 1)[1] in (K_UNALLOC, K_ZERO) and self._reads_zero(sc, p0)
+                  and self._reads_zero(p1, sc_end)
+                  and self._zeroize(sc, sc_end - sc, may_unmap))
+        if not ok:
+            if fast:
+                raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+            self._write_zero_data(p0, p1 - p0)
+
+    def _reads_zero(self, a: int, b: int) -> bool:
+        """Block status says zeroes for all of [a, b) (QEMU's is_zero())."""
+        while a < b:
+            n, st = self.block_status(a, b - a)
+            if not st & BS_ZERO or n <= 0:
+                return False
+            a += n
+        return True
+
+    def _zeroize(self, offset: int, length: int, may_unmap: bool) -> bool:
+        """Make whole (sub)clusters read zeroes through metadata; False where the format
+        can't (v2 with a backing file)."""
         cs = self.cluster_size
         cmask = cs - 1
         end = offset + length
-        backing = self.backing
         if self.header.version < 3:
-            if fast:
-                raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
-            pos = offset
-            while pos < end:
-                n, kind, _ = self.map(pos, end - pos)
-                if not (kind == K_PAST_END or (kind == K_UNALLOC and (
-                        backing is None or pos >= backing.length()))):
-                    self._write_zero_data(pos, n)
-                pos += n
-            return
+            if self.backing is not None:
+                return False
+            # QEMU: no zero flag, no backing file: discard (entries 0, clusters freed)
+            with self.meta_lock:
+                vals, frees, drain = [], [], False
+                for gc in range(offset & ~cmask, end, cs):
+                    e, _ = self._get_entry(gc)
+                    host = e & OFFSET_MASK
+                    if e & L2E_COMPRESSED:
+                        frees.append(("b", e))
+                    elif host:
+                        frees.append(("c", host))
+                        drain = drain or bool(e & L2E_COPIED)
+                    vals.append((0, 0))
+                if frees:
+                    self._set_entries(offset & ~cmask, vals)
+                    self._free_old(frees, drain)
+            return True
         ext = self.extended_l2
         scb = self.subcluster_bits
         ALL_ZERO = 0xFFFFFFFF << 32
@@ -1399,6 +1457,7 @@ class Qcow2Node(BlockNode):
             self._free_old(frees, drain)
         for off, n in data_parts:
             self._write_zero_data(off, n)
+        return True
 
     def discard(self, offset, length):
         if self.refcounts is None or self.discard_mode != "unmap" or length <= 0:

@@ -582,3 +582,50 @@ def test_served_connections_write_at_once(tmp_path):
     _check_clean(img)
     model[3 * MiB:3 * MiB + 4 * 65536] = bytes(4 * 65536)    # trimmed: v3 reads zeroes
     _compare(img, bytes(model), tmp_path)
+
+
+def test_corrupt_refusal_over_qmp_as_qsd(tmp_path):
+    """blockdev-add of a corrupt image, writable and with auto-read-only: the same replies
+    as qemu-storage-daemon's; read-only works in both."""
+    from qcow2.test_daemon import both
+    img = tmp_path / "c.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", img, "1M")
+    with open(img, "r+b") as f:
+        f.seek(72)
+        f.write(struct.pack(">Q", 2))
+    cmds = [{"execute": "blockdev-add", "arguments": dict(
+        {"driver": "qcow2", "node-name": name, "file": {"driver": "file",
+                                                         "filename": str(img)}}, **extra)}
+        for name, extra in (("a", {}), ("b", {"auto-read-only": True}),
+                            ("c", {"read-only": True}))]
+    theirs, ours = both(tmp_path, [], cmds)
+    assert ours == theirs
+    assert "Image is corrupt; cannot be opened read/write" in ours[0]
+    assert ours[2].strip() == '{"return": {}}'
+
+
+def test_dirty_image_with_snapshot_and_bitmap_repaired(tmp_path):
+    """The repair on a writable open counts the snapshot table and L1, the bitmap
+    directory and bitmap clusters: nothing of them is freed (check clean, snapshot intact)."""
+    img = tmp_path / "ds.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", "-o", "lazy_refcounts=on", img, "4M")
+    qemu_io(img, "write -P 1 0 1M")
+    run("qemu-img", "snapshot", "-c", "s1", img)
+    run("qemu-img", "bitmap", "--add", img, "bm")
+    subprocess.run(["qemu-io", "-c", "write -P 2 512k 1M", "-c", "sigraise 9", str(img)],
+                   capture_output=True)
+    assert _header_u64(img, 72) & 1
+    g, node = _open(img)
+    try:
+        node.write(3 * MiB, b"\x03" * 4096)
+    finally:
+        g.close()
+    _check_clean(img)
+    model = bytearray(4 * MiB)
+    model[0:MiB] = b"\x01" * MiB
+    model[512 * KiB:1536 * KiB] = b"\x02" * MiB
+    model[3 * MiB:3 * MiB + 4096] = b"\x03" * 4096
+    _compare(img, bytes(model), tmp_path)
+    snap = tmp_path / "s1.raw"
+    run("qemu-img", "convert", "-O", "raw", "-l", "snapshot.name=s1", img, snap)
+    assert snap.read_bytes() == b"\x01" * MiB + bytes(3 * MiB)

@@ -34,8 +34,10 @@ Write path (writable nodes; docs/block-layer.md has the full ordering)
 * ``write``: runs of COPIED (refcount 1) data clusters are overwritten in place with no
   metadata and no lock but the direct-write gate (:meth:`Qcow2Node._drain` waits for the
   writes in flight before a cluster is freed); the rest goes to :meth:`_write_slow` under
-  :attr:`meta_lock`: allocate (``RefcountManager.allocate``, increases written at once), write
-  data and COW, set the L2 entries (:meth:`_set_entries`), free what they no longer name.
+  :attr:`meta_lock`: allocate (``RefcountManager.allocate``, increases written at once) and
+  mark the guest clusters in flight (``_inflight``; other metadata changes on them wait in
+  :meth:`_wait_inflight`), write data and COW without the lock, then set the L2 entries
+  (:meth:`_set_entries`) and free what they no longer name under it again.
 * L2 updates never modify a cached slice: a new array goes into the cache and into
   ``_l2_dirty`` (pending; :meth:`l2_slice` serves it after an eviction), written back by
   :meth:`_writeback_l2` after a file flush (data and refcounts before L2 entries) at
@@ -888,6 +890,9 @@ class Qcow2Node(BlockNode):
         self._gate_cond = threading.Condition(self._gate_lock)
         # [epoch, direct writes in flight started in an even epoch, ... odd epoch, waiters]
         self._gate = [0, 0, 0, 0]
+        #: guest clusters whose allocating write is writing data (metadata changes wait)
+        self._inflight: dict = {}
+        self._alloc_cond = threading.Condition(self.meta_lock)
         self._l1_shift = self.cluster_bits + self.l2_bits
         self._slice_shift = self.cluster_bits + self.slice_bits
         self._slices_mask = (1 << (self.l2_bits - self.slice_bits)) - 1
@@ -1182,14 +1187,22 @@ class Qcow2Node(BlockNode):
             pos += n
 
     def _write_slow(self, offset: int, mv) -> None:
-        """Writes that need metadata: allocation, COW, zero/compressed/shared clusters."""
+        """Writes that need metadata: allocation, COW, zero/compressed/shared clusters.
+
+        Planning and allocation under :attr:`meta_lock`; the clusters are then marked in
+        flight (every other metadata change touching them waits: two writes to one
+        unallocated cluster can't both allocate), data and COW are written without the
+        lock, and the L2 entries are set and old references dropped under it again."""
         cs = self.cluster_size
         cmask = cs - 1
         ext = self.extended_l2
         scb = self.subcluster_bits
         OFF = OFFSET_MASK
         total = len(mv)
-        with self.meta_lock:
+        c0 = offset >> self.cluster_bits
+        c1 = (offset + total - 1) >> self.cluster_bits
+        with self._alloc_cond:
+            self._wait_inflight(c0, c1)
             plans = []
             pos = 0
             while pos < total:
@@ -1243,6 +1256,10 @@ class Qcow2Node(BlockNode):
                     plans[k][4] = base + (k - i) * cs
                     plans[k][11] = True         # a new cluster
                 i = j
+            inflight = self._inflight
+            for c in range(c0, c1 + 1):
+                inflight[c] = True
+        try:
             pieces = []
             new_end = 0
             fresh = -1                  # start of a run of partly written fresh clusters
@@ -1267,19 +1284,53 @@ class Qcow2Node(BlockNode):
                 if new and target + cs > new_end:
                     new_end = target + cs
             self._issue(pieces, flen)
-            if new_end > self.file.length():
-                fl = self.file.length()
-                self.file.write_zeroes(fl, new_end - fl, False)
-            vals = []
-            changed = False
             for p in plans:
-                ne = p[4] | L2E_COPIED
-                vals.append((ne, p[7]))
-                if ne != p[9] or p[7] != p[10]:
-                    changed = True
-            if changed:
-                self._set_entries(plans[0][0], vals)
-            self._free_old([p[8] for p in plans if p[8] is not None], False)
+                # the file covers every new cluster (only our own clusters are written:
+                # others may be in flight next to them)
+                fl = self.file.length()
+                if p[11] and p[4] + cs > fl:
+                    start = max(fl, p[4])
+                    self.file.write_zeroes(start, p[4] + cs - start, False)
+        except BaseException:
+            with self._alloc_cond:
+                for p in plans:
+                    if p[11]:
+                        self.refcounts.free(p[4], cs)   # never referenced
+                self._end_inflight(c0, c1)
+            raise
+        with self._alloc_cond:
+            try:
+                vals = []
+                changed = False
+                for p in plans:
+                    ne = p[4] | L2E_COPIED
+                    vals.append((ne, p[7]))
+                    if ne != p[9] or p[7] != p[10]:
+                        changed = True
+                if changed:
+                    self._set_entries(plans[0][0], vals)
+                self._free_old([p[8] for p in plans if p[8] is not None], False)
+            finally:
+                self._end_inflight(c0, c1)
+
+    def _wait_inflight(self, c0: int, c1: int) -> None:
+        """Wait (holding meta_lock, released meanwhile) until no write is allocating in
+        guest clusters c0..c1."""
+        inflight = self._inflight
+        while inflight:
+            if c1 - c0 < len(inflight):
+                busy = any(c in inflight for c in range(c0, c1 + 1))
+            else:
+                busy = any(c0 <= c <= c1 for c in inflight)
+            if not busy:
+                return
+            self._alloc_cond.wait()
+
+    def _end_inflight(self, c0: int, c1: int) -> None:
+        inflight = self._inflight
+        for c in range(c0, c1 + 1):
+            inflight.pop(c, None)
+        self._alloc_cond.notify_all()
 
     def _allocate_zeroes(self, host: int, length: int) -> None:
         """New clusters past the old end of the file read zeroes already; allocate them in
@@ -1361,7 +1412,8 @@ class Qcow2Node(BlockNode):
         align = 1 << self.subcluster_bits
         sc = p0 - p0 % align
         sc_end = min(sc + align, self.size)
-        with self.meta_lock:
+        with self._alloc_cond:
+            self._wait_inflight(sc >> self.cluster_bits, sc >> self.cluster_bits)
             ok = (self.map(sc, 1)[1] in (K_UNALLOC, K_ZERO) and self._reads_zero(sc, p0)
                   and self._reads_zero(p1, sc_end)
                   and self._zeroize(sc, sc_end - sc, may_unmap))
@@ -1389,7 +1441,8 @@ class Qcow2Node(BlockNode):
             if self.backing is not None:
                 return False
             # QEMU: no zero flag, no backing file: discard (entries 0, clusters freed)
-            with self.meta_lock:
+            with self._alloc_cond:
+                self._wait_inflight(offset >> self.cluster_bits, (end - 1) >> self.cluster_bits)
                 vals, frees, drain = [], [], False
                 for gc in range(offset & ~cmask, end, cs):
                     e, _ = self._get_entry(gc)
@@ -1408,7 +1461,8 @@ class Qcow2Node(BlockNode):
         scb = self.subcluster_bits
         ALL_ZERO = 0xFFFFFFFF << 32
         data_parts = []
-        with self.meta_lock:
+        with self._alloc_cond:
+            self._wait_inflight(offset >> self.cluster_bits, (end - 1) >> self.cluster_bits)
             gc0 = offset & ~cmask
             vals = []
             frees = []
@@ -1475,7 +1529,8 @@ class Qcow2Node(BlockNode):
         if not v3 and backing:
             return                      # QEMU 7.2: v2 images with a backing file ignore it
         ext = self.extended_l2
-        with self.meta_lock:
+        with self._alloc_cond:
+            self._wait_inflight(a0 >> self.cluster_bits, (a1 - 1) >> self.cluster_bits)
             vals = []
             frees = []
             drain = False

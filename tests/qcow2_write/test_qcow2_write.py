@@ -629,3 +629,46 @@ def test_dirty_image_with_snapshot_and_bitmap_repaired(tmp_path):
     snap = tmp_path / "s1.raw"
     run("qemu-img", "convert", "-O", "raw", "-l", "snapshot.name=s1", img, snap)
     assert snap.read_bytes() == b"\x01" * MiB + bytes(3 * MiB)
+
+
+@pytest.mark.parametrize("opts", ["cluster_size=4096", "cluster_size=16384,extended_l2=on",
+                                  "cluster_size=4096,compat=0.10"])
+def test_concurrent_stripes_with_zero_writes(tmp_path, opts):
+    """Eight threads own interleaved 512-byte stripes of the same clusters and write data
+    or zeroes (unaligned zero writes may zero a whole cluster that reads zeroes: never
+    one holding another thread's data)."""
+    img = tmp_path / "st.qcow2"
+    size = 2 * MiB
+    run("qemu-img", "create", "-f", "qcow2", "-o", opts, img, str(size))
+    g, node = _open(img)
+    model = bytearray(size)
+    errors = []
+    nt = 8
+
+    def worker(t):
+        try:
+            rnd = random.Random(t)
+            for _ in range(250):
+                off = (rnd.randrange(0, size // 512 // nt) * nt + t) * 512
+                if rnd.random() < 0.7:
+                    data = bytes([rnd.randrange(1, 256)]) * 512
+                    node.write(off, data)
+                    model[off:off + 512] = data
+                else:
+                    node.write_zeroes(off, 512, may_unmap=rnd.random() < 0.5)
+                    model[off:off + 512] = bytes(512)
+        except Exception as e:       # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(nt)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    try:
+        assert not errors, errors
+        assert _read(node) == model
+    finally:
+        g.close()
+    _check_clean(img)
+    _compare(img, bytes(model), tmp_path)

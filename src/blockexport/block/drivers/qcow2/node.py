@@ -1578,7 +1578,7 @@ class Qcow2Node(BlockNode):
                             incompatible_features=self.header.incompatible_features
                             & ~INCOMPAT_DIRTY)
                     self.file.flush()
-            except (OSError, Error) as e:
+            except Exception as e:      # noqa: BLE001 - the node is closed regardless
                 sys.stderr.write("qcow2: could not close '%s' cleanly: %s\n"
                                  % (self.filename, e))
                 sys.stderr.flush()

@@ -672,3 +672,22 @@ def test_concurrent_stripes_with_zero_writes(tmp_path, opts):
         g.close()
     _check_clean(img)
     _compare(img, bytes(model), tmp_path)
+
+
+def test_lazy_refcounts_option_needs_v3(tmp_path):
+    img = tmp_path / "v2.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", "-o", "compat=0.10", img, "1M")
+    for ro in (False, True):
+        with pytest.raises(Error, match="^Lazy refcounts require a qcow2 image with at least "
+                                        "qemu 1.1 compatibility level$"):
+            _open(img, read_only=ro, **{"lazy-refcounts": True})
+    img3 = tmp_path / "v3.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", img3, "1M")
+    g, node = _open(img3, **{"lazy-refcounts": True})
+    try:
+        node.write(0, b"\x01" * 512)
+        assert not node.header.dirty            # refcounts stay exact: never dirty
+    finally:
+        g.close()
+    assert not _header_u64(img3, 72) & 1
+    _check_clean(img3)

@@ -180,6 +180,9 @@ class Qcow2Node(BlockNode):
             except ImportError:
                 raise Error("qcow2: zstd compression needs the Python package 'zstandard', "
                             "which is not installed") from None
+        if options.get("lazy-refcounts") and h.version < 3:
+            raise Error("Lazy refcounts require a qcow2 image with at least qemu 1.1 "
+                        "compatibility level")
         cs = h.cluster_size
         interval = options.get("cache-clean-interval", 600)
         if interval < 0 or interval > 0xFFFFFFFF:

@@ -293,7 +293,7 @@ def test_concurrent_discard_and_overwrite(tmp_path):
             rnd = random.Random(9)
             while not stop.is_set():
                 off = rnd.randrange(0, MiB // 4096) * 4096
-                node.discard(off, 4096 * rnd.randrange(1, 8))
+                node.discard(off, min(4096 * rnd.randrange(1, 8), MiB - off))
         except Exception as e:       # noqa: BLE001
             errors.append(e)
 

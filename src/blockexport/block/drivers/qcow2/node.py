@@ -1033,6 +1033,10 @@ class Qcow2Node(BlockNode):
             finally:
                 g[3] -= 1
 
+    def _bad_host(self, host: int, guest: int) -> OSError:
+        return self._corruption("Cluster allocation offset %#x unaligned (guest offset %#x)"
+                                % (host, guest))
+
     def _get_entry(self, gc: int):
         """(L2 entry, bitmap) of the cluster at guest offset ``gc`` (0, 0 without a table)."""
         l1i = gc >> self._l1_shift
@@ -1215,6 +1219,8 @@ class Qcow2Node(BlockNode):
                 b = min(cs, a + total - pos)
                 e, bm = self._get_entry(gc)
                 host = e & OFF
+                if host & cmask and not e & L2E_COMPRESSED:
+                    raise self._bad_host(host, gc)
                 free = None
                 if ext:
                     s0, s1 = a >> scb, (b - 1) >> scb
@@ -1450,6 +1456,8 @@ class Qcow2Node(BlockNode):
                 for gc in range(offset & ~cmask, end, cs):
                     e, _ = self._get_entry(gc)
                     host = e & OFFSET_MASK
+                    if host & cmask and not e & L2E_COMPRESSED:
+                        raise self._bad_host(host, gc)
                     if e & L2E_COMPRESSED:
                         frees.append(("b", e))
                     elif host:
@@ -1477,6 +1485,8 @@ class Qcow2Node(BlockNode):
                 whole = a == 0 and (b == cs or gc + b == self.size)
                 e, bm = self._get_entry(gc)
                 host = e & OFFSET_MASK
+                if host & cmask and not e & L2E_COMPRESSED:
+                    raise self._bad_host(host, gc)
                 comp = e & L2E_COMPRESSED
                 if ext:
                     if whole:
@@ -1520,6 +1530,7 @@ class Qcow2Node(BlockNode):
         if self.refcounts is None or self.discard_mode != "unmap" or length <= 0:
             return
         cs = self.cluster_size
+        cmask = cs - 1
         a0 = -(-offset // cs) * cs
         end = min(offset + length, self.size)
         a1 = end // cs * cs
@@ -1541,6 +1552,8 @@ class Qcow2Node(BlockNode):
             for gc in range(a0, a1, cs):
                 e, bm = self._get_entry(gc)
                 host = e & OFFSET_MASK
+                if host & cmask and not e & L2E_COMPRESSED:
+                    raise self._bad_host(host, gc)
                 comp = e & L2E_COMPRESSED
                 allocated = bool(host or comp)
                 ne, nb = e, bm

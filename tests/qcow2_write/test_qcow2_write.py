@@ -466,7 +466,8 @@ def test_write_zeroes_and_discard_map_as_qemu(tmp_path, compat, backing, extra):
             ("discard", 192 * KiB, 100 * KiB), ("zero", 512 * KiB, 64 * KiB),
             ("zero_unmap", 64 * KiB, 64 * KiB), ("zero", 700 * KiB + 1000, 70000),
             ("write", 800 * KiB, 10 * KiB), ("zero", 800 * KiB + 1024, 2048),
-            ("zero_unmap", 300 * KiB, 2 * 65536 + 100), ("zero", 1000 * KiB, 24 * KiB)]
+            ("zero_unmap", 300 * KiB, 2 * 65536 + 100), ("zero", 1000 * KiB, 24 * KiB),
+            ("write", 900 * KiB + 100, 5000), ("write", 600 * KiB + 3000, 70000)]
     g, node = _open(ours)
     try:
         for op, off, n in cmds:

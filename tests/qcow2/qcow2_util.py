@@ -8,13 +8,11 @@ the suite); our own programs missing always fail.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -134,29 +132,3 @@ def _trim(extents, size):
         out.append((n, fl))
         pos += n
     return out
-
-
-_WRITABLE = []
-
-
-def writable_qcow2_available() -> bool:
-    """Whether our qcow2 driver opens an image writable (the write path exists): tried once
-    on a fresh image in a temporary directory."""
-    if not _WRITABLE:
-        import tempfile
-        from blockexport.block.drivers.qcow2.create import create_image
-        from blockexport.block.graph import BlockGraph
-        from blockexport.errors import Error
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "w.qcow2")
-            create_image(path, 1 << 20)
-            g = BlockGraph()
-            try:
-                g.blockdev_add({"driver": "qcow2", "node-name": "w", "read-only": False,
-                                "file": {"driver": "file", "filename": path}})
-                _WRITABLE.append(True)
-            except Error:
-                _WRITABLE.append(False)
-            finally:
-                g.close()
-    return _WRITABLE[0]

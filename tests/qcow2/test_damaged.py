@@ -109,12 +109,6 @@ def test_corrupt_bit_refuses_writable_open_only(base_image, tmp_path):
         h.shutdown()
 
 
-def test_writable_open_refused_until_writes_exist(base_image, tmp_path):
-    rc, err = _open_error("blockexport-nbd", base_image.parent / base_image.name)
-    assert rc == 1
-    assert err.endswith("qcow2 write support is not available yet; open the image read-only\n")
-
-
 @pytest.mark.parametrize("what", ["l1", "refcount-table"])
 def test_tables_past_the_end_of_the_file(base_image, tmp_path, what):
     off = 40 if what == "l1" else 48

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers import servers
-from qcow2.qcow2_util import (connect, maps, raw_bytes, read_all, run,
-                              writable_qcow2_available)
+from qcow2.qcow2_util import connect, maps, raw_bytes, read_all, run
 from qcow2.test_interop import fill, random_raw
 
 MiB = 1 << 20
@@ -150,8 +149,6 @@ def test_failure_after_the_overlay_leaves_nothing(images, tmp_path):
     assert os.listdir(tmpdir) == []
 
 
-@pytest.mark.skipif(not writable_qcow2_available(),
-                    reason="qcow2 write support is not available yet (branch i9-write)")
 @pytest.mark.parametrize("name,fmt", [("qcow2-chain", "qcow2"), ("raw", "raw")])
 def test_writes_seen_by_the_client_image_unchanged(images, tmp_path, name, fmt):
     img = images[name]

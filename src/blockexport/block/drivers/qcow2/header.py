@@ -317,3 +317,66 @@ def _read_extensions(h: Qcow2Header, buf: bytes, start: int, end: int) -> None:
             h.crypto_header = struct.unpack_from(">QQ", data, 0)
         elif ext_type == EXT_DATA_FILE:
             h.data_file = data.decode("utf-8", "replace")
+
+
+def serialize_header(h: Qcow2Header, cluster_size: int) -> bytes:
+    """The header cluster's used bytes for ``h``: the fixed fields, the additional fields
+    kept from the image (``extra_fields``), every header extension in ``h.extensions`` order
+    (unknown ones unchanged; the bitmaps extension rebuilt from ``h.bitmaps``), the end
+    marker and the backing file name.  Sets ``h.backing_file_offset``/``backing_file_size``.
+    Raises :class:`Error` when it does not fit in the first cluster."""
+    exts = []
+    seen_bitmaps = False
+    for t, d in h.extensions:
+        if t == EXT_BITMAPS:
+            if h.bitmaps is None or seen_bitmaps:
+                continue
+            seen_bitmaps = True
+            d = _bitmaps_ext_bytes(h.bitmaps)
+        exts.append((t, d))
+    if h.bitmaps is not None and not seen_bitmaps:
+        exts.append((EXT_BITMAPS, _bitmaps_ext_bytes(h.bitmaps)))
+    h.extensions = exts
+    name = (h.backing_file.encode("utf-8", "surrogateescape")
+            if h.backing_file is not None else b"")
+    out = bytearray()
+    if h.version >= 3:
+        out += bytes(V3_HEADER_SIZE)
+        if h.header_length > V3_HEADER_SIZE:
+            out += bytes([h.compression_type]) + h.extra_fields
+        hl = len(out)
+    else:
+        out += bytes(V2_HEADER_SIZE)
+        hl = V2_HEADER_SIZE
+    for t, d in exts:
+        out += _EXT.pack(t, len(d)) + d + bytes(-len(d) % 8)
+    out += bytes(8)                                   # end of extensions
+    if name:
+        h.backing_file_offset = len(out)
+        h.backing_file_size = len(name)
+        out += name
+    else:
+        h.backing_file_offset = h.backing_file_size = 0
+    if len(out) > cluster_size:
+        raise Error("qcow2: the header and its extensions (%d bytes) do not fit in the "
+                    "first cluster (%d bytes)" % (len(out), cluster_size))
+    _V2.pack_into(out, 0, MAGIC, h.version, h.backing_file_offset, h.backing_file_size,
+                  h.cluster_bits, h.size, h.crypt_method, h.l1_size, h.l1_table_offset,
+                  h.refcount_table_offset, h.refcount_table_clusters, h.nb_snapshots,
+                  h.snapshots_offset)
+    if h.version >= 3:
+        h.header_length = hl
+        _V3.pack_into(out, V2_HEADER_SIZE, h.incompatible_features, h.compatible_features,
+                      h.autoclear_features, h.refcount_order, hl)
+    return bytes(out)
+
+
+def _bitmaps_ext_bytes(b) -> bytes:
+    nb = b.nb_bitmaps
+    size = getattr(b, "directory_size", None)
+    if size is None:
+        size = b.dir_size
+    off = getattr(b, "directory_offset", None)
+    if off is None:
+        off = b.dir_offset
+    return struct.pack(">IIQQ", nb, 0, size, off)

@@ -290,6 +290,12 @@ class BlockNode:
     def file_range(self, offset: int, length: int):
         return None
 
+    def memory_io(self) -> bool:
+        """Whether reads and writes are memory copies (page cache, no waiting on a device or
+        the network), so a data path may serve them inline instead of handing them to a
+        thread: true for a buffered plain file (one that offers ``file_range``)."""
+        return self.file_range(0, 0) is not None
+
     # ---- lifetime ------------------------------------------------------------------------
 
     def close(self) -> None:

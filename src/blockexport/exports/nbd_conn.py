@@ -54,7 +54,6 @@ EINVAL = C.NBD_EINVAL
 # Reads at least this large go to the pool (they may wait on the disk; the hand-off is cheap
 # next to copying them).  Tunable for benchmarks.
 OFFLOAD_READ_MIN = int(os.environ.get("BLOCKEXPORT_OFFLOAD_READ_MIN", 64 * 1024))
-INLINE_DRIVERS = frozenset(("null-co", "null-aio"))
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 if IOV_MAX <= 0:  # pragma: no cover - indeterminate
     IOV_MAX = 1024
@@ -403,10 +402,10 @@ class NbdConnection:
     def _serve(self) -> None:
         """The connection's reader thread: parse requests, serve cheap ones inline."""
         node = self.export.node
-        # A buffered plain file (page cache) or a null node without latency: reads and writes
-        # are memory copies, cheaper inline than any hand-off (shared/spec/performance.md).
-        self._inline_io = node.file_range(0, 0) is not None or (
-            node.driver in INLINE_DRIVERS and not getattr(node, "latency_ns", 0))
+        # A buffered plain file (page cache), a format over one, or a null node without
+        # latency: reads and writes are memory copies, cheaper inline than any hand-off
+        # (shared/spec/performance.md).
+        self._inline_io = node.memory_io()
         sbuf = self._take_buffer()       # the reader's small buffer
         smv = memoryview(sbuf)
         tx = self.tx

@@ -517,6 +517,17 @@ class FileNode(BlockNode):
         system cannot (the caller then writes zero buffers or refuses a fast zero)."""
         fd = self._fd
         end = offset + length
+        if self._has_fallocate and offset >= self._size:
+            # Extending the file: a fresh allocation reads as zeroes (one call, where
+            # zeroing a range inside the file may take two).
+            try:
+                fallocate(fd, 0, offset, length)
+                self._grow(end)
+                return True
+            except OSError as e:
+                if e.errno not in _ENOTSUP_SET:
+                    raise
+                self._has_fallocate = False
         if self._has_zero_range:
             try:
                 fallocate(fd, FALLOC_FL_ZERO_RANGE, offset, length)
@@ -547,16 +558,6 @@ class FileNode(BlockNode):
                     if e.errno not in _ENOTSUP_SET:
                         raise
                     self._has_fallocate = False
-        if self._has_fallocate and offset >= self._size:
-            # Extending the file: fresh allocation reads as zeroes.
-            try:
-                fallocate(fd, 0, offset, length)
-                self._grow(end)
-                return True
-            except OSError as e:
-                if e.errno not in _ENOTSUP_SET:
-                    raise
-                self._has_fallocate = False
         return False
 
     def _write_zero_buffers(self, offset: int, length: int) -> None:

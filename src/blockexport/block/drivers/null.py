@@ -72,6 +72,9 @@ class NullNode(BlockNode):
         self.write = write
         self._status_flags = BS_ZERO | BS_ALLOCATED if read_zeroes else 0
 
+    def memory_io(self) -> bool:
+        return not self.latency_ns
+
     def length(self) -> int:
         return round_up(self.size, SECTOR_SIZE)
 

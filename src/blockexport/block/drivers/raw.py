@@ -82,6 +82,9 @@ class RawNode(BlockNode):
 
     # ---- hot paths -----------------------------------------------------------------------
 
+    def memory_io(self) -> bool:
+        return self._debug is None and self.file.memory_io()
+
     def _bind(self, child: BlockNode) -> None:
         off = self.offset
         child_read = child.read_into

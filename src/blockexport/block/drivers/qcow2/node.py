@@ -1654,6 +1654,13 @@ class Qcow2Node(BlockNode):
     def cache(self, offset: int, length: int) -> None:
         pass
 
+    def memory_io(self) -> bool:
+        """Metadata and data are memory copies when the image file and the backing chain
+        are (buffered files): an allocating write is a few pwrites and a fallocate."""
+        if getattr(self.file, "debug_event", None) is not None or not self.file.memory_io():
+            return False
+        return self.backing is None or self.backing.memory_io()
+
     def backing_chain(self) -> list:
         """This node's backing nodes, nearest first."""
         out = []

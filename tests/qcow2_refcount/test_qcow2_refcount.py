@@ -263,6 +263,48 @@ def test_decreases_wait_for_the_callback_and_flush(tmp_path):
     io.close()
 
 
+def test_deferred_frees_are_not_reused_before_flush(tmp_path):
+    """defer_frees (the driver's mode): a freed cluster keeps its reference, so allocation
+    can't hand it to another guest offset while the L2 entry on disk may still name it; the
+    flush runs before_decrease_write first, then the cluster is free and reused."""
+    p = create(tmp_path / "f.qcow2", "1M", cluster_size=512)
+    events = []
+    io, m = open_manager(p, before_decrease_write=lambda: events.append("l2"),
+                         defer_frees=True)
+    a = m.allocate()
+    m.free(a, 512)
+    assert m.get(a // 512) == 1 and events == []
+    b = m.allocate()
+    assert b != a
+    m.flush()
+    assert events == ["l2"] and m.get(a // 512) == 0
+    assert a // 512 not in spec_refcounts(p)
+    assert m.allocate() == a
+    m.flush()
+    io.close()
+    assert no_corruption(check(p))
+
+
+def test_deferred_frees_are_bounded(tmp_path, monkeypatch):
+    """A client that never flushes: the recorded frees are applied once there are
+    DEFER_FREES_MAX of them (after before_decrease_write), so the file stops growing."""
+    from blockexport.block.drivers.qcow2 import refcount
+    monkeypatch.setattr(refcount, "DEFER_FREES_MAX", 8)
+    p = create(tmp_path / "g.qcow2", "1M", cluster_size=512)
+    events = []
+    io, m = open_manager(p, before_decrease_write=lambda: events.append("l2"),
+                         defer_frees=True)
+    offs = [m.allocate() for _ in range(8)]
+    for o in offs[:7]:
+        m.free(o, 512)
+    assert events == [] and all(m.get(o // 512) == 1 for o in offs)
+    m.free(offs[7], 512)
+    assert events == ["l2"] and all(m.get(o // 512) == 0 for o in offs)
+    m.flush()
+    io.close()
+    assert no_corruption(check(p))
+
+
 def test_no_header_updater_refuses_to_grow(tmp_path):
     p = create(tmp_path / "g.qcow2", "64M", cluster_size=512, refcount_bits=64)
     io = FileIO(p)

@@ -948,7 +948,7 @@ class Qcow2Node(BlockNode):
                 table_offset=h.refcount_table_offset,
                 table_clusters=h.refcount_table_clusters, file_length=self.file.length(),
                 on_table_moved=self._reftable_moved,
-                before_decrease_write=self._before_decrease)
+                before_decrease_write=self._before_decrease, defer_frees=True)
         except RefcountError as e:
             raise Error("Could not open the refcount table: %s" % e) from None
         changes = {}

@@ -19,6 +19,12 @@ corrupts the image:
   caller makes them durable (``io.flush()`` or :meth:`flush`) before it writes metadata that
   references the clusters, or leaves that to its own write-back order (QEMU's cache
   dependency: "refcount blocks before L2 tables");
+* with ``defer_frees=True`` (the driver's choice) :meth:`free` only records the range: the
+  clusters keep their reference, so they cannot be handed out again, until :meth:`flush`
+  (or ``DEFER_FREES_MAX`` recorded frees) first calls :attr:`before_decrease_write` and then
+  lowers them.  Otherwise a cluster freed by a discard could receive another guest offset's
+  data while the L2 entry on disk still names it: after a crash the discarded offset would
+  read that data (qemu-nbd 7.2 has this window; tests/qcow2_write_random catches it);
 * decreases stay in the cache (dirty) until :meth:`flush`, eviction or a later write of the
   same block; before such a block is written :attr:`before_decrease_write` is called (when
   set), which is where the driver makes its L2/L1 updates that dropped the references
@@ -42,6 +48,9 @@ from dataclasses import dataclass
 __all__ = ["RefcountManager", "RefcountError", "header_table_updater", "get_entry", "set_entry",
            "block_entries"]
 
+#: With ``defer_frees``, recorded frees are applied (after ``before_decrease_write``) once
+#: there are this many, so a client that never flushes does not grow the file forever.
+DEFER_FREES_MAX = 4096
 #: QEMU's limit on the refcount table (it won't open an image with a larger one).
 MAX_TABLE_BYTES = 8 << 20
 #: Offsets are at most 56 bits; the low 9 bits of a refcount table entry are reserved.
@@ -161,7 +170,7 @@ class RefcountManager:
 
     def __init__(self, io, *, cluster_bits: int, refcount_order: int, table_offset: int,
                  table_clusters: int, file_length: int, cache_blocks: int = 64,
-                 on_table_moved=None, before_decrease_write=None):
+                 on_table_moved=None, before_decrease_write=None, defer_frees=False):
         if not 9 <= cluster_bits <= 21:
             raise ValueError("cluster_bits must be 9..21")
         if not 0 <= refcount_order <= 6:
@@ -180,6 +189,8 @@ class RefcountManager:
             self._zero_field = _has_zero_field_table(self.refcount_bits)
         self.on_table_moved = on_table_moved
         self.before_decrease_write = before_decrease_write
+        self.defer_frees = defer_frees
+        self._deferred: list[tuple[int, int]] = []
         self.cache_blocks = max(4, cache_blocks)
         self._lock = threading.RLock()
         self._cache: OrderedDict[int, _Block] = OrderedDict()
@@ -576,8 +587,28 @@ class RefcountManager:
             self._increase(host_offset, length, delta)
 
     def free(self, host_offset: int, length: int) -> None:
-        """Drop one reference from every cluster touched by the byte range."""
-        self.increase(host_offset, length, -1)
+        """Drop one reference from every cluster touched by the byte range (with
+        ``defer_frees``: at the next :meth:`flush`, see the module's ordering rules)."""
+        if not self.defer_frees:
+            self.increase(host_offset, length, -1)
+            return
+        with self._lock:
+            if length > 0:
+                self._deferred.append((host_offset, length))
+                if len(self._deferred) >= DEFER_FREES_MAX:
+                    self._apply_deferred()
+
+    def _apply_deferred(self) -> None:
+        """The recorded frees, once the metadata that dropped the references is durable."""
+        if not self._deferred:
+            return
+        if self.before_decrease_write is not None:
+            self.before_decrease_write()
+        deferred, self._deferred = self._deferred, []
+        for off, length in deferred:
+            self._increase(off, length, -1)
+        for blk in self._cache.values():     # every decrease so far is covered by that call
+            blk.has_decrease = False
 
     def allocate(self, nclusters: int = 1, *, contiguous: bool = True) -> int:
         """Allocate ``nclusters`` adjacent free clusters (refcount 0 -> 1, written before
@@ -673,6 +704,7 @@ class RefcountManager:
         """Write every dirty cached block (increases are already written; this writes the
         decreases), then flush the file."""
         with self._lock:
+            self._apply_deferred()
             dirty = [(off, blk) for off, blk in self._cache.items() if blk.dirty_lo >= 0]
             if any(blk.has_decrease for _, blk in dirty) and self.before_decrease_write:
                 self.before_decrease_write()

@@ -26,6 +26,7 @@ processes (QEMU's tools or another blockexport) see them.
 
 from __future__ import annotations
 
+import mmap
 import threading
 from typing import Callable
 
@@ -55,6 +56,11 @@ SECTOR_SIZE = 512
 #: A shared all-zero buffer (1 MiB): zero-fill source and comparison reference.
 ZEROS = bytes(1 << 20)
 _ZLEN = len(ZEROS)
+#: The same zeroes, page-aligned (a read-only anonymous mapping), to *write* zeroes from: a
+#: write that faults on an untouched page and is then killed stops short on a page boundary,
+#: never inside a sector (``bytes(1 << 20)`` starts 48 bytes past one: the crash test in
+#: tests/qcow2_write_random saw a killed zero write leave a torn sector).
+ZERO_PAGES = memoryview(mmap.mmap(-1, _ZLEN, prot=mmap.PROT_READ))
 
 
 def perm_names(perm: int) -> str:

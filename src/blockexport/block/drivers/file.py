@@ -20,7 +20,7 @@ import threading
 from blockexport.block import locking
 from blockexport.block.serialise import Overlaps
 from blockexport.block.node import (
-    BS_ALLOCATED, BS_DATA, BS_ZERO, SECTOR_SIZE, ZEROS, BlockNode, zero_fill,
+    BS_ALLOCATED, BS_DATA, BS_ZERO, SECTOR_SIZE, ZERO_PAGES, BlockNode, zero_fill,
 )
 from blockexport.errors import Error
 from blockexport.util.cutils import round_up
@@ -561,10 +561,10 @@ class FileNode(BlockNode):
         return False
 
     def _write_zero_buffers(self, offset: int, length: int) -> None:
-        chunk = len(ZEROS)
+        chunk = len(ZERO_PAGES)
         # (O_DIRECT: write_zeroes already holds its place in _overlaps)
         write = self._direct_write_locked if self.cache_direct else self._write_data
-        zmv = memoryview(ZEROS)
+        zmv = ZERO_PAGES
         pos = 0
         while pos < length:
             n = min(chunk, length - pos)

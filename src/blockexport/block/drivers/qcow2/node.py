@@ -76,7 +76,7 @@ from blockexport.block.drivers.qcow2.snapshots import (
 from blockexport.block.drivers.qcow2.refcount import RefcountError, RefcountManager
 from blockexport.block.node import (
     BS_ALLOCATED, BS_DATA, BS_ZERO, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE,
-    PERM_WRITE_UNCHANGED, ZEROS, BlockNode, is_zero, zero_fill,
+    PERM_WRITE_UNCHANGED, ZERO_PAGES, BlockNode, is_zero, zero_fill,
 )
 from blockexport.block.probe import PROBE_BUF_SIZE, probe_format, protocol_options
 from blockexport.errors import Error
@@ -1423,8 +1423,8 @@ class Qcow2Node(BlockNode):
         w = self._write_data
         pos = 0
         while pos < length:
-            n = min(length - pos, len(ZEROS))
-            w(offset + pos, memoryview(ZEROS)[:n])
+            n = min(length - pos, len(ZERO_PAGES))
+            w(offset + pos, ZERO_PAGES[:n])
             pos += n
 
     def write_zeroes(self, offset, length, may_unmap=False, fast=False, fua=False):

@@ -14,7 +14,8 @@ the oracle, and blockexport-nbd), through libnbd (the python3 ``nbd`` module).
   were; it never shows backing data again): the trimmed range is read back and each 512-byte
   sector must be either its old content or zeroes; the model adopts what was read.
 - ``CrashModel`` and ``crash_round()`` drive an asynchronous writer (a few requests in flight)
-  with a FLUSH every N requests, and SIGKILL the server right after the k-th reply.  The
+  with a FLUSH every N requests, and SIGKILL the server right after the k-th reply (or right
+  after the k-th request was sent).  The
   model knows what the last completed FLUSH made durable and which writes came after it, so
   that after the crash each sector must hold either its durable content or the content of
   one of the later writes (acknowledged or not) that covered it.
@@ -304,15 +305,17 @@ def _wait_one(h, inflight: dict) -> int:
 
 class CrashStats:
     def __init__(self):
-        self.replies = self.flushes = self.writes = 0
+        self.replies = self.flushes = self.writes = self.sent = 0
 
 
 def crash_round(h, pid: int, model: CrashModel, rnd: random.Random, kill_after: int,
-                flush_every: int, cluster: int, size: int, depth: int = 4) -> CrashStats:
+                flush_every: int, cluster: int, size: int, depth: int = 4,
+                on_send: bool = False) -> CrashStats:
     """Random writes and write-zeroes on ``h`` (up to ``depth`` in flight, never two
     overlapping ones), a FLUSH (alone in flight) every ``flush_every`` requests, and SIGKILL
-    to ``pid`` right after the ``kill_after``-th reply.  ``model`` follows what is durable.
-    Returns counts; the handle is dead afterwards (the caller closes it)."""
+    to ``pid`` right after the ``kill_after``-th reply (``on_send``: right after the
+    ``kill_after``-th request was sent, e.g. while a FLUSH is in flight).  ``model`` follows
+    what is durable.  Returns counts; the handle is dead afterwards (the caller drops it)."""
     nbd = nbd_module()
     stats = CrashStats()
     inflight: dict[int, tuple[int, int, int]] = {}      # cookie -> (kind, off, end)
@@ -331,7 +334,14 @@ def crash_round(h, pid: int, model: CrashModel, rnd: random.Random, kill_after: 
             stats.flushes += 1
         else:
             acked += 1
-        if stats.replies == kill_after:
+        if not on_send and stats.replies == kill_after:
+            os.kill(pid, signal.SIGKILL)
+            return True
+        return False
+
+    def sent() -> bool:
+        stats.sent += 1
+        if on_send and stats.sent == kill_after:
             os.kill(pid, signal.SIGKILL)
             return True
         return False
@@ -345,7 +355,7 @@ def crash_round(h, pid: int, model: CrashModel, rnd: random.Random, kill_after: 
             c = h.aio_flush()
             inflight[c] = (FLUSH, 0, 0)
             since_flush = 0
-            if complete(_wait_one(h, inflight)):
+            if sent() or complete(_wait_one(h, inflight)):
                 return stats
             continue
         off, n = _extent(rnd, 0, size, cluster)
@@ -367,3 +377,5 @@ def crash_round(h, pid: int, model: CrashModel, rnd: random.Random, kill_after: 
             inflight[c] = (ZERO, off, end)
         stats.writes += 1
         since_flush += 1
+        if sent():
+            return stats

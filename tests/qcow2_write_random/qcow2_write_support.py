@@ -21,6 +21,7 @@ import pytest
 
 from helpers import nbd_workload as W
 from helpers.procs import oracle_missing, ours_missing
+from helpers import servers
 from helpers.servers import blockexport_problem
 
 MiB = 1 << 20
@@ -81,9 +82,10 @@ KINDS = ["qemu-nbd",
 def require(kind: str):
     """The tools of these tests and libnbd (missing: skip, or fail under CI=true); our own
     server missing always fails.  Returns the nbd module."""
-    for tool in ("qemu-img", "qemu-nbd"):
-        if shutil.which(tool) is None:
-            oracle_missing("%s is not installed" % tool)
+    if shutil.which("qemu-img") is None:
+        oracle_missing("qemu-img is not installed")
+    if kind == "qemu-nbd" and not os.path.exists(servers.QEMU_NBD):
+        oracle_missing("qemu-nbd is not installed")
     if kind == "blockexport-nbd":
         problem = blockexport_problem()
         if problem:

@@ -234,31 +234,55 @@ def run_random(h, model: bytearray, rnd: random.Random, count: int, lo: int, hi:
 
 class CrashModel:
     """What a crash may leave: ``durable`` is the disk as of the last completed FLUSH;
-    ``pending`` are the writes and write-zeroes sent after it (acknowledged or not), in the
-    order they were sent."""
+    ``pending`` are the writes and write-zeroes sent after it, in the order they were sent,
+    as [offset, data, acknowledged].
 
-    def __init__(self, initial: bytes):
+    After a crash each 512-byte sector holds its durable content, or the content of a pending
+    request covering it; or zeroes, if a pending request covering it was not acknowledged
+    (an unfinished write's range is undefined by NBD; qemu-nbd 7.2 may zero the host
+    clusters of an allocating write in place before writing the data, so a kill in between
+    leaves zeroes where the write was going; ``zeroes_if_unacked=False`` is the strict
+    rule)."""
+
+    def __init__(self, initial: bytes, zeroes_if_unacked: bool = True):
         self.durable = bytearray(initial)
-        self.pending: list[tuple[int, bytes]] = []
+        self.pending: list[list] = []
+        self.zeroes_if_unacked = zeroes_if_unacked
 
-    def sent(self, off: int, data: bytes) -> None:
-        self.pending.append((off, data))
+    def sent(self, off: int, data: bytes) -> int:
+        self.pending.append([off, data, False])
+        return len(self.pending) - 1
 
-    def flushed(self, upto: int) -> None:
-        """A FLUSH completed, sent when the first ``upto`` pending writes were acknowledged."""
-        for off, data in self.pending[:upto]:
+    def acked(self, index: int) -> None:
+        self.pending[index][2] = True
+
+    def flushed(self) -> None:
+        """A FLUSH completed, sent when every pending request was acknowledged."""
+        for off, data, acked in self.pending:
+            assert acked
             self.durable[off:off + len(data)] = data
-        del self.pending[:upto]
+        self.pending.clear()
 
     def latest(self) -> bytearray:
         out = bytearray(self.durable)
-        for off, data in self.pending:
+        for off, data, _ in self.pending:
             out[off:off + len(data)] = data
         return out
 
+    def _candidates(self) -> dict[int, list[bytes]]:
+        cand: dict[int, list[bytes]] = {}
+        zero = bytes(SECTOR)
+        for off, data, acked in self.pending:
+            for i in range(0, len(data), SECTOR):
+                lst = cand.setdefault(off + i, [])
+                lst.append(data[i:i + SECTOR])
+                if not acked and self.zeroes_if_unacked:
+                    lst.append(zero)
+        return cand
+
     def check_after_crash(self, got: bytes, what: str) -> int:
-        """Every sector of ``got`` holds its durable content or what one of the pending writes
-        put there; returns how many sectors hold something newer than the durable content."""
+        """``got`` (the whole disk after a crash) is allowed (see the class); returns how many
+        sectors hold something other than their durable content."""
         assert len(got) == len(self.durable), "%s: size %d, expected %d" % (
             what, len(got), len(self.durable))
         newer = 0
@@ -268,10 +292,7 @@ class CrashModel:
             if got[base:base + chunk] == self.durable[base:base + chunk]:
                 continue
             if cand is None:
-                cand = {}
-                for off, data in self.pending:
-                    for i in range(0, len(data), SECTOR):
-                        cand.setdefault(off + i, []).append(data[i:i + SECTOR])
+                cand = self._candidates()
             for s in range(base, min(base + chunk, len(got)), SECTOR):
                 sec = got[s:s + SECTOR]
                 if sec == self.durable[s:s + SECTOR]:
@@ -279,11 +300,17 @@ class CrashModel:
                 if sec in cand.get(s, ()):
                     newer += 1
                     continue
+                covering = ["#%d of %d: offset=%d length=%d %s%s" % (
+                    i, len(self.pending), off, len(data), data[:8].hex(),
+                    "" if acked else " (not acknowledged)")
+                    for i, (off, data, acked) in enumerate(self.pending)
+                    if off <= s < off + len(data)]
                 raise AssertionError(
                     "%s: sector at %d holds neither the content made durable by the last "
-                    "completed FLUSH nor that of a later write (%d later write(s) cover it): "
-                    "%s..., durable %s..." % (what, s, len(cand.get(s, ())), sec[:16].hex(),
-                                              bytes(self.durable[s:s + 16]).hex()))
+                    "completed FLUSH nor that of a later write: %s..., durable %s...; later "
+                    "writes covering it: %s" % (what, s, sec[:16].hex(),
+                                                bytes(self.durable[s:s + 16]).hex(),
+                                                "; ".join(covering) or "none"))
         return newer
 
     def adopt(self, got: bytes) -> None:
@@ -310,30 +337,29 @@ class CrashStats:
 
 def crash_round(h, pid: int, model: CrashModel, rnd: random.Random, kill_after: int,
                 flush_every: int, cluster: int, size: int, depth: int = 4,
-                on_send: bool = False) -> CrashStats:
+                on_send: bool = False, unmap: bool = False) -> CrashStats:
     """Random writes and write-zeroes on ``h`` (up to ``depth`` in flight, never two
     overlapping ones), a FLUSH (alone in flight) every ``flush_every`` requests, and SIGKILL
     to ``pid`` right after the ``kill_after``-th reply (``on_send``: right after the
     ``kill_after``-th request was sent, e.g. while a FLUSH is in flight).  ``model`` follows
-    what is durable.  Returns counts; the handle is dead afterwards (the caller drops it)."""
+    what is durable.  Write-zeroes carry NO_HOLE unless ``unmap`` (then half of them may
+    unmap).  Returns counts; the handle is dead afterwards (the caller drops it)."""
     nbd = nbd_module()
     stats = CrashStats()
-    inflight: dict[int, tuple[int, int, int]] = {}      # cookie -> (kind, off, end)
-    acked = 0               # pending writes acknowledged, in order of sending? see below
-    # ``model.pending`` is in sending order; writes complete out of order, so a FLUSH is
-    # only sent once nothing is in flight: then every pending write is acknowledged.
+    # cookie -> (kind, offset, end, index in model.pending, buffer kept alive)
+    inflight: dict[int, tuple] = {}
+    # writes complete out of order, so a FLUSH is only sent once nothing is in flight: then
+    # every pending write is acknowledged and the FLUSH makes them all durable
     since_flush = 0
 
     def complete(c: int) -> bool:
-        nonlocal acked
-        kind, _, _ = inflight.pop(c)
+        kind, _, _, index, _ = inflight.pop(c)
         stats.replies += 1
         if kind == FLUSH:
-            model.flushed(acked)
-            acked = 0
+            model.flushed()
             stats.flushes += 1
         else:
-            acked += 1
+            model.acked(index)
         if not on_send and stats.replies == kill_after:
             os.kill(pid, signal.SIGKILL)
             return True
@@ -351,30 +377,33 @@ def crash_round(h, pid: int, model: CrashModel, rnd: random.Random, kill_after: 
             while inflight:
                 if complete(_wait_one(h, inflight)):
                     return stats
-            assert acked == len(model.pending)
             c = h.aio_flush()
-            inflight[c] = (FLUSH, 0, 0)
+            inflight[c] = (FLUSH, 0, 0, -1, None)
             since_flush = 0
             if sent() or complete(_wait_one(h, inflight)):
                 return stats
             continue
         off, n = _extent(rnd, 0, size, cluster)
         end = off + n
-        while any(o < end and off < e for _, o, e in inflight.values()) \
+        while any(o < end and off < e for _, o, e, _, _ in inflight.values()) \
                 or len(inflight) >= depth:
             if complete(_wait_one(h, inflight)):
                 return stats
         if rnd.random() < 0.8:
             data = _data(rnd, n)
             flags = nbd.CMD_FLAG_FUA if rnd.random() < 0.05 else 0
-            c = h.aio_pwrite(data, off, flags=flags)
-            model.sent(off, data)
-            inflight[c] = (WRITE, off, end)
+            buf = nbd.Buffer.from_bytearray(data)
+            c = h.aio_pwrite(buf, off, flags=flags)
+            inflight[c] = (WRITE, off, end, model.sent(off, data), buf)
         else:
-            flags = nbd.CMD_FLAG_NO_HOLE if rnd.random() < 0.5 else 0
+            # NO_HOLE: a write-zeroes that may unmap frees host clusters which QEMU hands
+            # to later writes before the freeing L2 update is durable; after a crash the
+            # zeroed range can then read another offset's data (see docs/testing.md)
+            flags = nbd.CMD_FLAG_NO_HOLE
+            if unmap and rnd.random() < 0.5:
+                flags = 0
             c = h.aio_zero(n, off, flags=flags)
-            model.sent(off, bytes(n))
-            inflight[c] = (ZERO, off, end)
+            inflight[c] = (ZERO, off, end, model.sent(off, bytes(n)), None)
         stats.writes += 1
         since_flush += 1
         if sent():

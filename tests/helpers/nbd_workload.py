@@ -18,7 +18,8 @@ the oracle, and blockexport-nbd), through libnbd (the python3 ``nbd`` module).
   after the k-th request was sent).  The
   model knows what the last completed FLUSH made durable and which writes came after it, so
   that after the crash each sector must hold either its durable content or the content of
-  one of the later writes (acknowledged or not) that covered it.
+  one of the later writes (acknowledged or not) that covered it, or zeroes under a write
+  that was never acknowledged (see CrashModel).
 
 Seeds: ``workload_seed()`` draws one (or takes ``BLOCKEXPORT_WORKLOAD_SEED``); ``seeded()``
 adds it to any failure so a failing run can be replayed.

@@ -17,12 +17,20 @@ kill is counted in replies or requests.  Then:
 - ``qemu-img convert -O raw`` of the killed image, and the export read through a restarted
   server (equal to each other), hold in each 512-byte sector either the content the last
   completed FLUSH made durable or the content of one of the writes sent after it
-  (acknowledged or not; acknowledged-but-unflushed data may be lost);
+  (acknowledged or not; acknowledged-but-unflushed data may be lost), or zeroes if one of
+  those writes was not acknowledged yet (qemu-nbd 7.2 may zero the host clusters of an
+  allocating write before writing its data: killed in between, the range reads zeroes,
+  even where it held durable data);
 - the model then adopts what was read, and the next round writes on the same image through
   the restarted server: the image accumulates the history of every crash.
 
 At the end the server stops cleanly (SIGTERM, status 0), ``qemu-img check`` exits 0 or 3
 (the crashes' leaks stay) and ``qemu-img convert`` equals the model.
+
+Write-zeroes carry NO_HOLE and there are no trims: qemu-nbd 7.2 hands host clusters freed
+by an unmapping write-zeroes or trim to later writes before the L2 update that freed them is
+written, so after a kill the zeroed range can read another offset's data (the random test
+covers trims and unmapping zeroes without crashes).
 
 Both servers run with their default cache=writeback: SIGKILL keeps what reached the kernel's
 page cache, so what can be lost is what the server had not written yet, above all metadata

@@ -112,6 +112,28 @@ def _extent(rnd: random.Random, lo: int, hi: int, cluster: int) -> tuple[int, in
     return off, end - off
 
 
+HOT_CLUSTERS = 24       # the hot window: requests pile up on the same few clusters
+HOT_SHARE = 0.6         # share of the requests that fall in it
+
+
+def hot_window(rnd: random.Random, lo: int, hi: int, cluster: int) -> tuple[int, int]:
+    """A window of HOT_CLUSTERS clusters inside [lo, hi) (all of it if smaller)."""
+    span = HOT_CLUSTERS * cluster
+    if hi - lo <= span:
+        return lo, hi
+    start = rnd.randrange(lo, hi - span) // SECTOR * SECTOR
+    return start, start + span
+
+
+def pick_extent(rnd: random.Random, lo: int, hi: int, cluster: int,
+                hot: tuple[int, int] | None) -> tuple[int, int]:
+    """An extent in [lo, hi), in the ``hot`` window HOT_SHARE of the time (so requests
+    overwrite, zero and trim what earlier ones allocated)."""
+    if hot is not None and rnd.random() < HOT_SHARE:
+        return _extent(rnd, hot[0], hot[1], cluster)
+    return _extent(rnd, lo, hi, cluster)
+
+
 def _data(rnd: random.Random, n: int) -> bytes:
     k = rnd.randrange(5)
     if k == 0:
@@ -124,17 +146,19 @@ def _data(rnd: random.Random, n: int) -> bytes:
 def random_requests(rnd: random.Random, count: int, lo: int, hi: int, cluster: int,
                     fast_zero: bool = True, trims: bool = True, flushes: bool = True,
                     reads: bool = True):
-    """``count`` requests (kind, offset, length, flags, data) inside [lo, hi)."""
+    """``count`` requests (kind, offset, length, flags, data) inside [lo, hi), most of them
+    in a hot window of a few clusters."""
     nbd = nbd_module()
     weights = [(WRITE, 55), (ZERO, 15), (TRIM, 12 if trims else 0),
                (FLUSH, 6 if flushes else 0), (READ, 12 if reads else 0)]
     kinds = [k for k, w in weights for _ in range(w)]
+    hot = hot_window(rnd, lo, hi, cluster)
     for _ in range(count):
         kind = rnd.choice(kinds)
         if kind == FLUSH:
             yield (FLUSH, 0, 0, 0, None)
             continue
-        off, n = _extent(rnd, lo, hi, cluster)
+        off, n = pick_extent(rnd, lo, hi, cluster, hot)
         flags, data = 0, None
         if kind == WRITE:
             data = _data(rnd, n)
@@ -352,6 +376,7 @@ def crash_round(h, pid: int, model: CrashModel, rnd: random.Random, kill_after: 
     # writes complete out of order, so a FLUSH is only sent once nothing is in flight: then
     # every pending write is acknowledged and the FLUSH makes them all durable
     since_flush = 0
+    hot = hot_window(rnd, 0, size, cluster)
 
     def complete(c: int) -> bool:
         kind, _, _, index, _ = inflight.pop(c)
@@ -384,7 +409,7 @@ def crash_round(h, pid: int, model: CrashModel, rnd: random.Random, kill_after: 
             if sent() or complete(_wait_one(h, inflight)):
                 return stats
             continue
-        off, n = _extent(rnd, 0, size, cluster)
+        off, n = pick_extent(rnd, 0, size, cluster, hot)
         end = off + n
         while any(o < end and off < e for _, o, e, _, _ in inflight.values()) \
                 or len(inflight) >= depth:

@@ -15,8 +15,7 @@ the oracle, and blockexport-nbd), through libnbd (the python3 ``nbd`` module).
   sector must be either its old content or zeroes; the model adopts what was read.
 - ``CrashModel`` and ``crash_round()`` drive an asynchronous writer (a few requests in flight)
   with a FLUSH every N requests, and SIGKILL the server right after the k-th reply (or right
-  after the k-th request was sent).  The
-  model knows what the last completed FLUSH made durable and which writes came after it, so
+  after the k-th request was sent).  The model knows what the last completed FLUSH made durable and which writes came after it, so
   that after the crash each sector must hold either its durable content or the content of
   one of the later writes (acknowledged or not) that covered it, or zeroes under a write
   that was never acknowledged (see CrashModel).
@@ -260,7 +259,7 @@ def run_random(h, model: bytearray, rnd: random.Random, count: int, lo: int, hi:
 class CrashModel:
     """What a crash may leave: ``durable`` is the disk as of the last completed FLUSH;
     ``pending`` are the writes and write-zeroes sent after it, in the order they were sent,
-    as [offset, data, acknowledged].
+    as [offset, data, acknowledged].  A write acknowledged with FUA is durable at once.
 
     After a crash each 512-byte sector holds its durable content, or the content of a pending
     request covering it; or zeroes, if a pending request covering it was not acknowledged
@@ -278,8 +277,13 @@ class CrashModel:
         self.pending.append([off, data, False])
         return len(self.pending) - 1
 
-    def acked(self, index: int) -> None:
-        self.pending[index][2] = True
+    def acked(self, index: int, fua: bool = False) -> None:
+        """Pending request ``index`` was acknowledged; with FUA its data is durable now."""
+        entry = self.pending[index]
+        entry[2] = True
+        if fua:
+            off, data = entry[0], entry[1]
+            self.durable[off:off + len(data)] = data
 
     def flushed(self) -> None:
         """A FLUSH completed, sent when every pending request was acknowledged."""
@@ -287,12 +291,6 @@ class CrashModel:
             assert acked
             self.durable[off:off + len(data)] = data
         self.pending.clear()
-
-    def latest(self) -> bytearray:
-        out = bytearray(self.durable)
-        for off, data, _ in self.pending:
-            out[off:off + len(data)] = data
-        return out
 
     def _candidates(self) -> dict[int, list[bytes]]:
         cand: dict[int, list[bytes]] = {}
@@ -371,21 +369,23 @@ def crash_round(h, pid: int, model: CrashModel, rnd: random.Random, kill_after: 
     unmap).  Returns counts; the handle is dead afterwards (the caller drops it)."""
     nbd = nbd_module()
     stats = CrashStats()
-    # cookie -> (kind, offset, end, index in model.pending, buffer kept alive)
+    # cookie -> (kind, offset, end, index in model.pending, FUA); ``buffers`` keeps the
+    # write buffers alive until the round ends
     inflight: dict[int, tuple] = {}
     # writes complete out of order, so a FLUSH is only sent once nothing is in flight: then
     # every pending write is acknowledged and the FLUSH makes them all durable
     since_flush = 0
     hot = hot_window(rnd, 0, size, cluster)
+    buffers = []
 
     def complete(c: int) -> bool:
-        kind, _, _, index, _ = inflight.pop(c)
+        kind, _, _, index, fua = inflight.pop(c)
         stats.replies += 1
         if kind == FLUSH:
             model.flushed()
             stats.flushes += 1
         else:
-            model.acked(index)
+            model.acked(index, fua)
         if not on_send and stats.replies == kill_after:
             os.kill(pid, signal.SIGKILL)
             return True
@@ -404,7 +404,7 @@ def crash_round(h, pid: int, model: CrashModel, rnd: random.Random, kill_after: 
                 if complete(_wait_one(h, inflight)):
                     return stats
             c = h.aio_flush()
-            inflight[c] = (FLUSH, 0, 0, -1, None)
+            inflight[c] = (FLUSH, 0, 0, -1, False)
             since_flush = 0
             if sent() or complete(_wait_one(h, inflight)):
                 return stats
@@ -417,10 +417,11 @@ def crash_round(h, pid: int, model: CrashModel, rnd: random.Random, kill_after: 
                 return stats
         if rnd.random() < 0.8:
             data = _data(rnd, n)
-            flags = nbd.CMD_FLAG_FUA if rnd.random() < 0.05 else 0
+            fua = rnd.random() < 0.05
             buf = nbd.Buffer.from_bytearray(data)
-            c = h.aio_pwrite(buf, off, flags=flags)
-            inflight[c] = (WRITE, off, end, model.sent(off, data), buf)
+            buffers.append(buf)
+            c = h.aio_pwrite(buf, off, flags=nbd.CMD_FLAG_FUA if fua else 0)
+            inflight[c] = (WRITE, off, end, model.sent(off, data), fua)
         else:
             # NO_HOLE: a write-zeroes that may unmap frees host clusters which QEMU hands
             # to later writes before the freeing L2 update is durable; after a crash the
@@ -429,7 +430,7 @@ def crash_round(h, pid: int, model: CrashModel, rnd: random.Random, kill_after: 
             if unmap and rnd.random() < 0.5:
                 flags = 0
             c = h.aio_zero(n, off, flags=flags)
-            inflight[c] = (ZERO, off, end, model.sent(off, bytes(n)), None)
+            inflight[c] = (ZERO, off, end, model.sent(off, bytes(n)), False)
         stats.writes += 1
         since_flush += 1
         if sent():

@@ -183,3 +183,28 @@ def test_check_catches_lost_flushed_writes(tmp_path):
         assert st.flushes >= 1 and model.durable != initial
         with pytest.raises(AssertionError, match="neither the content made durable"):
             model.check_after_crash(convert(img, tmp_path), "qemu-nbd -s")
+
+
+def test_crash_model_rules():
+    """The rule the crash check applies, sector by sector (no server)."""
+    S = W.SECTOR
+    old, new, other = b"\x11" * S, b"\x22" * S, b"\x33" * S
+    model = W.CrashModel(old * 4)
+    i = model.sent(0, new * 2)                  # acknowledged, then flushed: durable
+    model.acked(i)
+    model.flushed()
+    assert model.durable == new * 2 + old * 2
+    a = model.sent(2 * S, other)                # acknowledged, not flushed
+    model.acked(a)
+    model.sent(3 * S, other)                    # never acknowledged
+    for got in (new * 2 + old * 2, new * 2 + other * 2, new * 2 + old + bytes(S)):
+        model.check_after_crash(got, "allowed")
+    for got, why in ((old * 4, "flushed data lost"),
+                     (new * 2 + bytes(S) + old, "zeroes under an acknowledged write"),
+                     (new * 3 + old, "another offset's data")):
+        with pytest.raises(AssertionError, match="neither the content made durable"):
+            model.check_after_crash(got, why)
+    f = model.sent(0, other)                    # FUA: durable once acknowledged
+    model.acked(f, fua=True)
+    with pytest.raises(AssertionError):
+        model.check_after_crash(new * 2 + old * 2, "FUA write lost")

@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 
 from helpers import nbd_workload as W
-from helpers.procs import oracle_missing, ours_missing
 from helpers import servers
-from helpers.servers import blockexport_problem
+from helpers.procs import oracle_missing, ours_missing
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -87,7 +86,7 @@ def require(kind: str):
     if kind == "qemu-nbd" and not os.path.exists(servers.QEMU_NBD):
         oracle_missing("qemu-nbd is not installed")
     if kind == "blockexport-nbd":
-        problem = blockexport_problem()
+        problem = servers.blockexport_problem()
         if problem:
             ours_missing(problem)
     try:

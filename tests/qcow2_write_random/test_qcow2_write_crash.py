@@ -37,7 +37,7 @@ page cache, so what can be lost is what the server had not written yet, above al
 it caches in memory (L2 tables, refcount blocks), which only a FLUSH must write.
 
 Default tier: a few kills per image.  Slow tier (``--slow``): KILLS_SLOW kills per image
-(500 over the images per server).  Against qemu-nbd 7.2 (the oracle, which must pass) and
+(700 over the images per server).  Against qemu-nbd 7.2 (the oracle, which must pass) and
 blockexport-nbd (skipped until our qcow2 write path is merged).  The seed is printed and
 added to a failure; replay with BLOCKEXPORT_WORKLOAD_SEED=<seed>.
 """
@@ -57,8 +57,8 @@ from qcow2_write_support import (IMAGES, KINDS, SERVER_ARGS, check, connect, con
 KILLS_DEFAULT = 4
 CRASH_IMAGES_DEFAULT = ["64k", "lazy_refcounts-4k-backing"]
 KILLS_SLOW = 100
-CRASH_IMAGES_SLOW = ["64k", "4k-backing-raw", "extended_l2-backing", "512-refcount_bits1",
-                     "lazy_refcounts-4k-backing"]
+CRASH_IMAGES_SLOW = ["64k", "4k-backing-raw", "4k-backing-qcow2", "extended_l2-backing",
+                     "512-refcount_bits1", "compat0.10", "lazy_refcounts-4k-backing"]
 FLUSH_EVERY = (2, 5, 12, 30)
 
 

@@ -331,10 +331,30 @@ class CrashModel:
                 raise AssertionError(
                     "%s: sector at %d holds neither the content made durable by the last "
                     "completed FLUSH nor that of a later write: %s..., durable %s...; later "
-                    "writes covering it: %s" % (what, s, sec[:16].hex(),
-                                                bytes(self.durable[s:s + 16]).hex(),
-                                                "; ".join(covering) or "none"))
+                    "writes covering it: %s; by 16-byte pieces the sector holds %s" % (
+                        what, s, sec[:16].hex(), bytes(self.durable[s:s + 16]).hex(),
+                        "; ".join(covering) or "none", self._pieces(s, sec)))
         return newer
+
+    def _pieces(self, s: int, sec: bytes) -> str:
+        """Where each 16-byte piece of a bad sector comes from: D durable, Z zeroes, a digit
+        the pending request of that index (mod 10), ? none of those."""
+        out = []
+        for i in range(0, SECTOR, 16):
+            piece = sec[i:i + 16]
+            if piece == self.durable[s + i:s + i + 16]:
+                out.append("D")
+            elif piece == bytes(16):
+                out.append("Z")
+            else:
+                for k, (off, data, _) in enumerate(self.pending):
+                    if off <= s + i < off + len(data) and \
+                            data[s + i - off:s + i - off + 16] == piece:
+                        out.append(str(k % 10))
+                        break
+                else:
+                    out.append("?")
+        return "".join(out)
 
     def adopt(self, got: bytes) -> None:
         self.durable[:] = got

@@ -1,23 +1,17 @@
 """What the qcow2 write tests (random workload, SIGKILL crashes) share: the image matrix made by
-the real qemu-img, the server command line, qemu-img check / convert as oracles, and
-``writable_qcow2_available()`` (the guard of our server's parametrizations until the qcow2
-write path is merged).
+the real qemu-img, the server command line, qemu-img check / convert as oracles.
 
 The servers are ``qemu-nbd -f qcow2`` (the oracle) and ``blockexport-nbd -f qcow2``, both
 with ``-k SOCKET -t`` (tests/helpers/servers.py) and SERVER_ARGS.
 """
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import signal
 import struct
 import subprocess
-import tempfile
 from pathlib import Path
-
-import pytest
 
 from helpers import nbd_workload as W
 from helpers import servers
@@ -44,38 +38,8 @@ IMAGES = {
     "lazy_refcounts-4k-backing": ("cluster_size=4096,lazy_refcounts=on", "qcow2", 4096),
 }
 
-KINDS_REASON = ("blockexport-nbd cannot open a qcow2 image writable yet (the write path is "
-                "on branch i9-write); remove this skip once it is merged")
-
-
-@functools.lru_cache(maxsize=None)
-def writable_qcow2_available() -> bool:
-    """Whether our block layer opens a qcow2 image writable (a real image made by qemu-img).
-    Without qemu-img the answer is False: those tests then skip (and fail under CI)."""
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img is None:
-        return False
-    from blockexport.block.graph import BlockGraph
-    from blockexport.errors import Error
-    with tempfile.TemporaryDirectory() as d:
-        img = os.path.join(d, "probe.qcow2")
-        subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", img, "1M"], check=True,
-                       capture_output=True, timeout=30)
-        g = BlockGraph()
-        try:
-            g.blockdev_add({"driver": "qcow2", "node-name": "probe", "read-only": False,
-                            "file": {"driver": "file", "filename": img}})
-        except Error:
-            return False
-        finally:
-            g.close()
-    return True
-
-
-#: the server kinds; ours is skipped (listed by ``-rs``) until the write path is merged
-KINDS = ["qemu-nbd",
-         pytest.param("blockexport-nbd", marks=pytest.mark.skipif(
-             not writable_qcow2_available(), reason=KINDS_REASON))]
+#: the server kinds (no skip for ours: a server that can't open the image writable fails)
+KINDS = ["qemu-nbd", "blockexport-nbd"]
 
 
 def require(kind: str):

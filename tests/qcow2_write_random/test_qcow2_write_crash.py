@@ -38,8 +38,8 @@ it caches in memory (L2 tables, refcount blocks), which only a FLUSH must write.
 
 Default tier: a few kills per image.  Slow tier (``--slow``): KILLS_SLOW kills per image
 (700 over the images per server).  Against qemu-nbd 7.2 (the oracle, which must pass) and
-blockexport-nbd (skipped until our qcow2 write path is merged).  The seed is printed and
-added to a failure; replay with BLOCKEXPORT_WORKLOAD_SEED=<seed>.
+blockexport-nbd.  The seed is printed and added to a failure; replay with
+BLOCKEXPORT_WORKLOAD_SEED=<seed>.
 """
 from __future__ import annotations
 

@@ -17,9 +17,8 @@ model on the way).  Then:
 The multi-connection test runs three clients at once, each in its own disjoint region whose
 boundaries are 512-aligned but not cluster-aligned (so clients share clusters).
 
-Against qemu-nbd 7.2 (the oracle, which must pass) and blockexport-nbd (skipped until our
-qcow2 write path is merged: writable_qcow2_available()).  The seed is printed and added to
-a failure; replay with BLOCKEXPORT_WORKLOAD_SEED=<seed>.
+Against qemu-nbd 7.2 (the oracle, which must pass) and blockexport-nbd.  The seed is printed
+and added to a failure; replay with BLOCKEXPORT_WORKLOAD_SEED=<seed>.
 """
 from __future__ import annotations
 

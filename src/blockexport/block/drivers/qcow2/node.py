@@ -1330,12 +1330,12 @@ class Qcow2Node(BlockNode):
                 gc, a, b, pos, target, ws, we, nb, free, e, bm, new = p
                 if ws < a:
                     self._cow_pieces(gc + ws, a - ws, target + ws, not new, pieces)
-                pieces.append((target + a, b - a, mv[pos:pos + b - a]))
+                pieces.append((target + a, b - a, pos))       # the request's bytes
                 if b < we:
                     self._cow_pieces(gc + b, we - b, target + b, not new, pieces)
                 if new and target + cs > new_end:
                     new_end = target + cs
-            self._issue(pieces, flen)
+            self._issue(pieces, flen, mv)
             for p in plans:
                 # the file covers every new cluster (only our own clusters are written:
                 # others may be in flight next to them)
@@ -1394,30 +1394,32 @@ class Qcow2Node(BlockNode):
             if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
                 raise
 
-    def _issue(self, pieces, flen: int) -> None:
-        """Write the pieces, coalescing adjacent data into one write; zero pieces in
-        clusters past the old end of the file (``flen``) read as zeroes already."""
+    def _issue(self, pieces, flen: int, mv) -> None:
+        """Write the pieces, coalescing data adjacent in the file into one write (a run of
+        the request's own bytes, ``int`` payloads = positions in ``mv``, is one slice of it:
+        no copy); zero pieces in clusters past the old end of the file (``flen``) read as
+        zeroes already."""
         f = self.file
-        run = []
+        run = []                        # (payload, n) adjacent in the file
         start = end = -1
         for hoff, n, payload in pieces:
             if payload is _SKIP or payload is None:
                 if run:
-                    f.write(start, run[0] if len(run) == 1 else b"".join(run))
+                    f.write(start, _run_bytes(run, mv))
                     run = []
                 if payload is None and hoff < flen:
                     f.write_zeroes(hoff, n, False)
                 continue
             if run and hoff == end:
-                run.append(payload)
+                run.append((payload, n))
                 end += n
             else:
                 if run:
-                    f.write(start, run[0] if len(run) == 1 else b"".join(run))
-                run = [payload]
+                    f.write(start, _run_bytes(run, mv))
+                run = [(payload, n)]
                 start, end = hoff, hoff + n
         if run:
-            f.write(start, run[0] if len(run) == 1 else b"".join(run))
+            f.write(start, _run_bytes(run, mv))
 
     def _write_zero_data(self, offset: int, length: int) -> None:
         w = self._write_data
@@ -1676,6 +1678,21 @@ _NONZERO_PER_BYTE = {
                 for b in range(256))
     for bits in (1, 2, 4)
 }
+
+
+def _run_bytes(run, mv):
+    """One buffer for a run of adjacent pieces: a slice of the request when the run is
+    contiguous request bytes, else the pieces joined."""
+    p0, n0 = run[0]
+    if type(p0) is int:
+        pos = p0 + n0
+        for p, n in run[1:]:
+            if type(p) is not int or p != pos:
+                break
+            pos += n
+        else:
+            return mv[p0:pos]
+    return b"".join(mv[p:p + n] if type(p) is int else p for p, n in run)
 
 
 def _count_refcounted(node: Qcow2Node, allocated: int) -> bool:

@@ -175,3 +175,38 @@ def test_zero_helpers():
     buf = bytearray(b"\xff" * (2 << 20 | 5))
     zero_fill(buf, 3)
     assert buf[:3] == b"\xff" * 3 and is_zero(buf[3:])
+
+
+def test_memory_io_says_which_nodes_the_data_path_serves_inline(tmp_path):
+    """memory_io(): a buffered file, raw and qcow2 over one, a null node without latency are
+    memory copies (served inline by the NBD reader); blkdebug below, a null node with
+    latency, or a backing node that isn't one are not."""
+    import subprocess
+
+    def raw_img(name):
+        p = tmp_path / name
+        p.write_bytes(bytes(1 << 20))
+        return {"driver": "file", "filename": str(p)}
+
+    def qcow2_img(name):
+        p = tmp_path / name
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(p), "1M"], check=True)
+        return {"driver": "file", "filename": str(p)}
+
+    g = BlockGraph()
+    try:
+        add = g.blockdev_add
+        assert add(dict(raw_img("f"), **{"node-name": "f"})).memory_io()
+        assert add({"driver": "raw", "node-name": "r", "file": raw_img("r")}).memory_io()
+        assert add({"driver": "qcow2", "node-name": "q", "file": qcow2_img("q")}).memory_io()
+        assert add({"driver": "null-co", "node-name": "n"}).memory_io()
+        assert not add({"driver": "null-co", "node-name": "nl",
+                        "latency-ns": 1000}).memory_io()
+        assert not add({"driver": "raw", "node-name": "d",
+                        "file": {"driver": "blkdebug", "image": raw_img("d")}}).memory_io()
+        assert not add({"driver": "qcow2", "node-name": "qd",
+                        "file": {"driver": "blkdebug", "image": qcow2_img("qd")}}).memory_io()
+        assert not add({"driver": "qcow2", "node-name": "qb", "backing": "nl",
+                        "file": qcow2_img("qb")}).memory_io()
+    finally:
+        g.close()

@@ -157,8 +157,12 @@ class Daemon:
         try:
             await self._quit.wait()
         finally:
+            # Stop signals during the shutdown (exports removed, images closed: L2 write-back,
+            # persistent bitmaps stored) change nothing, as in QEMU; none may reach asyncio's
+            # handler once the loop closes its wakeup pipe.
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+                signal.signal(sig, signal.SIG_IGN)
             await self.shutdown()
         return 0
 

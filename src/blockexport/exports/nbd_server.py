@@ -88,11 +88,20 @@ class NbdServer:
 
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        for sig in stop_signals:
             loop.add_signal_handler(sig, self.request_stop)
-        await self.start()
-        await self._stopped.wait()
-        await self.stop()
+        try:
+            await self.start()
+            await self._stopped.wait()
+            await self.stop()
+        finally:
+            # From here on the caller closes the images (L2 write-back, persistent bitmaps):
+            # a further stop signal must not kill the process half-way, as in qemu-nbd, and
+            # none may reach asyncio's handler once the loop closes its wakeup pipe.
+            for sig in stop_signals:
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, signal.SIG_IGN)
         return self.exit_status
 
     async def start(self) -> None:

@@ -537,3 +537,28 @@ def test_o_direct_unsupported_message(graph, tmp_path, monkeypatch):
     with pytest.raises(Error) as e:
         add_file(graph, img, cache={"direct": True})
     assert str(e.value) == f"Could not open '{img}': filesystem does not support O_DIRECT"
+
+
+def test_zeroes_are_written_from_page_aligned_memory(graph, tmp_path):
+    """Where the file system can't zero a range, zero buffers are written from ZERO_PAGES, a
+    mapping (page-aligned): a write cut short by a fault on an untouched source page and a
+    SIGKILL then stops on a page boundary, never inside a 512-byte sector of the file (the
+    qcow2 crash test saw a torn sector when the source was ``bytes(1 << 20)``)."""
+    import mmap
+    from blockexport.block.node import ZERO_PAGES
+    path = tmp_path / "z.img"
+    make_image(path, 4 << 20, [(0, b"\x55" * (4 << 20))])
+    node = add_file(graph, path)
+    node._has_zero_range = node._has_punch = node._has_fallocate = False
+    sources = []
+    write_data = node._write_data
+
+    def recording(offset, buf, fua=False):
+        sources.append(buf.obj)
+        return write_data(offset, buf, fua)
+
+    node._write_data = recording
+    node.write_zeroes(4096, (2 << 20) + 512)
+    assert sources and all(type(o) is mmap.mmap and o is ZERO_PAGES.obj for o in sources)
+    assert read(node, 0, 4 << 20) == (b"\x55" * 4096 + bytes((2 << 20) + 512)
+                                      + b"\x55" * ((4 << 20) - 4096 - (2 << 20) - 512))

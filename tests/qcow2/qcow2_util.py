@@ -132,3 +132,17 @@ def _trim(extents, size):
         out.append((n, fl))
         pos += n
     return out
+
+
+def lazy_images(root: Path, makers: dict):
+    """``get(name)``: the image ``makers[name](directory)`` builds in a directory of its own
+    under ``root``, built on first use and kept (module-scoped fixtures hand this out)."""
+    built = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            d = root / name
+            d.mkdir()
+            built[name] = makers[name](d)
+        return built[name]
+    return get

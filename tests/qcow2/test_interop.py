@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from qcow2.qcow2_util import connect, maps, qemu_io, raw_bytes, read_all, run, served
+from qcow2.qcow2_util import (connect, lazy_images, maps, qemu_io, raw_bytes, read_all, run,
+                              served)
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -188,16 +189,7 @@ IMAGES = {
 
 @pytest.fixture(scope="module")
 def images(tools, tmp_path_factory):
-    root = tmp_path_factory.mktemp("qcow2-images")
-    built = {}
-
-    def get(name: str) -> Path:
-        if name not in built:
-            d = root / name
-            d.mkdir()
-            built[name] = IMAGES[name](d)
-        return built[name]
-    return get
+    return lazy_images(tmp_path_factory.mktemp("qcow2-images"), IMAGES)
 
 
 @pytest.mark.parametrize("name", list(IMAGES))
@@ -336,16 +328,8 @@ BITMAP_IMAGES = {
 
 @pytest.fixture(scope="module")
 def bitmap_images(tools, tmp_path_factory):
-    root = tmp_path_factory.mktemp("qcow2-bitmap-images")
-    built = {}
-
-    def get(name: str) -> Path:
-        if name not in built:
-            d = root / name
-            d.mkdir()
-            built[name] = BITMAP_IMAGES[name][0](d)
-        return built[name]
-    return get
+    return lazy_images(tmp_path_factory.mktemp("qcow2-bitmap-images"),
+                       {name: spec[0] for name, spec in BITMAP_IMAGES.items()})
 
 
 @pytest.mark.parametrize("name", list(BITMAP_IMAGES))

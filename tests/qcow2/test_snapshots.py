@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from helpers import servers
-from qcow2.qcow2_util import connect, maps, qemu_io, read_all, run, served
+from qcow2.qcow2_util import connect, lazy_images, maps, qemu_io, read_all, run, served
 from qcow2.test_interop import fill, random_raw
 
 MiB = 1 << 20
@@ -94,16 +94,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def images(tools, tmp_path_factory):
-    root = tmp_path_factory.mktemp("qcow2-snapshots")
-    built = {}
-
-    def get(name: str) -> Path:
-        if name not in built:
-            d = root / name
-            d.mkdir()
-            built[name] = IMAGES[name](d)
-        return built[name]
-    return get
+    return lazy_images(tmp_path_factory.mktemp("qcow2-snapshots"), IMAGES)
 
 
 @pytest.mark.parametrize("name,arg", CASES, ids=["%s:%s" % c for c in CASES])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import struct
 import subprocess
 import threading
@@ -32,6 +31,24 @@ def _open(img, read_only=False, **opts):
                                 "discard": "unmap",
                                 "file": {"driver": "file", "filename": str(img)}}, **opts))
     return g, node
+
+
+def _in_threads(fn, n):
+    """Run ``fn(0)`` .. ``fn(n - 1)`` in ``n`` threads at once; the exceptions they raised."""
+    errors = []
+
+    def body(t):
+        try:
+            fn(t)
+        except Exception as e:       # noqa: BLE001 - reported by the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=body, args=(t,)) for t in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    return errors
 
 
 def _check_clean(img):
@@ -244,27 +261,19 @@ def test_concurrent_writes(tmp_path, ext):
     img, model = _make(tmp_path, cs, 16, "1.1", ext, True, 4 * MiB)
     g, node = _open(img)
     nthreads = 6
-    errors = []
 
     def worker(t):
-        try:
-            rnd = random.Random(t)
-            for rep in range(2):
-                for k in range(0, 2 * MiB, 3 * cs):
-                    off = k + t * 512
-                    node.write(off, bytes([t + 1 + rep]) * 512)
-                mine = 2 * MiB + t * 256 * KiB
-                for k in range(0, 256 * KiB, 5000):
-                    node.write(mine + k, bytes([rnd.randrange(1, 256)]) * 100)
-                node.write(mine, bytes([t + 50]) * (256 * KiB))
-        except Exception as e:       # noqa: BLE001 - reported below
-            errors.append(e)
+        rnd = random.Random(t)
+        for rep in range(2):
+            for k in range(0, 2 * MiB, 3 * cs):
+                off = k + t * 512
+                node.write(off, bytes([t + 1 + rep]) * 512)
+            mine = 2 * MiB + t * 256 * KiB
+            for k in range(0, 256 * KiB, 5000):
+                node.write(mine + k, bytes([rnd.randrange(1, 256)]) * 100)
+            node.write(mine, bytes([t + 50]) * (256 * KiB))
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(nthreads)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
+    errors = _in_threads(worker, nthreads)
     try:
         assert not errors, errors
         for t in range(nthreads):
@@ -555,27 +564,19 @@ def test_served_connections_write_at_once(tmp_path):
     img, model = _make(tmp_path, 65536, 16, "1.1", False, True, 4 * MiB)
     g, node = _open(img)
     srv = InProcessServer(tmp_path / "s.sock", g, node="q")
-    errors = []
     try:
         srv.add("e", writable=True)
 
         def client(t):
-            try:
-                h = nbd.NBD()
-                h.connect_uri(srv.uri("e"))
-                for k in range(0, 3 * MiB, 65536 + 512):
-                    h.pwrite(bytes([t + 1]) * 512, k + t * 512)
-                h.trim(65536, 3 * MiB + t * 65536)
-                h.flush()
-                h.shutdown()
-            except Exception as e:   # noqa: BLE001 - reported below
-                errors.append(e)
+            h = nbd.NBD()
+            h.connect_uri(srv.uri("e"))
+            for k in range(0, 3 * MiB, 65536 + 512):
+                h.pwrite(bytes([t + 1]) * 512, k + t * 512)
+            h.trim(65536, 3 * MiB + t * 65536)
+            h.flush()
+            h.shutdown()
 
-        threads = [threading.Thread(target=client, args=(t,)) for t in range(4)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(60)
+        errors = _in_threads(client, 4)
         assert not errors, errors
         srv.remove("e")
     finally:
@@ -647,29 +648,21 @@ def test_concurrent_stripes_with_zero_writes(tmp_path, opts):
     run("qemu-img", "create", "-f", "qcow2", "-o", opts, img, str(size))
     g, node = _open(img)
     model = bytearray(size)
-    errors = []
     nt = 8
 
     def worker(t):
-        try:
-            rnd = random.Random(t)
-            for _ in range(250):
-                off = (rnd.randrange(0, size // 512 // nt) * nt + t) * 512
-                if rnd.random() < 0.7:
-                    data = bytes([rnd.randrange(1, 256)]) * 512
-                    node.write(off, data)
-                    model[off:off + 512] = data
-                else:
-                    node.write_zeroes(off, 512, may_unmap=rnd.random() < 0.5)
-                    model[off:off + 512] = bytes(512)
-        except Exception as e:       # noqa: BLE001
-            errors.append(e)
+        rnd = random.Random(t)
+        for _ in range(250):
+            off = (rnd.randrange(0, size // 512 // nt) * nt + t) * 512
+            if rnd.random() < 0.7:
+                data = bytes([rnd.randrange(1, 256)]) * 512
+                node.write(off, data)
+                model[off:off + 512] = data
+            else:
+                node.write_zeroes(off, 512, may_unmap=rnd.random() < 0.5)
+                model[off:off + 512] = bytes(512)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(nt)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
+    errors = _in_threads(worker, nt)
     try:
         assert not errors, errors
         assert _read(node) == model

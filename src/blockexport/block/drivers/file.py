@@ -517,17 +517,10 @@ class FileNode(BlockNode):
         system cannot (the caller then writes zero buffers or refuses a fast zero)."""
         fd = self._fd
         end = offset + length
-        if self._has_fallocate and offset >= self._size:
+        if self._has_fallocate and offset >= self._size and self._allocate(offset, length):
             # Extending the file: a fresh allocation reads as zeroes (one call, where
             # zeroing a range inside the file may take two).
-            try:
-                fallocate(fd, 0, offset, length)
-                self._grow(end)
-                return True
-            except OSError as e:
-                if e.errno not in _ENOTSUP_SET:
-                    raise
-                self._has_fallocate = False
+            return True
         if self._has_zero_range:
             try:
                 fallocate(fd, FALLOC_FL_ZERO_RANGE, offset, length)
@@ -549,16 +542,22 @@ class FileNode(BlockNode):
                 elif e.errno != errno.EINVAL:
                     raise
             else:
-                try:
-                    fallocate(fd, 0, offset, length)
-                    if end > self._size:
-                        self._grow(end)
-                    return True
-                except OSError as e:
-                    if e.errno not in _ENOTSUP_SET:
-                        raise
-                    self._has_fallocate = False
+                return self._allocate(offset, length)
         return False
+
+    def _allocate(self, offset: int, length: int) -> bool:
+        """fallocate(2) mode 0 over a range that reads zeroes (a hole, or past the end),
+        growing the file to cover it; False (and never again) where unsupported."""
+        try:
+            fallocate(self._fd, 0, offset, length)
+        except OSError as e:
+            if e.errno not in _ENOTSUP_SET:
+                raise
+            self._has_fallocate = False
+            return False
+        if offset + length > self._size:
+            self._grow(offset + length)
+        return True
 
     def _write_zero_buffers(self, offset: int, length: int) -> None:
         chunk = len(ZERO_PAGES)

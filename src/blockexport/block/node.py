@@ -210,7 +210,7 @@ def _refresh(node: "BlockNode", undo: list) -> None:
             _refresh(att.node, undo)
 
 
-_WRITE_METHODS = ("write", "write_zeroes", "discard")
+_WRITE_METHODS = ("write", "write_zeroes", "discard", "splice_write")
 
 
 def _closed(*args, **kwargs):
@@ -296,6 +296,17 @@ class BlockNode:
     def file_range(self, offset: int, length: int):
         return None
 
+    #: ``splice_write(offset, pipe_fd, n) -> int`` or None.  When a driver offers it, it
+    #: moves up to ``n`` bytes (all of them already in the pipe) from the pipe into the node
+    #: at ``offset`` with ``os.splice`` (no copy through user space), as a plain ``write`` of
+    #: those bytes would, and returns how many it moved: fewer than ``n`` where the range
+    #: stops being directly writable (0: nothing written; the caller reads the bytes out of
+    #: the pipe and uses ``write``).  Offered only where ``write`` would be a plain buffered
+    #: write of the bytes as they are (not read-only, detect-zeroes off, no O_DIRECT, no
+    #: probed-raw sector-0 check, no blkdebug).  The dirty-bitmap wrappers mark what it
+    #: wrote.  The NBD data path uses it for large writes (exports/nbd_conn.py).
+    splice_write = None
+
     def memory_io(self) -> bool:
         """Whether reads and writes are memory copies (page cache, no waiting on a device or
         the network), so a data path may serve them inline instead of handing them to a
@@ -319,6 +330,7 @@ class BlockNode:
                      "block_status", "allocation_depth", "cache"):
             setattr(self, name, _closed)
         self.file_range = lambda offset, length: None
+        self.splice_write = None
 
     def _close(self) -> None:
         """Driver hook: release fds etc."""
@@ -355,6 +367,7 @@ class BlockNode:
         write_data = unhooked["write"][0]
         zero_data = unhooked["write_zeroes"][0]
         discard_data = unhooked["discard"][0]
+        splice_data = unhooked["splice_write"][0]
 
         def mark(offset, length):
             # The request as the driver performs it: padded to the alignment (QEMU marks the
@@ -391,17 +404,34 @@ class BlockNode:
                     for bm in node._recording:
                         bm.mark(offset, length)
 
-        self._wrappers = (write, write_zeroes, discard)
+        if splice_data is not None:
+            def splice_write(offset, pipe_fd, n):
+                try:
+                    done = splice_data(offset, pipe_fd, n)
+                except BaseException:
+                    # a failed splice may have written part of it: mark it all, as write()
+                    if node._recording:
+                        mark(offset, n)
+                    raise
+                if done and node._recording:
+                    mark(offset, done)
+                return done
+        else:
+            splice_write = None
+
+        self._wrappers = (write, write_zeroes, discard, splice_write)
         self.write = write
         self.write_zeroes = write_zeroes
         self.discard = discard
+        if splice_write is not None:
+            self.splice_write = splice_write
         self._unhooked = unhooked
 
     def _unhook_writes(self) -> None:
         unhooked, self._unhooked = self._unhooked, None
         for name, wrapper in zip(_WRITE_METHODS, self._wrappers):
-            if self.__dict__.get(name) is not wrapper:
-                continue  # replaced meanwhile (e.g. closed)
+            if wrapper is None or self.__dict__.get(name) is not wrapper:
+                continue  # none installed, or replaced meanwhile (e.g. closed)
             fn, was_attr = unhooked[name]
             if was_attr:
                 setattr(self, name, fn)

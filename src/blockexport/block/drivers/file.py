@@ -40,6 +40,9 @@ except (OSError, AttributeError):  # pragma: no cover - non-glibc platforms
     _c_fallocate = None
 
 
+_splice = getattr(os, "splice", None)
+
+
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2); raises OSError (ENOTSUP when unavailable).  The GIL is released."""
     if _c_fallocate is None:  # pragma: no cover
@@ -261,6 +264,20 @@ class FileNode(BlockNode):
             self.write = self._detect_zeroes_write(write_data)
         else:
             self.write = write_data
+        splice_write = None
+        if _splice is not None and not self.cache_direct and not self.read_only \
+                and self.detect_zeroes == "off":
+            def splice_write(offset, pipe_fd, n):
+                end = offset + n
+                while offset < end:
+                    k = _splice(pipe_fd, fd, end - offset, offset_dst=offset)
+                    if k <= 0:
+                        raise OSError(errno.EIO, os.strerror(errno.EIO))
+                    offset += k
+                if end > node._size:
+                    grow(end)
+                return n
+        self.splice_write = splice_write
 
     def _read_rest(self, offset: int, buf, n: int) -> None:
         """Finish a short read: read on until EOF, then zero-fill the rest."""

@@ -148,6 +148,19 @@ class RawNode(BlockNode):
             self.write = self._detect_zeroes_write(write_data)
         else:
             self.write = write_data
+        splice_write = child.splice_write
+        if splice_write is None or self.read_only or self.detect_zeroes != "off" \
+                or self.probed or debug is not None:
+            splice_write = None
+        elif off or self.has_size:
+            child_splice = splice_write
+            has_size, size = self.has_size, self.size
+
+            def splice_write(offset, pipe_fd, n):
+                if has_size and offset + n > size:
+                    return 0     # write() gives the error
+                return child_splice(offset + off, pipe_fd, n)
+        self.splice_write = splice_write
 
     # ---- probed format: whole sectors, sector 0 protected ---------------------------------
 

@@ -761,6 +761,8 @@ class Qcow2Node(BlockNode):
         self.file_range = file_range
         if node.refcounts is not None:
             self._bind_write(mapf, cache_get, l2_slice, check_host)
+        else:
+            self.splice_write = None
 
     def _bind_write(self, mapf, cache_get, l2_slice, check_host) -> None:
         """The write hot path: a run of clusters that are allocated here with the COPIED
@@ -902,11 +904,32 @@ class Qcow2Node(BlockNode):
             if fua:
                 node.flush()
 
+        def splice_write(offset, pipe_fd, n):
+            # the in-place case of write() only, from a pipe: 0 where anything else is due
+            fsplice = file.splice_write
+            if fsplice is None or offset + n > size:
+                return 0
+            gate_lock.acquire()
+            ep = 1 + (gate[0] & 1)
+            gate[ep] += 1
+            gate_lock.release()
+            try:
+                k, host = wmap(offset, n)
+                return fsplice(host, pipe_fd, k) if host else 0
+            finally:
+                gate_lock.acquire()
+                gate[ep] -= 1
+                if gate[3] and not gate[ep]:
+                    gate_cond.notify_all()
+                gate_lock.release()
+
         self._write_data = write
         if self.detect_zeroes != "off":
             self.write = self._detect_zeroes_write(write)
+            self.splice_write = None
         else:
             self.write = write
+            self.splice_write = splice_write
 
     # ---- metadata preallocation (QEMU's detection, for block status) --------------------
 

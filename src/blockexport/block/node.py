@@ -26,7 +26,9 @@ processes (QEMU's tools or another blockexport) see them.
 
 from __future__ import annotations
 
+import errno
 import mmap
+import os
 import threading
 from typing import Callable
 
@@ -292,6 +294,20 @@ class BlockNode:
 
     def cache(self, offset: int, length: int) -> None:
         pass
+
+    def truncate(self, length: int, prealloc: str = "off", zero_write: bool = True) -> None:
+        """Resize the node to ``length`` bytes (QEMU's ``bdrv_co_truncate``, exact): growth
+        reads as zeroes; ``prealloc`` ``"falloc"`` allocates the new tail.  Raises
+        ``OSError(ENOTSUP)`` where the driver cannot resize (QEMU's "Image format driver does
+        not support resize").  The caller holds the RESIZE permission."""
+        raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+
+    def allocated_size(self) -> int:
+        """Bytes the node takes on the host (QEMU's ``bdrv_get_allocated_file_size``): a
+        format node answers with its file child's, a protocol node from the host; -1 when
+        unknown."""
+        child = self.children.get("file")
+        return child.allocated_size() if child is not None else -1
 
     def file_range(self, offset: int, length: int):
         return None

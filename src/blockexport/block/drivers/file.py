@@ -462,6 +462,28 @@ class FileNode(BlockNode):
         if not self.no_flush:
             self._sync()
 
+    def truncate(self, length: int, prealloc: str = "off", zero_write: bool = True) -> None:
+        if self.read_only:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        if length < 0:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        fd = self._fd
+        with self._size_lock:
+            current = os.fstat(fd).st_size
+            if prealloc == "falloc" and length > current:
+                os.posix_fallocate(fd, current, length - current)
+            elif prealloc != "off" and length > current:
+                raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+            os.ftruncate(fd, length)
+            self._size = length
+        self._bsc = (0, 0)
+
+    def allocated_size(self) -> int:
+        try:
+            return os.fstat(self._fd).st_blocks * 512
+        except OSError:
+            return -1
+
     def discard(self, offset: int, length: int) -> None:
         if self.discard_mode != "unmap" or length <= 0 or self.read_only:
             return
@@ -681,3 +703,12 @@ class HostDeviceNode(FileNode):
 
     def block_status(self, offset: int, length: int) -> tuple[int, int]:
         return length, BS_DATA | BS_ALLOCATED
+
+    def truncate(self, length: int, prealloc: str = "off", zero_write: bool = True) -> None:
+        # QEMU: a device cannot grow; shrinking it is not possible either.
+        if length > self.length():
+            raise OSError(errno.EINVAL, "Cannot grow device files")
+        raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+
+    def allocated_size(self) -> int:
+        return -1

@@ -279,6 +279,11 @@ class RawNode(BlockNode):
         n = self.file.length() - self.offset
         return round_up(n, SECTOR_SIZE) if n > 0 else 0
 
+    def truncate(self, length: int, prealloc: str = "off", zero_write: bool = True) -> None:
+        if self.has_size:       # QEMU: "Cannot resize fixed-size raw disks"
+            raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+        self.file.truncate(length + self.offset, prealloc, zero_write)
+
     def _check(self, offset: int, length: int) -> None:
         if self.has_size and offset + length > self.size:
             raise _einval()

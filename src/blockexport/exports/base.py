@@ -165,7 +165,8 @@ def export_add(env, opts: dict) -> BlockExport:
     # anything: permission errors ("Block node is read-only" for a writable export over a
     # read-only child) come before the type's own ("NBD server not running").
     perm = PERM_CONSISTENT_READ | (PERM_WRITE if writable else 0)
-    attachment = node.attach("export '%s'" % export_id, perm, PERM_ALL)
+    # QEMU names an export's BlockBackend "an unnamed block device" in permission errors
+    attachment = node.attach("an unnamed block device", perm, PERM_ALL)
     try:
         export = driver.create(env, opts, node, attachment)
     except BaseException:

@@ -147,7 +147,7 @@ def test_server_stop_removes_all_exports(graph, tmp_path):
 # --- block-export-add ----------------------------------------------------------------------
 #: Export types QSD 7.2 has and blockexport does not serve yet: until they are implemented
 #: our BlockExportType leaves them out, so they fail like a QEMU build without them.
-NOT_YET = ("vduse-blk", "fuse", "vhost-user-blk")
+NOT_YET = ("vduse-blk", "vhost-user-blk")
 
 
 def _expected(kind, args, desc):
@@ -234,7 +234,7 @@ def test_block_export_invalid_ids(graph, tmp_path, export_id):
 
 
 def _refused_until_implemented(graph, args) -> None:
-    """blockexport-daemon has no fuse or vhost-user-blk export yet (issues 11 and 12): it
+    """blockexport-daemon has no vhost-user-blk export yet (issue 12): it
     answers as a QEMU built without that type does, and creates nothing."""
     assert graph.error("block-export-add", args) == \
         "Parameter 'type' does not accept value '%s'" % args["type"]
@@ -258,11 +258,9 @@ def test_vhost_user_blk_export(graph, tmp_path, daemon_kind):
 
 def test_fuse_export_missing_mountpoint(graph, tmp_path, daemon_kind):
     args = {"type": "fuse", "id": "fu", "node-name": "f", "mountpoint": str(tmp_path / "nomnt")}
-    if daemon_kind == "blockexport-daemon":
-        _refused_until_implemented(graph, args)
-        return
     assert graph.error("block-export-add", args) == \
         f"Failed to stat '{tmp_path}/nomnt': No such file or directory"
+    assert graph.cmd("query-block-exports") == []
 
 
 # --- nbd-server-add / -remove (deprecated forms) -------------------------------------------

@@ -65,18 +65,18 @@ def _opts(**kw):
 def test_the_type_table_loads_a_driver_once(env):
     assert base.export_driver("counting") is base.export_driver("counting")
     assert isinstance(base.export_driver("nbd"), ExportDriver)
-    with pytest.raises(Error, match="^Parameter 'type' does not accept value 'fuse'$"):
-        base.export_driver("fuse")
+    with pytest.raises(Error, match="^Parameter 'type' does not accept value 'vhost-user-blk'$"):
+        base.export_driver("vhost-user-blk")
 
 
 @pytest.mark.parametrize("opts,message", [
     (_opts(id="1x"), "Invalid block export id"),
-    (_opts(type="fuse"), "Parameter 'type' does not accept value 'fuse'"),
+    (_opts(type="vhost-user-blk"), "Parameter 'type' does not accept value 'vhost-user-blk'"),
     (_opts(**{"node-name": "nope"}), "Cannot find device='' nor node-name='nope'"),
     (_opts(**{"node-name": "ro", "writable": True}), "Cannot export read-only node as writable"),
     (_opts(iothread="t"), 'iothread "t" not found'),
     # the id is checked first, as blk_exp_add does
-    (_opts(id="1x", type="fuse", writable=True, **{"node-name": "ro"}),
+    (_opts(id="1x", type="vhost-user-blk", writable=True, **{"node-name": "ro"}),
      "Invalid block export id"),
 ])
 def test_common_checks_before_the_type(env, opts, message):
@@ -93,7 +93,7 @@ def test_the_type_gets_the_node_taken_sharing_everything(env):
     assert CountingDriver.calls == [
         ("create", "e", PERM_CONSISTENT_READ | PERM_WRITE, PERM_ALL),
         ("create", "r2", PERM_CONSISTENT_READ, PERM_ALL)]
-    assert [a.user for a in env.graph.get("rw").users] == ["export 'r2'", "export 'e'"]
+    assert [a.user for a in env.graph.get("rw").users] == ["an unnamed block device"] * 2
     assert [q["id"] for q in env.exports.query()] == ["r2", "e"]      # newest first
     with pytest.raises(Error, match="^Block export id 'e' is already in use$"):
         export_add(env, _opts())
@@ -104,7 +104,7 @@ def test_a_permission_conflict_comes_before_the_type(env):
     other = node.attach("an unnamed block device", PERM_CONSISTENT_READ,
                         PERM_ALL & ~PERM_WRITE)
     with pytest.raises(Error, match="^Permission conflict on node 'rw': permissions 'write' "
-                       "are both required by export 'e' "):
+                       "are both required by an unnamed block device "):
         export_add(env, _opts(writable=True))
     assert CountingDriver.calls == [] and node.users == [other]
     other.detach()

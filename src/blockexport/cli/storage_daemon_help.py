@@ -45,6 +45,10 @@ given: objects and block nodes must come before the exports and servers that use
   --export '{{"type": "nbd", "id": "<id>", "node-name": "<node-name>", ...}}'
                          export a block node over NBD, like QMP block-export-add
                          (requires a preceding --nbd-server)
+  --export [type=]fuse,id=<id>,node-name=<node-name>,mountpoint=<file>
+           [,growable=on|off][,writable=on|off][,allow-other=on|off|auto]
+                         export a block node as a regular file mounted over <file>
+                         with FUSE (see docs/fuse.md)
 
   --monitor [chardev=]<chardev-id>[,mode=control][,pretty=on|off]
                          a QMP monitor on a --chardev (mode=readline is refused)

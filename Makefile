@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 DEMO_DIR := demo
 DEMO_IMG := $(DEMO_DIR)/disk.img
-DEBIAN_RUN := qemu-utils libnbd-bin
+DEBIAN_RUN := qemu-utils libnbd-bin fuse3
 DEBIAN_TEST := qemu-utils libnbd-bin python3-libnbd nbdkit fio fuse3 libfuse3-dev pkg-config openssl qemu-system-common
 
 .PHONY: run test test-slow venv deps-run deps-test demo-image clean

@@ -66,11 +66,22 @@ def test_unmount_on_delete_and_reuse(daemon_kind, launch, image, mnt):
         assert os.stat(mnt).st_size == 4 * MiB
         assert q.cmd("query-block-exports") == [
             {"type": "fuse", "id": "e", "node-name": "f", "shutting-down": False}]
-        q.cmd("block-export-del", {"id": "e"})
-        assert q.event("BLOCK_EXPORT_DELETED") == {"id": "e"}
-        # QEMU unmounts lazily (MNT_DETACH): gone from the mount table at once
-        assert mount_options(mnt) is None
-        assert os.stat(mnt).st_size == 0
+        fd = os.open(mnt, os.O_RDONLY | os.O_DIRECT)     # open across the deletion
+        try:
+            assert os.pread(fd, 4096, 0) == b"\x11" * 4096
+            q.cmd("block-export-del", {"id": "e"})
+            assert q.event("BLOCK_EXPORT_DELETED") == {"id": "e"}
+            # QEMU unmounts lazily (MNT_DETACH): gone from the mount table at once
+            assert mount_options(mnt) is None
+            assert os.stat(mnt).st_size == 0
+            with pytest.raises(OSError) as ei:
+                os.pread(fd, 4096, 0)
+            assert ei.value.errno == errno.ENOTCONN
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 @pytest.mark.parametrize("how", ["quit", "SIGTERM", "SIGINT"])

@@ -52,8 +52,9 @@ log = logging.getLogger(__name__)
 MAX_READ_OPTION = 64 * 1024 * 1024
 #: What we offer for one READ or WRITE (the kernel's default max_pages limit: 256 pages).
 MAX_IO = 1024 * 1024
-#: Worker threads per export (each with its own cloned /dev/fuse fd).
-WORKERS = 4
+#: Worker threads per export (each with its own cloned /dev/fuse fd);
+#: BLOCKEXPORT_FUSE_WORKERS overrides it (for measurements).
+WORKERS = int(os.environ.get("BLOCKEXPORT_FUSE_WORKERS", "4"))
 #: INIT flags we ask for: async (parallel) reads and direct I/O, writes bigger than a page,
 #: max_pages, page cache invalidated when the attributes change (libfuse's default).
 WANT_FLAGS = (C.ASYNC_READ | C.BIG_WRITES | C.MAX_PAGES | C.ASYNC_DIO | C.AUTO_INVAL_DATA)
@@ -231,6 +232,7 @@ class FuseExport(BlockExport):
         self.max_write = MAX_IO
         self.threads: list = []
         self._fds: list = []
+        self._root_fd = -1
 
     # --- mount, INIT, workers ------------------------------------------------------------------
     def mount(self, allow_other: bool) -> None:
@@ -279,24 +281,47 @@ class FuseExport(BlockExport):
                                  name="fuse-%s-%d" % (self.id, i))
             self.threads.append(t)
             t.start()
+        # a handle on the file system that outlives the mount (see unmount)
+        self._root_fd = os.open(self.mountpoint, os.O_PATH | os.O_CLOEXEC)
 
     def unmount(self) -> None:
+        """Unmount (lazily) and make the workers leave.  Files still open on the mount keep
+        the connection alive after the unmount; so every worker is woken with a STATFS
+        through ``_root_fd`` (an O_PATH fd on the root), answers it ENOTCONN and exits; the
+        last one to close its fd ends the connection, and the open files get ENOTCONN (as
+        when QEMU closes its session fd)."""
         self.stopped = True
+        if self.session_fd >= 0:
+            fd, self.session_fd = self.session_fd, -1
+            os.close(fd)
         if self.mounted:
             self.mounted = False
             try:
                 unmount_fuse(self.mountpoint)
             except (OSError, subprocess.CalledProcessError) as e:
                 log.warning("unmounting %s failed: %s", self.mountpoint, e)
-        # Without open files on the mount the connection has ended: the workers' reads fail
-        # with ENODEV and they leave.  With open files they stay (answering ENOTCONN) until
-        # the last one is closed.
+        root_fd, self._root_fd = self._root_fd, -1
+        if root_fd < 0:
+            return
+        threads = self.threads
+
+        def wake():
+            try:
+                for _ in threads:
+                    if not any(t.is_alive() for t in threads):
+                        break
+                    try:
+                        os.fstatvfs(root_fd)
+                    except OSError:
+                        pass
+            finally:
+                os.close(root_fd)
+
+        waker = threading.Thread(target=wake, daemon=True, name="fuse-%s-stop" % self.id)
+        waker.start()
         deadline = time.monotonic() + JOIN_TIMEOUT
-        for t in self.threads:
+        for t in threads + [waker]:
             t.join(max(0.0, deadline - time.monotonic()))
-        if self.session_fd >= 0:
-            fd, self.session_fd = self.session_fd, -1
-            os.close(fd)
 
     # --- the data path -------------------------------------------------------------------------
     def _attr(self, out, unique: int) -> int:
@@ -346,6 +371,8 @@ class FuseExport(BlockExport):
                 try:
                     if length != n:
                         err = EIO
+                    elif opcode in C.NO_REPLY:
+                        continue
                     elif self.stopped:
                         err = errno.ENOTCONN
                     elif opcode == READ:
@@ -392,8 +419,6 @@ class FuseExport(BlockExport):
                                 except OSError:
                                     pass
                                 continue
-                    elif opcode in C.NO_REPLY:
-                        continue
                     else:
                         k = self._other(opcode, unique, n, hdr, dmv, out)
                         try:
@@ -412,6 +437,8 @@ class FuseExport(BlockExport):
                     write(fd, omv[:pack_error(out, unique, err)])
                 except OSError:
                     pass
+                if self.stopped:
+                    break           # unmount() woke us: leave (see there)
         finally:
             dmv.release()
             data.close()

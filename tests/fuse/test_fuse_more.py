@@ -1,0 +1,133 @@
+"""More FUSE export cases on our daemon: concurrent writers with verification, a writable
+qcow2 node, and a daemon run by an unprivileged user (fusermount3, allow-other auto falling
+back to off, QEMU's error for allow-other=on)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+from fuse.conftest import MiB, fuse_args, mount_options, require, wait_mounted  # noqa: F401
+from helpers import daemons as D
+
+
+@pytest.fixture
+def ours(tmp_path):
+    require("blockexport-daemon")
+
+
+def test_concurrent_writers_verified(ours, launch, image, mnt):
+    """fio: 4 jobs of mixed-size direct and buffered writes on disjoint ranges, each verified
+    (crc32c) after writing."""
+    launch("blockexport-daemon", fuse_args(image, mnt, writable=True))
+    wait_mounted(mnt)
+    for direct in (1, 0):
+        r = subprocess.run(["fio", "--name=v", f"--filename={mnt}", "--rw=randwrite",
+                            "--bsrange=4k-256k", "--numjobs=4", "--size=1M",
+                            "--offset_increment=1M", "--ioengine=psync", f"--direct={direct}",
+                            "--verify=crc32c", "--do_verify=1", "--randrepeat=0",
+                            "--output-format=terse"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert os.stat(image).st_size == 4 * MiB
+
+
+def test_writable_qcow2_node(ours, launch, image, mnt, tmp_path):
+    qcow2 = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "4M"], check=True)
+    d = launch("blockexport-daemon", [
+        "--blockdev", f"driver=file,node-name=p,filename={qcow2}",
+        "--blockdev", "driver=qcow2,node-name=f,file=p",
+        "--export", f"type=fuse,id=e,node-name=f,mountpoint={mnt},writable=on"])
+    wait_mounted(mnt)
+    subprocess.run(["dd", f"if={image}", f"of={mnt}", "bs=256k", "conv=notrunc,sparse",
+                    "oflag=direct", "status=none"], check=True)
+    q = d.qmp()
+    q.cmd("quit")
+    assert d.proc.wait(10) == 0
+    assert mount_options(mnt) is None
+    r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(qcow2),
+                        str(image)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run(["qemu-img", "check", str(qcow2)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.fixture
+def nobody_dir():
+    d = tempfile.mkdtemp(prefix="blockexport-fuse-user-", dir="/tmp")
+    os.chmod(d, 0o777)
+    try:
+        yield d
+    finally:
+        mnt = os.path.join(d, "mnt")
+        if mount_options(mnt) is not None:
+            subprocess.run(["umount", "-l", mnt], check=False)
+        shutil.rmtree(d)
+
+
+def test_unprivileged_daemon(daemon_kind, nobody_dir):
+    """Not root: mounted by fusermount3 (ours) or libfuse (QEMU).  With /dev/fuse open to
+    users: allow-other=auto falls back to no allow_other (no user_allow_other in
+    /etc/fuse.conf), allow-other=on fails with QEMU's error.  Where /dev/fuse is root-only
+    (this VM's container) every mount fails with that error and nothing is mounted."""
+    with open("/etc/fuse.conf") as f:
+        user_allow_other = any(line.strip() == "user_allow_other" for line in f)
+    dev_open = os.stat("/dev/fuse").st_mode & 0o006 == 0o006
+    image = os.path.join(nobody_dir, "disk.img")
+    D.make_image(image, 4 * MiB, {0: b"\x11" * 4096})
+    mnt = os.path.join(nobody_dir, "mnt")
+    open(mnt, "w").close()
+    for p in (image, mnt):
+        os.chown(p, 65534, 65534)
+    sock = os.path.join(nobody_dir, "qmp.sock")
+    argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            D.daemon_binary(daemon_kind), *D.monitor_args("mon", sock),
+            "--blockdev", f"driver=file,node-name=f,filename={image}"]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        import select
+        import time
+        deadline = time.monotonic() + D.START_TIMEOUT
+        while not os.path.exists(sock):     # bounded poll for the monitor socket
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no monitor socket"
+            select.select([], [], [], 0.01)
+        q = D.QMP(sock)
+        try:
+            args = {"type": "fuse", "id": "e", "node-name": "f", "mountpoint": mnt,
+                    "writable": True}
+            if not user_allow_other or not dev_open:
+                assert q.error("block-export-add", dict(args, **{"allow-other": "on"})) == \
+                    "Failed to mount FUSE session to export"
+                assert mount_options(mnt) is None
+            if not dev_open:
+                for mode in ("auto", "off"):
+                    assert q.error("block-export-add", dict(args, **{"allow-other": mode})) \
+                        == "Failed to mount FUSE session to export"
+                    assert mount_options(mnt) is None
+                assert q.cmd("query-block-exports") == []
+            else:
+                assert q.cmd("block-export-add", args) == {}
+                wait_mounted(mnt)
+                assert ("allow_other" in mount_options(mnt)) == user_allow_other
+                assert "user_id=65534" in mount_options(mnt)
+                r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534",
+                                    "--clear-groups", "head", "-c", "4", mnt],
+                                   capture_output=True)
+                assert r.stdout == b"\x11" * 4, r.stderr
+                q.cmd("block-export-del", {"id": "e"})
+                q.event("BLOCK_EXPORT_DELETED")
+                assert mount_options(mnt) is None
+            q.cmd("quit")
+        finally:
+            q.close()
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()

@@ -14,9 +14,9 @@ Design (see docs/fuse.md for the measurements behind it):
   aligned data buffer, so WRITE data lands aligned), serves it on the block node straight
   from/into the data buffer and answers with one ``os.writev``.  No per-request objects.
 * The export is deleted by unmounting (``umount2(MNT_DETACH)`` as root, else ``fusermount3
-  -u -z``): the kernel then ends the connection and the workers' reads fail with ENODEV.  If
-  a process still has the file open, the connection outlives the mount; the workers then
-  answer ENOTCONN without touching the node until the last such file is closed.
+  -u -z``); files still open keep the connection, so each worker is then woken with a STATFS
+  (through an O_PATH fd on the root), answers ENOTCONN and leaves; the last fd closed ends
+  the connection and open files get ENOTCONN, as with QEMU.
 """
 from __future__ import annotations
 
@@ -131,7 +131,14 @@ def mount_fuse(path: str, options: str) -> int:
             _msg, fds, _flags, _addr = socket.recv_fds(ours, 1, 1)
         except OSError:
             fds = []
-        _out, err = proc.communicate(timeout=INIT_TIMEOUT)
+        try:
+            _out, err = proc.communicate(timeout=INIT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            for fd in fds:
+                os.close(fd)
+            raise OSError(errno.ETIMEDOUT, "fusermount3 did not finish") from None
         if not fds:
             text = err.decode(errors="replace").strip()
             raise OSError(errno.EIO, text or "fusermount3 failed")

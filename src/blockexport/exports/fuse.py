@@ -370,6 +370,8 @@ class FuseExport(BlockExport):
                         continue
                     break           # ENODEV: the file system is unmounted
                 if n < IN_HEADER_SIZE:
+                    if n == 0:
+                        break       # not from /dev/fuse (which never ends a read empty)
                     log.warning("FUSE: dropped a truncated request (%d bytes)", n)
                     continue
                 length, opcode, unique, _nodeid, _uid, _gid, _pid, _x, _p = \

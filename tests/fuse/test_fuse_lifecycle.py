@@ -281,3 +281,21 @@ def test_fusermount_path(launch, image, mnt, monkeypatch):
     q.cmd("block-export-del", {"id": "e"})
     q.event("BLOCK_EXPORT_DELETED")
     assert mount_options(mnt) is None
+
+
+def test_command_line_errors_match_qemu(image, tmp_path):
+    """--export type=fuse with a bad mount point: the same message and status as QEMU's."""
+    outs = {}
+    for kind in D.DAEMON_KINDS:
+        require(kind)
+        outs[kind] = []
+        for mp in (tmp_path / "missing", tmp_path):
+            r = D.run_to_exit(kind, blockdev(image) + [
+                "--export", f"type=fuse,id=e,node-name=f,mountpoint={mp}"])
+            prog = os.path.basename(D.daemon_binary(kind))
+            outs[kind].append((r.returncode, r.stderr.replace(prog + ":", "PROG:")))
+        assert mount_options(tmp_path) is None
+    assert outs["blockexport-daemon"] == outs["qemu-storage-daemon"]
+    assert outs["qemu-storage-daemon"][0] == (
+        1, f"PROG: --export type=fuse,id=e,node-name=f,mountpoint={tmp_path}/missing: "
+           f"Failed to stat '{tmp_path}/missing': No such file or directory\n")

@@ -175,6 +175,7 @@ def test_qcow2_node_as_raw_file(daemon_kind, launch, image, mnt, tmp_path):
                          "--export", f"type=fuse,id=e,node-name=f,mountpoint={mnt}"])
     wait_mounted(mnt)
     assert os.stat(mnt).st_size == 4 * MiB
+    assert os.stat(mnt).st_blocks == os.stat(qcow2).st_blocks     # the image file's
     assert open(mnt, "rb").read() == image.read_bytes()
     r = subprocess.run(["qemu-img", "compare", "-U", "-f", "raw", "-F", "qcow2", str(mnt),
                         str(qcow2)], capture_output=True, text=True)

@@ -3,6 +3,7 @@ qcow2 node, and a daemon run by an unprivileged user (fusermount3, allow-other a
 back to off, QEMU's error for allow-other=on)."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -131,3 +132,52 @@ def test_unprivileged_daemon(daemon_kind, nobody_dir):
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+def test_delete_under_load(ours, launch, image, mnt):
+    """block-export-del while writers hammer the file: they fail, the daemon goes on
+    (no traceback), and the path can be exported again at once."""
+    import threading
+    d = launch("blockexport-daemon", [
+        "--blockdev", f"driver=file,node-name=f,filename={image}"])
+    q = d.qmp()
+    for round_ in range(2):
+        q.cmd("block-export-add", {"type": "fuse", "id": "e", "node-name": "f",
+                                   "mountpoint": str(mnt), "writable": True})
+        wait_mounted(mnt)
+        errors: list = []
+        started = threading.Barrier(5)
+
+        def writer(k):
+            fd = os.open(mnt, os.O_RDWR | os.O_DIRECT)
+            import mmap
+            buf = mmap.mmap(-1, 65536)
+            started.wait()
+            try:
+                for i in range(100000):
+                    os.pwritev(fd, [buf], (k * 16 + i % 16) * 65536)
+                    os.preadv(fd, [buf], (k * 16 + i % 16) * 65536)
+            except OSError as e:
+                errors.append(e.errno)
+            finally:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        started.wait()
+        q.cmd("block-export-del", {"id": "e"})
+        assert q.event("BLOCK_EXPORT_DELETED") == {"id": "e"}
+        for t in threads:
+            t.join(10)
+            assert not t.is_alive()
+        # ENOTCONN, or ECONNABORTED for a request in flight when the connection ended
+        assert len(errors) == 4 and set(errors) <= {errno.ENOTCONN, errno.ECONNABORTED}, \
+            (round_, errors)
+        assert mount_options(mnt) is None
+    assert q.cmd("query-block-exports") == []
+    q.cmd("quit")
+    assert d.proc.wait(10) == 0
+    assert "Traceback" not in d.stderr_path.read_text()

@@ -260,7 +260,10 @@ class FuseExport(BlockExport):
             if left <= 0 or not select.select([fd], [], [], left)[0]:
                 raise Error("Failed to mount FUSE session to export")
             n = os.readv(fd, [buf])
-            opcode, unique = parse_header(buf, n)[:2]
+            try:
+                opcode, unique = parse_header(buf, n)[:2]
+            except FuseProtocolError as e:
+                raise Error("Failed to mount FUSE session to export: %s" % e) from None
             if opcode != C.INIT:
                 os.write(fd, OUT_HEADER.pack(OUT_HEADER_SIZE, -errno.EIO, unique))
                 continue

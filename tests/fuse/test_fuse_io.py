@@ -193,3 +193,12 @@ def test_qemu_img_on_the_mounted_file(start_fuse, image, mnt):
     r = subprocess.run(["qemu-img", "compare", "-U", "-f", "raw", "-F", "raw", str(mnt),
                         str(image)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_open_with_o_trunc_keeps_the_image(start_fuse, image, mnt):
+    """QEMU's export ignores O_TRUNC (libfuse's atomic O_TRUNC, and its open does nothing):
+    `echo hi > file` overwrites the start and keeps the size."""
+    start_fuse(fuse_args(image, mnt, writable=True), mnt)
+    subprocess.run(["sh", "-c", f"echo hi > {mnt}"], check=True)
+    assert os.stat(mnt).st_size == 4 * MiB == os.stat(image).st_size
+    assert image.read_bytes()[:4] == b"hi\n\x11"

@@ -56,8 +56,11 @@ MAX_IO = 1024 * 1024
 #: BLOCKEXPORT_FUSE_WORKERS overrides it (for measurements).
 WORKERS = int(os.environ.get("BLOCKEXPORT_FUSE_WORKERS", "4"))
 #: INIT flags we ask for: async (parallel) reads and direct I/O, writes bigger than a page,
-#: max_pages, page cache invalidated when the attributes change (libfuse's default).
-WANT_FLAGS = (C.ASYNC_READ | C.BIG_WRITES | C.MAX_PAGES | C.ASYNC_DIO | C.AUTO_INVAL_DATA)
+#: max_pages, page cache invalidated when the attributes change, and O_TRUNC left to OPEN
+#: (which ignores it, as QEMU's export does: `> file` does not empty the image) — the last
+#: two are libfuse defaults QEMU's export gets.
+WANT_FLAGS = (C.ASYNC_READ | C.BIG_WRITES | C.MAX_PAGES | C.ASYNC_DIO | C.AUTO_INVAL_DATA
+              | C.ATOMIC_O_TRUNC)
 MAX_BACKGROUND = 64
 CONGESTION_THRESHOLD = 48
 #: seconds the kernel may cache the attributes (QEMU: 1)

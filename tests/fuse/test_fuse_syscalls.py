@@ -7,6 +7,8 @@ import fcntl
 import mmap
 import os
 
+import pytest
+
 from fuse.conftest import MiB, fuse_args, require, wait_mounted  # noqa: F401
 from helpers import daemons as D
 
@@ -63,7 +65,7 @@ def transcript(mnt: str, tmp) -> list:
         m = mmap.mmap(fd, 8192)
         out.append(("mmap read", bytes(m[4094:4098])))
         m[0:2] = b"mm"
-        m.flush()
+        rec("msync", m.flush)
         m.close()
         out.append(("pread after mmap", os.pread(fd, 3, 0)))
         dst = os.open(str(tmp / "copy"), os.O_RDWR | os.O_CREAT, 0o600)
@@ -79,13 +81,14 @@ def transcript(mnt: str, tmp) -> list:
     return out
 
 
-def test_syscall_transcript_matches_qemu(launch, image, mnt, tmp_path):
+@pytest.mark.parametrize("writable", [True, False])
+def test_syscall_transcript_matches_qemu(launch, image, mnt, tmp_path, writable):
     results = {}
     for kind in D.DAEMON_KINDS:
         require(kind)
         img = tmp_path / f"{kind}.img"
         img.write_bytes(image.read_bytes())
-        d = launch(kind, fuse_args(img, mnt, writable=True))
+        d = launch(kind, fuse_args(img, mnt, writable=writable))
         wait_mounted(mnt)
         work = tmp_path / kind
         work.mkdir()

@@ -181,3 +181,36 @@ def test_delete_under_load(ours, launch, image, mnt):
     q.cmd("quit")
     assert d.proc.wait(10) == 0
     assert "Traceback" not in d.stderr_path.read_text()
+
+
+def test_growable_qcow2(daemon_kind, launch, mnt, tmp_path):
+    """A growable qcow2 export grows the image: a write past the end (4 MiB -> 1 GiB, a
+    second L1 entry) and a truncate to 2 GiB; the image checks clean, reads back through
+    qemu-io, and shows the new virtual size, as QEMU's does."""
+    qcow2 = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "4M"], check=True)
+    d = launch(daemon_kind, [
+        "--blockdev", f"driver=file,node-name=p,filename={qcow2}",
+        "--blockdev", "driver=qcow2,node-name=f,file=p",
+        "--export", f"type=fuse,id=e,node-name=f,mountpoint={mnt},writable=on,growable=on"])
+    wait_mounted(mnt)
+    fd = os.open(mnt, os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, b"A" * 4096, 1024 * MiB - 4096) == 4096
+    finally:
+        os.close(fd)
+    assert os.stat(mnt).st_size == 1024 * MiB
+    subprocess.run(["truncate", "-s", "2G", str(mnt)], check=True)
+    assert os.stat(mnt).st_size == 2048 * MiB
+    d.stop()
+    assert mount_options(mnt) is None
+    r = subprocess.run(["qemu-img", "check", str(qcow2)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    import json
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(qcow2)],
+                                     check=True, capture_output=True, text=True).stdout)
+    assert info["virtual-size"] == 2048 * MiB
+    r = subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"read -P 0x41 {1024 * MiB - 4096} 4096",
+                        "-c", f"read -P 0 {1024 * MiB} 4096", str(qcow2)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout

@@ -1673,6 +1673,38 @@ class Qcow2Node(BlockNode):
     def length(self) -> int:
         return self.size
 
+    def truncate(self, length: int, prealloc: str = "off", zero_write: bool = True) -> None:
+        """Grow the image (QEMU's qcow2 resize, the common case only): the new size is
+        written to the header; when it needs more L1 entries they must fit in the L1
+        table's clusters (64 KiB clusters: up to 4 TiB).  Shrinking, preallocation, images
+        with snapshots, bitmaps or a backing file, and L1 relocation raise
+        ``OSError(ENOTSUP)``."""
+        if self.read_only or self.refcounts is None:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        if length % 512:
+            raise OSError(errno.EINVAL, "The new size must be a multiple of 512")
+        with self.meta_lock:
+            h = self.header
+            if length == self.size:
+                return
+            if (length < self.size or prealloc != "off" or h.nb_snapshots
+                    or h.bitmaps is not None or self.dirty_bitmaps
+                    or self.backing is not None):
+                raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+            span = 1 << self._l1_shift
+            new_l1 = (length + span - 1) // span
+            old_l1 = h.l1_size
+            if new_l1 > old_l1:
+                cs = self.cluster_size
+                capacity = (old_l1 * 8 + cs - 1) // cs * cs // 8
+                if new_l1 > capacity:
+                    raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+                self.file.write(h.l1_table_offset + 8 * old_l1, bytes(8 * (new_l1 - old_l1)))
+                self.file.flush()
+                self.rewrite_header(size=length, l1_size=new_l1)
+            else:
+                self.rewrite_header(size=length)
+
     def write(self, offset, buf, fua=False):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 

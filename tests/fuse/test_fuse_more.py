@@ -214,3 +214,35 @@ def test_growable_qcow2(daemon_kind, launch, mnt, tmp_path):
                         "-c", f"read -P 0 {1024 * MiB} 4096", str(qcow2)],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+
+
+def test_qcow2_punch_and_zero_like_qemu(launch, mnt, tmp_path):
+    """fallocate punch and zero-range on a qcow2 node (discard=unmap): the image's map
+    afterwards (zero clusters, kept allocations) is QEMU's, byte for byte."""
+    maps = {}
+    for kind in D.DAEMON_KINDS:
+        require(kind)
+        qcow2 = tmp_path / f"{kind}.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "4M"],
+                       check=True)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x55 0 1M", str(qcow2)],
+                       check=True, capture_output=True)
+        d = launch(kind, [
+            "--blockdev", f"driver=file,node-name=p,filename={qcow2},discard=unmap",
+            "--blockdev", "driver=qcow2,node-name=f,file=p,discard=unmap",
+            "--export", f"type=fuse,id=e,node-name=f,mountpoint={mnt},writable=on"])
+        wait_mounted(mnt)
+        subprocess.run(["fallocate", "-p", "-o", "0", "-l", "131072", str(mnt)], check=True)
+        subprocess.run(["fallocate", "-z", "-o", "262144", "-l", "65536", str(mnt)],
+                       check=True)
+        fd = os.open(mnt, os.O_RDONLY)
+        try:
+            seeks = (os.lseek(fd, 0, os.SEEK_HOLE), os.lseek(fd, 0, os.SEEK_DATA))
+        finally:
+            os.close(fd)
+        d.stop()
+        maps[kind] = (seeks, subprocess.run(["qemu-img", "map", "--output=json", str(qcow2)],
+                                            check=True, capture_output=True,
+                                            text=True).stdout)
+    assert maps["blockexport-daemon"] == maps["qemu-storage-daemon"]
+    assert maps["qemu-storage-daemon"][0] == (0, 131072)

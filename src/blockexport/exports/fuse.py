@@ -42,8 +42,8 @@ from blockexport.fuse import constants as C
 from blockexport.fuse.errors import FuseProtocolError
 from blockexport.fuse.wire import (
     IN_HEADER, IN_HEADER_SIZE, OUT_HEADER, OUT_HEADER_SIZE, READ_IN, WRITE_DATA_OFFSET,
-    WRITE_IN, negotiate_init, pack_attr, pack_error, pack_lseek, pack_open, pack_statfs,
-    pack_write, parse_body, parse_header,
+    WRITE_IN, WRITE_OUT, negotiate_init, pack_attr, pack_error, pack_lseek, pack_open,
+    pack_statfs, parse_body, parse_header,
 )
 
 log = logging.getLogger(__name__)
@@ -355,7 +355,10 @@ class FuseExport(BlockExport):
         out = bytearray(256)
         omv = memoryview(out)
         head = omv[:OUT_HEADER_SIZE]
+        write_reply = omv[:OUT_HEADER_SIZE + WRITE_OUT.size]
         iov = [hmv, dmv]
+        read_reply = [head, head]       # [header, data view]: reused for every READ
+        views: dict = {}                # size -> dmv[:size], so no view is made per request
         readv = os.readv
         writev = os.writev
         write = os.write
@@ -363,10 +366,13 @@ class FuseExport(BlockExport):
         unpack_read = READ_IN.unpack_from
         unpack_write = WRITE_IN.unpack_from
         pack_header = OUT_HEADER.pack_into
+        pack_write_out = WRITE_OUT.pack_into
         node = self.node
         max_read = len(dmv) - 4096
-        READ, WRITE = C.READ, C.WRITE
-        EIO = errno.EIO
+        READ, WRITE, NO_REPLY = C.READ, C.WRITE, C.NO_REPLY
+        EIO, ENOTCONN, EINVAL = errno.EIO, errno.ENOTCONN, errno.EINVAL
+        HS, DO = IN_HEADER_SIZE, WRITE_DATA_OFFSET
+        OHS, WREPLY = OUT_HEADER_SIZE, OUT_HEADER_SIZE + WRITE_OUT.size
         try:
             while True:
                 try:
@@ -375,7 +381,7 @@ class FuseExport(BlockExport):
                     if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
                         continue
                     break           # ENODEV: the file system is unmounted
-                if n < IN_HEADER_SIZE:
+                if n < HS:
                     if n == 0:
                         break       # not from /dev/fuse (which never ends a read empty)
                     log.warning("FUSE: dropped a truncated request (%d bytes)", n)
@@ -386,38 +392,44 @@ class FuseExport(BlockExport):
                 try:
                     if length != n:
                         err = EIO
-                    elif opcode in C.NO_REPLY:
-                        continue
                     elif self.stopped:
-                        err = errno.ENOTCONN
+                        if opcode in NO_REPLY:
+                            continue
+                        err = ENOTCONN
                     elif opcode == READ:
-                        if n < WRITE_DATA_OFFSET:
-                            err = errno.EINVAL
+                        if n < DO:
+                            err = EINVAL
                         else:
-                            _fh, offset, size, _rf, _lo, _fl, _pd = unpack_read(hdr, IN_HEADER_SIZE)
+                            _fh, offset, size, _rf, _lo, _fl, _pd = unpack_read(hdr, HS)
                             end = node.length()
                             if offset + size > end:
                                 size = end - offset if offset < end else 0
                             if size > max_read:
-                                err = errno.EINVAL
+                                err = EINVAL
                             else:
+                                view = views.get(size)
+                                if view is None:
+                                    view = dmv[:size]
+                                    if len(views) < 4096:
+                                        views[size] = view
                                 if size:
-                                    node.read_into(offset, dmv[:size])
-                                pack_header(out, 0, OUT_HEADER_SIZE + size, 0, unique)
+                                    node.read_into(offset, view)
+                                pack_header(out, 0, OHS + size, 0, unique)
+                                read_reply[1] = view
                                 try:
-                                    writev(fd, (head, dmv[:size]))
+                                    writev(fd, read_reply)
                                 except OSError:
                                     pass        # interrupted or aborted: nobody waits
                                 continue
                     elif opcode == WRITE:
-                        if n < WRITE_DATA_OFFSET:
-                            err = errno.EINVAL
+                        if n < DO:
+                            err = EINVAL
                         else:
-                            _fh, offset, size, _wf, _lo, _fl, _pd = unpack_write(hdr, IN_HEADER_SIZE)
+                            _fh, offset, size, _wf, _lo, _fl, _pd = unpack_write(hdr, HS)
                             if not self.writable:
                                 err = errno.EACCES
-                            elif size != n - WRITE_DATA_OFFSET or size > self.max_write:
-                                err = errno.EINVAL
+                            elif size != n - DO or size > self.max_write:
+                                err = EINVAL
                             else:
                                 end = node.length()
                                 if offset + size > end:
@@ -426,14 +438,23 @@ class FuseExport(BlockExport):
                                     else:
                                         size = end - offset if offset < end else 0
                                 if size:
-                                    node.write(offset, dmv[:size])
+                                    view = views.get(size)
+                                    if view is None:
+                                        view = dmv[:size]
+                                        if len(views) < 4096:
+                                            views[size] = view
+                                    node.write(offset, view)
                                     if self.writethrough:
                                         node.flush()
+                                pack_header(out, 0, WREPLY, 0, unique)
+                                pack_write_out(out, OHS, size, 0)
                                 try:
-                                    write(fd, omv[:pack_write(out, unique, size)])
+                                    write(fd, write_reply)
                                 except OSError:
                                     pass
                                 continue
+                    elif opcode in NO_REPLY:
+                        continue
                     else:
                         k = self._other(opcode, unique, n, hdr, dmv, out)
                         try:
@@ -448,13 +469,17 @@ class FuseExport(BlockExport):
                 except Exception:       # a bug: the request fails, the export goes on
                     log.exception("FUSE request %d failed", opcode)
                     err = EIO
+                pack_header(out, 0, OHS, -err, unique)
                 try:
-                    write(fd, omv[:pack_error(out, unique, err)])
+                    write(fd, head)
                 except OSError:
                     pass
                 if self.stopped:
                     break           # unmount() woke us: leave (see there)
         finally:
+            read_reply[1] = None
+            for view in views.values():
+                view.release()
             dmv.release()
             data.close()
             try:

@@ -300,3 +300,24 @@ def test_command_line_errors_match_qemu(image, tmp_path):
     assert outs["qemu-storage-daemon"][0] == (
         1, f"PROG: --export type=fuse,id=e,node-name=f,mountpoint={tmp_path}/missing: "
            f"Failed to stat '{tmp_path}/missing': No such file or directory\n")
+
+
+def test_daemonize(daemon_kind, image, mnt, tmp_path):
+    """--daemonize: the export works in the background process (its workers are started
+    after the fork); SIGTERM to the pid file's process unmounts."""
+    from helpers.procs import wait_pid_gone
+    pidfile = tmp_path / "d.pid"
+    r = D.run_to_exit(daemon_kind, ["--daemonize", "--pidfile", str(pidfile)]
+                      + fuse_args(image, mnt))
+    assert r.returncode == 0, r.stderr
+    pid = int(pidfile.read_text())
+    try:
+        if daemon_kind == "blockexport-daemon":
+            assert mount_options(mnt) is not None       # mounted when the command returns
+        wait_mounted(mnt)
+        with open(mnt, "rb") as f:
+            assert f.read(4) == b"\x11" * 4
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        wait_pid_gone(pid, 10)
+    assert mount_options(mnt) is None

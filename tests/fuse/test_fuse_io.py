@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from fuse.conftest import MiB, fuse_args, mount_options
+from helpers.fuse_mounts import MiB, fuse_args, mount_options
 
 
 def read_direct(path, offset, length) -> bytes:

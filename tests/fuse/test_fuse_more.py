@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from fuse.conftest import MiB, fuse_args, mount_options, require, wait_mounted  # noqa: F401
+from helpers.fuse_mounts import MiB, fuse_args, mount_options, require, wait_mounted
 from helpers import daemons as D
 
 

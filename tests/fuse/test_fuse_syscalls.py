@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from fuse.conftest import MiB, fuse_args, require, wait_mounted  # noqa: F401
+from helpers.fuse_mounts import MiB, fuse_args, require, wait_mounted
 from helpers import daemons as D
 
 

@@ -2,7 +2,7 @@
 TLS and wraps the socket, and a server that answers one client's STARTTLS and handshakes.
 No other NBD option is served: these tests are about the credentials, not the server
 (tests/tls_server has the real one).  Also runnable as a script under .venv-py313:
-``python starttls.py serve-psk DIR SOCKET`` prints one JSON line per handshake."""
+``python starttls.py serve QOM_TYPE DIR SOCKET COUNT`` prints one JSON line per handshake."""
 from __future__ import annotations
 
 import json
@@ -52,9 +52,9 @@ def server_starttls(sock, ctx):
     return ctx.wrap_socket(sock, server_side=True)
 
 
-def _serve_psk(directory: str, path: str, count: int) -> None:
+def _serve(qom_type: str, directory: str, path: str, count: int) -> None:
     from blockexport.objects import ObjectTable
-    creds = ObjectTable().add({"qom-type": "tls-creds-psk", "id": "p", "endpoint": "server",
+    creds = ObjectTable().add({"qom-type": qom_type, "id": "p", "endpoint": "server",
                                "dir": directory})
     lst = socket.socket(socket.AF_UNIX)
     lst.bind(path)
@@ -66,7 +66,8 @@ def _serve_psk(directory: str, path: str, count: int) -> None:
         try:
             tls = server_starttls(conn, creds.ssl_context())
             print(json.dumps({"ok": True, "version": tls.version(),
-                              "cipher": tls.cipher()[0]}), flush=True)
+                              "cipher": tls.cipher()[0],
+                              "identity": creds.peer_identity(tls)}), flush=True)
             tls.close()
         except Exception as exc:      # report, then serve the next client
             print(json.dumps({"ok": False, "error": str(exc)}), flush=True)
@@ -75,8 +76,9 @@ def _serve_psk(directory: str, path: str, count: int) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "serve-psk":
-        _serve_psk(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    if sys.argv[1] == "serve":
+        # serve QOM_TYPE DIR SOCKET COUNT
+        _serve(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     elif sys.argv[1] == "psk-client":
         # psk-client DIR SOCKET USERNAME PRIORITY: connect to an NBD server over STARTTLS
         from blockexport.objects import ObjectTable

@@ -301,6 +301,59 @@ def test_psk_client_against_qemu_nbd(tmp_path, qemu_nbd):
     assert results["wrong-key"]["ok"] is False
 
 
+def serve_clients(python, qom_type, directory, sock, clients):
+    """Run our STARTTLS test server (starttls.py) with ``qom_type`` server credentials from
+    ``directory`` under ``python``; run each client command; return the server's report of
+    each handshake."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
+    server = subprocess.Popen([python, str(Path(__file__).parent / "starttls.py"), "serve",
+                               qom_type, str(directory), sock, str(len(clients))],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env)
+    try:
+        line = server.stdout.readline()
+        assert line and json.loads(line) == {"listening": True}, server.stderr.read()
+        results = []
+        for argv in clients:
+            subprocess.run(argv, capture_output=True, timeout=60)
+            results.append(json.loads(server.stdout.readline()))
+        server.wait(timeout=DEADLINE)
+    finally:
+        server.kill()
+        server.wait()
+        server.stdout.close()
+        server.stderr.close()
+    return results
+
+
+def test_x509_and_anon_servers_with_gnutls_clients(creds, tmp_path):
+    """Our x509 and anonymous server contexts with libnbd and qemu-img (GnuTLS) as clients:
+    the handshake completes, and the x509 server sees the client certificate's DN."""
+    sock = str(tmp_path / "x.sock")
+    # libnbd reads the client's files from one directory with QEMU's names
+    clients = [
+        ["nbdinfo", "nbds+unix:///?socket=%s&tls-certificates=%s" % (sock, creds["client"])],
+        ["qemu-img", "info", "--object",
+         "tls-creds-x509,id=c,endpoint=client,dir=%s" % creds["client"],
+         "--image-opts", "driver=nbd,path=%s,tls-creds=c" % sock],
+        ["qemu-img", "info", "--object",
+         "tls-creds-x509,id=c,endpoint=client,dir=%s" % creds["other-ca"],
+         "--image-opts", "driver=nbd,path=%s,tls-creds=c" % sock],
+    ]
+    results = serve_clients(sys.executable, "tls-creds-x509", creds["server"], sock, clients)
+    assert [r["ok"] for r in results] == [True, True, False], results
+    ident = "C=GB,O=Example\\, Inc.,CN=\\ client\\+1\\ ,EMAIL=c1@example.com"
+    assert results[0]["identity"] == results[1]["identity"] == ident
+    sock = str(tmp_path / "a.sock")
+    anon = [["qemu-img", "info", "--object", "tls-creds-anon,id=c,endpoint=client",
+             "--image-opts", "driver=nbd,path=%s,tls-creds=c" % sock]]
+    empty = tmp_path / "anon"
+    empty.mkdir()
+    results = serve_clients(sys.executable, "tls-creds-anon", empty, sock, anon)
+    assert results[0]["ok"] and results[0]["cipher"].startswith("ADH-"), results
+    assert results[0]["identity"] is None
+
+
 def test_psk_server_with_gnutls_clients(tmp_path):
     """Our PSK server context (Python 3.13) against libnbd (nbdinfo tls-psk-file=) and
     qemu-img: the TLS handshake completes for a known user and fails for an unknown one or
@@ -324,21 +377,7 @@ def test_psk_server_with_gnutls_clients(tmp_path):
     clients.append(["qemu-img", "info", "--object",
                     "tls-creds-psk,id=c,endpoint=client,dir=%s,username=alice" % qdir,
                     "--image-opts", "driver=nbd,path=%s,tls-creds=c" % sock])
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
-    server = subprocess.Popen([_python313(), str(Path(__file__).parent / "starttls.py"),
-                               "serve-psk", str(tmp_path), sock, str(len(clients))],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env)
-    try:
-        assert json.loads(server.stdout.readline()) == {"listening": True}, server.stderr.read()
-        results = []
-        for argv in clients:
-            subprocess.run(argv, capture_output=True, timeout=60)
-            results.append(json.loads(server.stdout.readline()))
-        server.wait(timeout=DEADLINE)
-    finally:
-        server.kill()
-        server.wait()
+    results = serve_clients(_python313(), "tls-creds-psk", tmp_path, sock, clients)
     assert [r["ok"] for r in results] == [True, False, False, True], results
     assert results[0]["version"] == "TLSv1.3"
     assert results[3]["version"] == "TLSv1.3"

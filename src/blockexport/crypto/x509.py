@@ -228,7 +228,7 @@ def pair_check(cert: str, key: str, password, cafile: str, is_server: bool) -> N
         ours = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if is_server else ssl.PROTOCOL_TLS_CLIENT)
         ours.load_cert_chain(cert, key, password)
         peer = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT if is_server else ssl.PROTOCOL_TLS_SERVER)
-        peer.check_hostname = False if is_server else peer.check_hostname
+        peer.check_hostname = False
         peer.load_verify_locations(cafile)
         peer.verify_mode = ssl.CERT_REQUIRED
         if is_server:

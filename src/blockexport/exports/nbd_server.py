@@ -7,6 +7,11 @@ handshake and the data path.  Threads report back with ``loop.call_soon_threadsa
 Over the connection limit the listeners stop accepting, so new clients wait in the kernel's
 backlog until a slot frees, as QEMU's do.
 
+TLS (``tls_creds``): the handshake machine answers nothing but NBD_OPT_STARTTLS in plaintext;
+the connection thread runs the TLS handshake and the tls-authz check (the authz object is
+looked up by id in the objects table at every handshake) within the handshake limit below,
+then negotiation starts over inside TLS (see nbd_conn).
+
 Handshake limit (QEMU 9.1+, CVE-2024-7409): a client that has not finished negotiating
 ``handshake_max_seconds`` after it was accepted is dropped (a loop timer per connection;
 0 = no limit).  Stopping the server drops every connection, negotiating ones included.
@@ -27,8 +32,19 @@ DEFAULT_HANDSHAKE_MAX_SECONDS = 10
 
 class NbdServer:
     def __init__(self, max_connections: int = 0, persistent: bool = True,
-                 handshake_max_seconds: int = DEFAULT_HANDSHAKE_MAX_SECONDS):
+                 handshake_max_seconds: int = DEFAULT_HANDSHAKE_MAX_SECONDS,
+                 tls_creds=None, tls_authz: str | None = None, objects=None,
+                 report_error=None):
         self.max_connections = max_connections
+        #: TLS: the credentials object (server endpoint; the server keeps it even if it is
+        #: deleted from the objects table, as QEMU keeps its reference), the authz object's
+        #: id (looked up in ``objects`` at every TLS handshake), and where negotiation
+        #: failures are reported (QEMU's error_report: the command line prints
+        #: ``prog: option negotiation failed: ...``)
+        self.tls_creds = tls_creds
+        self.tls_authz = tls_authz
+        self.objects = objects
+        self.report_error = report_error
         self.handshake_max_seconds = handshake_max_seconds
         self.persistent = persistent
         self.exports = {}              # name -> NbdExport, in creation order

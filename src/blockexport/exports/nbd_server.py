@@ -30,6 +30,20 @@ log = logging.getLogger(__name__)
 DEFAULT_HANDSHAKE_MAX_SECONDS = 10
 
 
+def find_tls_creds(objects, creds_id: str, endpoint: str):
+    """The TLS credentials object ``creds_id`` of the objects table for ``endpoint``
+    ("server" or "client"), or QEMU 7.2's error (nbd-server-start, qemu-nbd's
+    ``--tls-creds`` after "Failed to get TLS creds: ")."""
+    obj = objects.get(creds_id) if objects is not None else None
+    if obj is None:
+        raise Error("No TLS credentials with id '%s'" % creds_id)
+    if not str(getattr(obj, "qom_type", "")).startswith("tls-creds-"):
+        raise Error("Object with id '%s' is not TLS credentials" % creds_id)
+    if getattr(obj, "endpoint", None) != endpoint:
+        raise Error("Expected TLS credentials for a %s endpoint" % endpoint)
+    return obj
+
+
 class NbdServer:
     def __init__(self, max_connections: int = 0, persistent: bool = True,
                  handshake_max_seconds: int = DEFAULT_HANDSHAKE_MAX_SECONDS,

@@ -166,7 +166,7 @@ class TlsChannel:
                     size = 0
                     continue
                 if small:                  # a header goes with the payload's first piece
-                    first = min(n, SEND_PIECE - size) if size < SEND_PIECE else 0
+                    first = min(n, SEND_PIECE)
                     small.append(memoryview(p)[:first])
                     self._write_locked(b"".join(small))
                     small = []

@@ -12,7 +12,7 @@ import pytest
 from helpers import daemons as D
 from helpers import servers as S
 from helpers.daemons import file_node, make_image, unix_addr
-from helpers.procs import REPO  # noqa: F401  (keeps helpers importable the same way)
+from helpers.procs import REPO
 from qmp.conftest import daemon_kind, launch, require, start_daemon  # noqa: F401
 from tls_server.conftest import CLIENT_DN
 
@@ -204,3 +204,57 @@ def test_nbd_list_over_tls(server_kind, start_oracle, sparse_image, certs):
     r = run("-b", "127.0.0.1", "--tls-hostname", "wrong.example")
     assert (r.returncode, r.stderr) == (1, "%s: Certificate does not match the hostname "
                                            "wrong.example\n" % server_kind)
+
+
+# --- PSK: tls-authz does not apply (QEMU 7.2); our server runs on Python 3.13 ---------------
+PY313_NBD = REPO / ".venv-py313" / "bin" / "blockexport-nbd"
+PSK_KEY = "9d6a0e4c1f3b5a7e2d8c6b4a29f1e3d5"
+
+
+@pytest.fixture
+def psk_dir(tmp_path):
+    d = tmp_path / "psk"
+    d.mkdir()
+    (d / "keys.psk").write_text("qemu:%s\nalice:%s\n" % (PSK_KEY, "ab" * 16))
+    return d
+
+
+def test_psk_server_ignores_tls_authz(server_kind, tmp_path, sparse_image, psk_dir,
+                                      monkeypatch):
+    if server_kind == "blockexport-nbd":
+        if not PY313_NBD.exists():
+            pytest.fail("%s is missing: run `make venv-py313`" % PY313_NBD)
+        monkeypatch.setattr(S, "BLOCKEXPORT_NBD", str(PY313_NBD))
+    srv = S.start_server(server_kind, sparse_image,
+                         ["--object", "tls-creds-psk,id=tls0,endpoint=server,dir=%s" % psk_dir,
+                          "--tls-creds", "tls0", "--tls-authz", "missing", "-x", "e"],
+                         tmp_path=tmp_path)
+    try:
+        keys = tmp_path / "client.psk"
+        keys.write_text("qemu:%s\n" % PSK_KEY)
+        h = nbd.NBD()
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_psk_file(str(keys))
+        h.set_tls_username("qemu")
+        h.set_export_name("e")
+        h.connect_unix(srv.socket_path)
+        try:
+            assert h.get_tls_negotiated()
+            data = bytes(range(256)) * 64
+            h.pwrite(data, 2 << 20)
+            assert h.pread(len(data), 2 << 20) == data
+            assert h.pread(65536, 0) == b"\x11" * 65536
+        finally:
+            h.shutdown()
+        # an unknown user is refused
+        keys.write_text("mallory:%s\n" % PSK_KEY)
+        h = nbd.NBD()
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_psk_file(str(keys))
+        h.set_tls_username("mallory")
+        h.set_export_name("e")
+        with pytest.raises(nbd.Error):
+            h.connect_unix(srv.socket_path)
+        assert srv.alive()
+    finally:
+        srv.stop()

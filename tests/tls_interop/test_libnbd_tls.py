@@ -1,0 +1,153 @@
+"""libnbd (python3-libnbd, nbdinfo, nbdcopy) as the TLS client of qemu-nbd 7.2 and of ours.
+
+x509 credentials in QEMU's layout (helpers/tls.py); libnbd reads the client side with
+`tls-certificates=DIR` (ca-cert.pem, client-cert.pem, client-key.pem) and checks the server's
+certificate against the URI's host name (SAN DNS:localhost, IP:127.0.0.1) unless told another
+name with set_tls_hostname().  Every expected outcome was observed with qemu-nbd 7.2 first.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from helpers.tls_clients import connect, nbdinfo, read_check, refused, run, x509_uri
+
+nbd = pytest.importorskip("nbd")
+
+MiB = 1024 * 1024
+
+
+def test_nbds_tcp_with_hostname_check(tls_kind, tls_servers, tls_files, sparse_image):
+    srv = tls_servers(tls_kind, sparse_image, transport="tcp4")
+    certs = tls_files.client_dir("client1")
+    read_check(x509_uri(srv, certs, host="localhost"))
+    read_check(x509_uri(srv, certs, host="127.0.0.1"))     # SAN IP:127.0.0.1
+    assert srv.alive()
+
+
+def test_wrong_hostname_refused(tls_kind, tls_servers, tls_files, sparse_image):
+    """Served on 127.0.0.2, which the certificate does not name (libnbd 1.14 checks the URI's
+    host; it has no set_tls_hostname): libnbd refuses the server."""
+    srv = tls_servers(tls_kind, sparse_image, transport="tcp4", host="127.0.0.2")
+    msg = refused(x509_uri(srv, tls_files.client_dir("client1"), host="127.0.0.2"))
+    assert "certificate" in msg.lower() or "hostname" in msg.lower(), msg
+    assert srv.alive()
+
+
+def test_nbds_unix(tls_kind, tls_servers, tls_files, sparse_image):
+    srv = tls_servers(tls_kind, sparse_image, transport="unix")
+    read_check(x509_uri(srv, tls_files.client_dir("client1")))
+    read_check(x509_uri(srv, tls_files.client_dir("client2")))
+
+
+def test_plaintext_client_refused(tls_kind, tls_servers, tls_files, sparse_image):
+    """With TLS configured, a client that does not start TLS gets no export (libnbd: the
+    server answers NBD_OPT_GO with NBD_REP_ERR_TLS_REQD), and the server keeps serving."""
+    srv = tls_servers(tls_kind, sparse_image, transport="tcp4")
+    msg = refused(srv.uri())                               # nbd://, TLS disabled
+    assert "opt_go" in msg or "TLS" in msg, msg
+    h = nbd.NBD()
+    h.set_tls(nbd.TLS_ALLOW)       # "allow" tries STARTTLS but has no certificates
+    h.set_tls_certificates(str(tls_files.client_dir("client1")))
+    h.connect_uri(f"nbd://localhost:{srv.port}/")         # ALLOW + certs: upgrades to TLS
+    try:
+        assert h.get_tls_negotiated()
+    finally:
+        h.shutdown()
+    p = nbdinfo("--list", srv.uri())
+    assert p.returncode != 0 and "export" not in p.stdout, (p.stdout, p.stderr)
+    read_check(x509_uri(srv, tls_files.client_dir("client1")))
+
+
+def test_tls_client_plaintext_server(tls_kind, tls_servers, tls_files, sparse_image):
+    """The other direction: a client requiring TLS refuses a server that offers none."""
+    srv = tls_servers(tls_kind, sparse_image, creds=None)
+    msg = refused(x509_uri(srv, tls_files.client_dir("client1")))
+    assert "TLS" in msg or "tls" in msg, msg
+
+
+def test_certificates_refused(tls_kind, tls_servers, tls_files, sparse_image, tmp_path):
+    """verify-peer is on by default: no client certificate, a certificate from another CA,
+    and a client that does not trust our CA all fail; good clients are served after them."""
+    srv = tls_servers(tls_kind, sparse_image, transport="tcp4")
+    ca_only = tmp_path / "ca-only"
+    ca_only.mkdir()
+    (ca_only / "ca-cert.pem").write_bytes((tls_files.ca_dir / "ca-cert.pem").read_bytes())
+    for certs in (ca_only, tls_files.intruder_dir, tls_files.other_client_dir):
+        refused(x509_uri(srv, certs))
+        assert srv.alive()
+    read_check(x509_uri(srv, tls_files.client_dir("client1")))
+
+
+def test_verify_peer_off(tls_kind, tls_servers, tls_files, sparse_image, tmp_path):
+    """verify-peer=off: a client without a certificate is served."""
+    srv = tls_servers(tls_kind, sparse_image, creds_props={"verify_peer": "off"})
+    ca_only = tmp_path / "ca-only"
+    ca_only.mkdir()
+    (ca_only / "ca-cert.pem").write_bytes((tls_files.ca_dir / "ca-cert.pem").read_bytes())
+    read_check(x509_uri(srv, ca_only))
+
+
+def test_nbdinfo(tls_kind, tls_servers, tls_files, sparse_image):
+    srv = tls_servers(tls_kind, sparse_image, transport="tcp4", args=["-x", "disk"])
+    uri = x509_uri(srv, tls_files.client_dir("client1"))
+    p = nbdinfo("--json", uri)
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    assert info["TLS"] is True and info["protocol"] == "newstyle-fixed"
+    assert [e["export-name"] for e in info["exports"]] == ["disk"]
+    assert info["exports"][0]["export-size"] == 4 * MiB
+    p = nbdinfo("--list", "--json", uri)
+    assert p.returncode == 0, p.stderr
+    assert [e["export-name"] for e in json.loads(p.stdout)["exports"]] == ["disk"]
+    p = nbdinfo("--size", srv.uri())          # plaintext
+    assert p.returncode != 0 and p.stdout == "", p
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_nbdcopy_both_directions(tls_kind, tls_servers, tls_files, tmp_path):
+    """Data written over TLS reads back: nbdcopy file -> nbds:// -> file, checksums equal,
+    and the server's image file holds the data."""
+    image = tmp_path / "target.img"
+    with open(image, "wb") as f:
+        f.truncate(8 * MiB)
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(8 * MiB))
+    srv = tls_servers(tls_kind, image, transport="tcp4", args=["-e", "4"])
+    uri = x509_uri(srv, tls_files.client_dir("client1"))
+    p = run(["nbdcopy", src, uri])
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "out.bin"
+    p = run(["nbdcopy", uri, out])
+    assert p.returncode == 0, p.stderr
+    assert _sha(out) == _sha(src) == _sha(image)
+    p = run(["nbdcopy", "--synchronous", uri, "null:"])
+    assert p.returncode == 0, p.stderr
+
+
+def test_write_read_over_tls(tls_kind, tls_servers, tls_files, sparse_image):
+    """pwrite/zero/flush/pread through one handle, then a second connection reads the data."""
+    srv = tls_servers(tls_kind, sparse_image)
+    uri = x509_uri(srv, tls_files.client_dir("client2"))
+    data = os.urandom(3 * MiB + 512)
+    h = connect(uri)
+    try:
+        h.pwrite(data, 512)
+        h.zero(4096, MiB)
+        h.flush()
+    finally:
+        h.shutdown()
+    h = connect(uri)
+    try:
+        got = h.pread(len(data), 512)
+    finally:
+        h.shutdown()
+    want = bytearray(data)
+    want[MiB - 512:MiB - 512 + 4096] = bytes(4096)
+    assert got == bytes(want)

@@ -131,6 +131,23 @@ def connect_unix_retry(path: str, timeout: float = 5.0) -> socket.socket:
             select.select([], [], [], 0.005)      # bounded back-off, not synchronisation
 
 
+def connect_unix_retry_missing(path: str, d: "Daemon", timeout: float = START_TIMEOUT
+                               ) -> socket.socket:
+    """connect() to a unix socket the daemon `d` creates after its QMP greeting (its NBD
+    server's): poll until the path exists and accepts, failing if the daemon exits or
+    `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if os.path.exists(path):
+            return connect_unix_retry(path, max(0.1, deadline - time.monotonic()))
+        if not d.alive():
+            raise DaemonStartError(f"{d.kind} exited before listening on {path}:\n"
+                                   f"{d.stderr()}")
+        if time.monotonic() >= deadline:
+            raise DaemonStartError(f"{d.kind} did not listen on {path} within {timeout}s")
+        d.wait_briefly(0.005)
+
+
 def qmp_lines(sock: socket.socket, commands) -> list:
     """Negotiate on a connected QMP socket, then run `commands` (names, no arguments) as raw
     JSON lines; returns their replies (events skipped).  After a final ``quit`` it reads until

@@ -16,6 +16,7 @@ tests/conftest.py makes one per pytest session):
                      serves as a client that does not trust our server)
 - ``intruder/``      the other CA's client certificate with OUR ``ca-cert.pem`` (a client
                      that trusts our server and presents a certificate it must refuse)
+- ``server-crl/``    the server layout plus ``ca-crl.pem``, a CRL of the CA revoking client2
 - ``psk/keys.psk``   ``user:hexkey`` lines (the format of GnuTLS' psktool, read by both
                      qemu's tls-creds-psk ``dir=`` and libnbd's ``tls-psk-file=``)
 
@@ -53,6 +54,7 @@ class TLSFiles:
     ca_dir: Path
     server_dir: Path
     server_enc_dir: Path
+    server_crl_dir: Path | None = None
     client_dirs: dict[str, Path] = field(default_factory=dict)
     other_ca_dir: Path | None = None
     other_client_dir: Path | None = None
@@ -126,6 +128,20 @@ def _make_leaf(ca: Path, d: Path, prefix: str, subject: str, purpose: str,
         os.chmod(f, 0o600 if f.name.endswith("-key.pem") else 0o644)
 
 
+def _make_crl(ca: Path, revoked_cert: Path, out: Path) -> None:
+    """A CRL of the CA in `ca` revoking `revoked_cert` (openssl ca's minimal database)."""
+    db = ca / "crl-db"
+    db.mkdir()
+    (db / "index.txt").write_text("")
+    (db / "crlnumber").write_text("01\n")
+    (db / "ca.cnf").write_text(
+        "[ca]\ndefault_ca = test\n[test]\ndatabase = index.txt\ncrlnumber = crlnumber\n"
+        f"default_md = sha256\ndefault_crl_days = {DAYS}\n"
+        f"certificate = {ca / 'ca-cert.pem'}\nprivate_key = {ca / 'ca-key.pem'}\n")
+    _run("ca", "-config", "ca.cnf", "-revoke", str(revoked_cert), cwd=db)
+    _run("ca", "-config", "ca.cnf", "-gencrl", "-out", str(out), cwd=db)
+
+
 def make_tls_files(root: Path) -> TLSFiles:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -156,6 +172,10 @@ def make_tls_files(root: Path) -> TLSFiles:
          str(files.server_dir / "server-key.pem"), "-out", "server-key.pem",
          "-passout", f"pass:{SERVER_KEY_PASSWORD}", cwd=enc)
     os.chmod(enc / "server-key.pem", 0o600)
+    files.server_crl_dir = root / "server-crl"
+    shutil.copytree(files.server_dir, files.server_crl_dir)
+    _make_crl(ca, files.client_dirs["client2"] / "client-cert.pem",
+              files.server_crl_dir / "ca-crl.pem")
     files.psk_dir.mkdir()
     files.psk_dir_with(files.psk_dir, [f"{PSK_USER}:{PSK_KEY}",
                                        f"{PSK_OTHER_USER}:{PSK_OTHER_KEY}"])

@@ -79,6 +79,19 @@ def refused(uri: str) -> str:
     return msg
 
 
+def wait_logged(proc, text: str, timeout: float = 10.0) -> str:
+    """Poll a server's (ProcessHandle's) stderr until `text` appears: the log line may follow
+    the refusal the client saw.  Returns the whole stderr."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        err = proc.stderr()
+        if text in err:
+            return err
+        assert time.monotonic() < deadline, f"{text!r} not logged; stderr:\n{err}"
+        proc.wait_briefly(0.01)
+
+
 def nbdinfo(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
     return subprocess.run(["nbdinfo", *args], capture_output=True, text=True,
                           timeout=timeout, preexec_fn=die_with_parent)

@@ -79,11 +79,14 @@ class TLSServers(WatchedLauncher):
 
     def __call__(self, kind: str, image, *, creds: str = "x509", transport: str = "unix",
                  authz: str | None = None, server_dir=None, creds_props: dict | None = None,
-                 args=(), **kw) -> S.Server:
+                 objects=(), args=(), **kw) -> S.Server:
         """`creds` "x509" (dir = tls.server_dir unless `server_dir`), "psk" (tls.psk_dir),
         or None (no TLS); `authz` an --object spec whose id is AUTHZ_ID, or an id alone
-        (passed to --tls-authz without an object)."""
+        (passed to --tls-authz without an object); `objects` --object specs created before
+        the credentials (e.g. a secret); `args` more arguments at the end."""
         argv: list[str] = []
+        for spec in objects:
+            argv += ["--object", spec]
         props = creds_props or {}
         if creds == "x509":
             argv += ["--object", x509_object("server", server_dir or self.tls.server_dir,

@@ -13,21 +13,10 @@ import time
 
 import pytest
 
-from helpers.tls_clients import authz_simple, read_check, refused, run, x509_uri
+from helpers.tls_clients import authz_simple, read_check, refused, run, wait_logged, x509_uri
 from tls_interop.conftest import require_server
 
 pytest.importorskip("nbd")
-
-
-def wait_stderr(srv, text: str, timeout: float = 10.0) -> str:
-    """Poll the server's log until `text` appears (the log line follows the refusal)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        err = srv.stderr()
-        if text in err:
-            return err
-        assert time.monotonic() < deadline, f"{text!r} not logged; stderr:\n{err}"
-        srv.wait_briefly(0.01)
 
 
 def test_authz_simple_allow_and_deny(tls_kind, tls_servers, tls_files, sparse_image):
@@ -36,7 +25,7 @@ def test_authz_simple_allow_and_deny(tls_kind, tls_servers, tls_files, sparse_im
     srv = tls_servers(tls_kind, sparse_image, authz=authz_simple(dn1))
     read_check(x509_uri(srv, tls_files.client_dir("client1")))
     refused(x509_uri(srv, tls_files.client_dir("client2")))
-    err = wait_stderr(srv, "CN=client2")
+    err = wait_logged(srv, "CN=client2")
     if tls_kind == "qemu-nbd":
         assert "TLS x509 authz check for CN=client2 is denied" in err, err
     assert "denied" in err.lower(), err
@@ -48,7 +37,7 @@ def test_authz_simple_dn_order(tls_kind, tls_servers, tls_files, sparse_image):
     srv = tls_servers(tls_kind, sparse_image,
                       authz=authz_simple(tls_files.subject_dn("client1", style="rfc4514")))
     refused(x509_uri(srv, tls_files.client_dir("client1")))
-    wait_stderr(srv, "O=Test,CN=client1")
+    wait_logged(srv, "O=Test,CN=client1")
 
 
 def _authz_list(policy: str, rules: list) -> str:
@@ -85,7 +74,7 @@ def test_authz_id_without_object(tls_kind, tls_servers, tls_files, sparse_image)
     reason logged."""
     srv = tls_servers(tls_kind, sparse_image, authz="nosuch")
     refused(x509_uri(srv, tls_files.client_dir("client1")))
-    err = wait_stderr(srv, "nosuch")
+    err = wait_logged(srv, "nosuch")
     if tls_kind == "qemu-nbd":
         assert "Cannot find QAuthZ object ID nosuch" in err, err
 

@@ -13,7 +13,8 @@ import os
 
 import pytest
 
-from helpers.tls_clients import connect, nbdinfo, read_check, refused, run, x509_uri
+from helpers.tls_clients import (connect, nbdinfo, read_check, refused, run, wait_logged,
+                                 x509_object, x509_uri)
 
 nbd = pytest.importorskip("nbd")
 
@@ -151,3 +152,33 @@ def test_write_read_over_tls(tls_kind, tls_servers, tls_files, sparse_image):
     want = bytearray(data)
     want[MiB - 512:MiB - 512 + 4096] = bytes(4096)
     assert got == bytes(want)
+
+
+def test_crl_revokes_client(tls_kind, tls_servers, tls_files, sparse_image):
+    """ca-crl.pem in the server's dir: client2's certificate is revoked there."""
+    srv = tls_servers(tls_kind, sparse_image, server_dir=tls_files.server_crl_dir)
+    read_check(x509_uri(srv, tls_files.client_dir("client1")))
+    refused(x509_uri(srv, tls_files.client_dir("client2")))
+    if tls_kind == "qemu-nbd":
+        wait_logged(srv, "The certificate has been revoked")
+    read_check(x509_uri(srv, tls_files.client_dir("client1")))
+
+
+def test_encrypted_key_passwordid(tls_kind, tls_servers, tls_files, sparse_image, tmp_path):
+    """server-key.pem encrypted; passwordid names a secret with the password."""
+    srv = tls_servers(tls_kind, sparse_image, server_dir=tls_files.server_enc_dir,
+                      creds_props={"passwordid": "kp"},
+                      objects=[f"secret,id=kp,data={tls_files.server_key_password}"])
+    read_check(x509_uri(srv, tls_files.client_dir("client1")))
+    # the wrong password: the server does not start, and says which files it could not load
+    from helpers.servers import server_binary
+    p = run([server_binary(tls_kind), "--object", "secret,id=kp,data=wrong", "--object",
+             x509_object("server", tls_files.server_enc_dir, passwordid="kp"),
+             "--tls-creds", "tls0", "-k", tmp_path / "x.sock", "-f", "raw", sparse_image],
+            timeout=15)
+    key = tls_files.server_enc_dir / "server-key.pem"
+    assert p.returncode == 1 and str(key) in p.stderr and "Traceback" not in p.stderr, p
+    if tls_kind == "qemu-nbd":
+        assert p.stderr == (f"qemu-nbd: Cannot load certificate "
+                            f"'{tls_files.server_enc_dir / 'server-cert.pem'}' & key '{key}': "
+                            "Decryption has failed.\n")

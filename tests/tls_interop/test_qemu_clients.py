@@ -214,3 +214,35 @@ def test_our_list_needs_client_creds(tls_files, tmp_path):
                  x509_object("server", tls_files.server_dir), "--tls-creds", "tls0"])
         outs.append((p.returncode, p.stderr.replace(os.path.basename(binary), "PROG")))
     assert outs[0][0] == 1 and outs[1] == outs[0], outs
+
+
+def test_anon_creds(tls_kind, tls_servers, tls_files, sparse_image, tmp_path):
+    """tls-creds-anon (anonymous DH, no certificates): qemu-nbd 7.2 serves qemu-img's anon
+    client.  Ours either does the same or refuses the object at creation with a clear
+    "not supported" message (OpenSSL's anonymous ciphers may not interoperate with GnuTLS)."""
+    anon = "tls-creds-anon,id=tls0,endpoint=server"
+    try:
+        srv = tls_servers(tls_kind, sparse_image, creds=None,
+                          args=["--object", anon, "--tls-creds", "tls0"])
+    except S.ServerStartError as e:
+        if tls_kind == "qemu-nbd":
+            raise
+        assert "not supported" in str(e) and "Traceback" not in str(e), e
+        return
+    p = run(["qemu-img", "info", "--output=json", "--object",
+             "tls-creds-anon,id=tls0,endpoint=client", "--image-opts",
+             f"driver=nbd,server.type=unix,server.path={srv.socket_path},tls-creds=tls0"])
+    assert p.returncode == 0 and json.loads(p.stdout)["virtual-size"] == IMAGE_SIZE, p
+
+
+def test_qemu_img_over_ipv6(tls_kind, tls_servers, tls_files, sparse_image):
+    """TLS over IPv6 loopback, the certificate's SAN IP:::1 checked by qemu-img.  (Not libnbd:
+    libnbd 1.14 sends the bracketed literal as SNI and qemu-nbd 7.2's GnuTLS refuses the
+    handshake with "A disallowed SNI server name has been received".)"""
+    if not S.ipv6_available():
+        pytest.skip("no IPv6 loopback")
+    srv = tls_servers(tls_kind, sparse_image, transport="tcp6")
+    p = run(["qemu-img", "info", "--output=json",
+             *client_object(tls_files.client_dir("client1")), "--image-opts",
+             nbd_opts(srv, host="::1")])
+    assert p.returncode == 0 and json.loads(p.stdout)["virtual-size"] == IMAGE_SIZE, p

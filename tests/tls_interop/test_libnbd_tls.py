@@ -117,9 +117,9 @@ def test_nbdcopy_both_directions(tls_kind, tls_servers, tls_files, tmp_path):
     and the server's image file holds the data."""
     image = tmp_path / "target.img"
     with open(image, "wb") as f:
-        f.truncate(8 * MiB)
+        f.truncate(4 * MiB)
     src = tmp_path / "src.bin"
-    src.write_bytes(os.urandom(8 * MiB))
+    src.write_bytes(os.urandom(4 * MiB))
     srv = tls_servers(tls_kind, image, transport="tcp4", args=["-e", "4"])
     uri = x509_uri(srv, tls_files.client_dir("client1"))
     p = run(["nbdcopy", src, uri])
@@ -128,8 +128,6 @@ def test_nbdcopy_both_directions(tls_kind, tls_servers, tls_files, tmp_path):
     p = run(["nbdcopy", uri, out])
     assert p.returncode == 0, p.stderr
     assert _sha(out) == _sha(src) == _sha(image)
-    p = run(["nbdcopy", "--synchronous", uri, "null:"])
-    assert p.returncode == 0, p.stderr
 
 
 def test_write_read_over_tls(tls_kind, tls_servers, tls_files, sparse_image):

@@ -301,6 +301,22 @@ def test_client_stalling_mid_tls_handshake_holds_nothing_up(tls_server, certs):
     assert srv.reports == []          # the limit's drop is not a negotiation failure report
 
 
+def test_server_stop_drops_a_client_mid_tls_handshake(tls_server, certs):
+    srv = tls_server(handshake_max_seconds=0)       # no limit: only the stop ends it
+    s = raw_connect(srv.path)
+    try:
+        s.sendall(option(C.Opt.STARTTLS) + b"\x16\x03\x01")   # a ClientHello's first bytes
+        assert read_reply(s) == (C.Opt.STARTTLS, C.Rep.ACK, b"")
+        wait_for(lambda: srv.connection_count() == 1, "the connection")
+        t0 = time.monotonic()
+        srv.call(srv.server.stop(hard=True))
+        assert time.monotonic() - t0 < 5
+        wait_eof(s, TIMEOUT)
+    finally:
+        s.close()
+    assert srv.reports == []
+
+
 def test_client_from_another_ca_is_refused_and_reported(tls_server, certs):
     srv = tls_server()
     with pytest.raises(nbd.Error):

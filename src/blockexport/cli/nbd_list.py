@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import sys
 from dataclasses import dataclass, field
 
@@ -77,6 +78,27 @@ def format_list(exports: list[ExportInfo]) -> str:
     return "\n".join(out) + "\n"
 
 
+# OpenSSL verify codes -> QEMU 7.2's messages for the same failures (crypto/tlssession.c,
+# from gnutls's verification status: an unknown issuer and revocation have their own words,
+# everything else, expiry included, is "not trusted")
+_X509_V_ERR_CERT_REVOKED = 23
+_X509_V_ERR_HOSTNAME_MISMATCH = 62
+_X509_V_ERR_IP_ADDRESS_MISMATCH = 64
+_UNKNOWN_ISSUER = (2, 18, 19, 20, 21)    # unable to get issuer / self-signed / local issuer
+
+
+def _verify_message(exc: "ssl.SSLCertVerificationError", hostname: str | None) -> str:
+    """The server's certificate was refused: QEMU's words for it."""
+    code = exc.verify_code
+    if code in (_X509_V_ERR_HOSTNAME_MISMATCH, _X509_V_ERR_IP_ADDRESS_MISMATCH):
+        return "Certificate does not match the hostname %s" % hostname
+    if code in _UNKNOWN_ISSUER:
+        return "The certificate hasn't got a known issuer"
+    if code == _X509_V_ERR_CERT_REVOKED:
+        return "The certificate has been revoked"
+    return "The certificate is not trusted"
+
+
 class _Conversation:
     """Blocking pump around a ClientHandshake."""
 
@@ -123,9 +145,15 @@ class _Conversation:
                 self.abort()
                 raise ListError("Server don't support STARTTLS option")
             self.fail(end)
+        if self.tls_hostname is None and self.tls_context.check_hostname:
+            # QEMU checks the server's certificate against a host name, and has none to
+            # check against over a unix socket without --tls-hostname
+            raise ListError("No hostname for certificate validation")
         try:
             self.sock = self.tls_context.wrap_socket(self.sock,
                                                      server_hostname=self.tls_hostname)
+        except ssl.SSLCertVerificationError as exc:
+            raise ListError(_verify_message(exc, self.tls_hostname))
         except (OSError, ValueError) as exc:
             raise ListError("TLS handshake failed: %s" % exc)
         self.m.tls_established()

@@ -348,11 +348,11 @@ class NbdConnection:
 
     def _negotiation_failed(self, reason: str) -> None:
         """Report why negotiation failed as qemu-nbd / qemu-storage-daemon print it — unless
-        the handshake limit dropped the client (then the failure is ours)."""
+        the handshake limit or the server's stop dropped the client (the failure is ours)."""
         with self._hs_lock:
             expired = self._hs_state == "expired"
-        if expired:
-            log.debug("client %s: %s (handshake limit)", self.peer, reason)
+        if expired or self.closing:      # the limit, or the server stopping, dropped it
+            log.debug("client %s: %s (dropped by the server)", self.peer, reason)
             return
         report = getattr(self.server, "report_error", None)
         if report is None:

@@ -143,22 +143,21 @@ class NbdOptions:
 
 
 def _object_types() -> dict:
-    """User-creatable object types (name -> creator).  None exist yet; TLS credentials,
-    secrets and authz objects will register here."""
-    return {}
+    """User-creatable object types (qom-type -> (module, class)): the objects table's."""
+    from blockexport.objects import OBJECT_TYPES
+    return OBJECT_TYPES
 
 
-def create_object(props: dict) -> None:
-    """Validate and create one ``--object`` (QEMU's user_creatable_process_cmdline)."""
-    types = _object_types()
-    qom_type = props.get("qom-type")
-    if qom_type is None:
-        raise Error("Parameter 'qom-type' is missing")
-    if not isinstance(qom_type, str):
-        raise Error("Invalid parameter type for 'qom-type', expected: string")
-    if qom_type not in types:
-        raise Error("Parameter 'qom-type' does not accept value '%s'" % qom_type)
-    types[qom_type](props)
+def create_object(props: dict, table=None, *, keyval: bool = True):
+    """Validate and create one ``--object`` (QEMU's user_creatable_process_cmdline: the
+    ObjectOptions visit, then the object added to ``table``, a
+    :class:`blockexport.objects.ObjectTable`).  Returns the object."""
+    from blockexport.objects import ObjectTable
+    from blockexport.qapi.schema import default_schema
+    checked = default_schema().check_type("ObjectOptions", props, keyval=keyval)
+    if table is None:
+        table = ObjectTable()
+    return table.add(checked)
 
 
 def _print_object_help(props: dict, out) -> None:
@@ -324,7 +323,10 @@ def _apply_option(o: NbdOptions, val: str, arg, rep: Reporter) -> None:
                 _print_object_help(props, sys.stdout)
                 sys.stdout.flush()
                 raise CliExit(0)
-            create_object(props)
+            if o.object_table is None:
+                from blockexport.objects import ObjectTable
+                o.object_table = ObjectTable()
+            create_object(props, o.object_table, keyval=not arg.startswith("{"))
         except Error as err:
             rep.fail_err(err)
         o.objects.append(props)

@@ -79,3 +79,19 @@ def test_psk_needs_python_313(tls_files, sparse_image, tmp_path):
             timeout=15)
     assert p.returncode == 1, p
     assert "3.13" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_psk_qemu_img_client(psk_kind, tls_servers, tls_files, sparse_image, tmp_path):
+    """QEMU's PSK client (tls-creds-psk,endpoint=client,username=...) reads and writes; a
+    client whose user the server doesn't know fails."""
+    srv = tls_servers(psk_kind, sparse_image, creds="psk")
+    opts = f"driver=nbd,server.type=unix,server.path={srv.socket_path},tls-creds=tls0"
+    client = ["--object", psk_object("client", tls_files.psk_dir, username="bob")]
+    p = run(["qemu-io", *client, "--image-opts", opts, "-c", "write -P 0x3c 2m 64k",
+             "-c", "read -P 0x3c 2m 64k", "-c", "read -P 0x11 0 64k"])
+    assert p.returncode == 0 and "verification failed" not in p.stdout, p
+    carol = tls_files.psk_dir_with(tmp_path / "carol", ["carol:00112233445566778899aabbccddeeff"])
+    p = run(["qemu-img", "info", "--object", psk_object("client", carol, username="carol"),
+             "--image-opts", opts])
+    assert p.returncode == 1 and "virtual size" not in p.stdout, p
+    assert srv.alive()

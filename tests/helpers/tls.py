@@ -5,7 +5,9 @@ tests/conftest.py makes one per pytest session):
 
 - ``ca/``            the test CA (``ca-cert.pem``, ``ca-key.pem``)
 - ``server/``        QEMU's server layout: ``ca-cert.pem``, ``server-cert.pem``,
-                     ``server-key.pem`` (SAN DNS:localhost, IP:127.0.0.1, IP:::1)
+                     ``server-key.pem`` (SAN DNS:localhost, IP:127.0.0.1, IP:::1),
+                     ``dh-params.pem`` (RFC 7919's ffdhe2048: without it QEMU generates DH
+                     parameters at creation, 0.2 to 4 s per qemu-nbd start here)
 - ``server-enc/``    the same with ``server-key.pem`` encrypted (PKCS#8, AES-256-CBC) by
                      ``TLSFiles.server_key_password`` (for ``passwordid=``)
 - ``client1/``, ``client2/``  QEMU's client layout, which is also what libnbd's
@@ -17,6 +19,7 @@ tests/conftest.py makes one per pytest session):
 - ``intruder/``      the other CA's client certificate with OUR ``ca-cert.pem`` (a client
                      that trusts our server and presents a certificate it must refuse)
 - ``server-crl/``    the server layout plus ``ca-crl.pem``, a CRL of the CA revoking client2
+- ``anon/``          only ``dh-params.pem`` (a ``dir=`` for tls-creds-anon servers)
 - ``psk/keys.psk``   ``user:hexkey`` lines (the format of GnuTLS' psktool, read by both
                      qemu's tls-creds-psk ``dir=`` and libnbd's ``tls-psk-file=``)
 
@@ -55,6 +58,7 @@ class TLSFiles:
     server_dir: Path
     server_enc_dir: Path
     server_crl_dir: Path | None = None
+    anon_dir: Path | None = None
     client_dirs: dict[str, Path] = field(default_factory=dict)
     other_ca_dir: Path | None = None
     other_client_dir: Path | None = None
@@ -154,6 +158,13 @@ def make_tls_files(root: Path) -> TLSFiles:
                      intruder_dir=root / "intruder", psk_dir=root / "psk")
     _make_leaf(ca, files.server_dir, "server", "/O=Test/CN=localhost", "serverAuth",
                "DNS:localhost,IP:127.0.0.1,IP:::1")
+    # a well-known group, instant to write (no prime search)
+    _run("genpkey", "-genparam", "-algorithm", "DH", "-pkeyopt", "group:ffdhe2048",
+         "-out", "dh-params.pem", cwd=files.server_dir)
+    dh = files.server_dir / "dh-params.pem"
+    files.anon_dir = root / "anon"
+    files.anon_dir.mkdir()
+    shutil.copy(dh, files.anon_dir / "dh-params.pem")
     for name, subject in CLIENT_SUBJECTS.items():
         files.client_dirs[name] = root / name
         _make_leaf(ca, root / name, "client", subject, "clientAuth", None)
@@ -168,6 +179,7 @@ def make_tls_files(root: Path) -> TLSFiles:
     enc.mkdir()
     shutil.copy(files.server_dir / "ca-cert.pem", enc / "ca-cert.pem")
     shutil.copy(files.server_dir / "server-cert.pem", enc / "server-cert.pem")
+    shutil.copy(dh, enc / "dh-params.pem")
     _run("pkcs8", "-topk8", "-v2", "aes-256-cbc", "-in",
          str(files.server_dir / "server-key.pem"), "-out", "server-key.pem",
          "-passout", f"pass:{SERVER_KEY_PASSWORD}", cwd=enc)
@@ -177,6 +189,7 @@ def make_tls_files(root: Path) -> TLSFiles:
     _make_crl(ca, files.client_dirs["client2"] / "client-cert.pem",
               files.server_crl_dir / "ca-crl.pem")
     files.psk_dir.mkdir()
+    shutil.copy(dh, files.psk_dir / "dh-params.pem")
     files.psk_dir_with(files.psk_dir, [f"{PSK_USER}:{PSK_KEY}",
                                        f"{PSK_OTHER_USER}:{PSK_OTHER_KEY}"])
     os.chmod(files.psk_file, 0o600)

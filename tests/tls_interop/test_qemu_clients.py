@@ -220,7 +220,7 @@ def test_anon_creds(tls_kind, tls_servers, tls_files, sparse_image, tmp_path):
     """tls-creds-anon (anonymous DH, no certificates): qemu-nbd 7.2 serves qemu-img's anon
     client.  Ours either does the same or refuses the object at creation with a clear
     "not supported" message (OpenSSL's anonymous ciphers may not interoperate with GnuTLS)."""
-    anon = "tls-creds-anon,id=tls0,endpoint=server"
+    anon = f"tls-creds-anon,id=tls0,endpoint=server,dir={tls_files.anon_dir}"
     try:
         srv = tls_servers(tls_kind, sparse_image, creds=None,
                           args=["--object", anon, "--tls-creds", "tls0"])
@@ -246,3 +246,20 @@ def test_qemu_img_over_ipv6(tls_kind, tls_servers, tls_files, sparse_image):
              *client_object(tls_files.client_dir("client1")), "--image-opts",
              nbd_opts(srv, host="::1")])
     assert p.returncode == 0 and json.loads(p.stdout)["virtual-size"] == IMAGE_SIZE, p
+
+
+@pytest.mark.parametrize("lister", LIST_KINDS)
+def test_list_checks_bind_host_by_default(lister, tls_servers, tls_files, sparse_image):
+    """Without --tls-hostname the certificate is checked against the -b host: 127.0.0.2 is
+    not in it (qemu-nbd 7.2: "Certificate does not match the hostname 127.0.0.2"), and
+    --tls-hostname localhost makes the same server acceptable."""
+    require_server(lister)
+    require_server("qemu-nbd")
+    srv = tls_servers("qemu-nbd", sparse_image, transport="tcp4", host="127.0.0.2")
+    argv = [S.server_binary(lister), "-L", "-b", "127.0.0.2", "-p", str(srv.port),
+            *client_object(tls_files.client_dir("client1")), "--tls-creds", "tls0"]
+    p = run(argv)
+    assert p.returncode == 1 and p.stdout == "", p
+    assert "Certificate does not match the hostname 127.0.0.2" in p.stderr, p.stderr
+    p = run(argv + ["--tls-hostname", "localhost"])
+    assert p.returncode == 0 and "exports available: 1" in p.stdout, p

@@ -102,10 +102,12 @@ def _verify_message(exc: "ssl.SSLCertVerificationError", hostname: str | None) -
 class _Conversation:
     """Blocking pump around a ClientHandshake."""
 
-    def __init__(self, sock: socket.socket, tls_context=None, tls_hostname=None):
+    def __init__(self, sock: socket.socket, tls_context=None, tls_hostname=None,
+                 tls_require_hostname: bool = False):
         self.sock = sock
         self.tls_context = tls_context
         self.tls_hostname = tls_hostname
+        self.tls_require_hostname = tls_require_hostname
         self.m = NC.ClientHandshake()
 
     def flush(self) -> None:
@@ -145,7 +147,8 @@ class _Conversation:
                 self.abort()
                 raise ListError("Server don't support STARTTLS option")
             self.fail(end)
-        if self.tls_hostname is None and self.tls_context.check_hostname:
+        if self.tls_hostname is None and (self.tls_require_hostname or
+                                          self.tls_context.check_hostname):
             # QEMU checks the server's certificate against a host name, and has none to
             # check against over a unix socket without --tls-hostname
             raise ListError("No hostname for certificate validation")
@@ -215,13 +218,16 @@ class _Conversation:
         return found
 
 
-def list_exports(sock: socket.socket, tls_context=None, tls_hostname: str | None = None) -> str:
+def list_exports(sock: socket.socket, tls_context=None, tls_hostname: str | None = None,
+                 tls_require_hostname: bool = False) -> str:
     """Query the server on the connected blocking ``sock``; the text qemu-nbd -L prints.
 
     Raises :class:`ListError` (or ``ProtocolError`` subclasses are converted to it).
-    ``tls_context`` is an ``ssl.SSLContext`` (client side) to use STARTTLS.
+    ``tls_context`` is an ``ssl.SSLContext`` (client side) to use STARTTLS;
+    ``tls_require_hostname``: the server's certificate must be checked against a host name
+    (x509 with verify-peer), so a missing ``tls_hostname`` is QEMU's error.
     """
-    conv = _Conversation(sock, tls_context, tls_hostname)
+    conv = _Conversation(sock, tls_context, tls_hostname, tls_require_hostname)
     try:
         return format_list(conv.run())
     except ProtocolError as exc:
@@ -260,7 +266,7 @@ def _connect(host, port, socket_path) -> socket.socket:
 def main_list(host: str | None = None, port: int | str = C.DEFAULT_PORT,
               socket_path: str | None = None, tls_context=None,
               tls_hostname: str | None = None, *, prog: str | None = None,
-              stdout=None, stderr=None) -> int:
+              stdout=None, stderr=None, tls_require_hostname: bool = False) -> int:
     """qemu-nbd -L: print the export list (exit status 0) or the error (exit status 1).
 
     ``host`` defaults to 0.0.0.0 as in qemu-nbd; ``prog`` (the error prefix) defaults to the
@@ -274,7 +280,7 @@ def main_list(host: str | None = None, port: int | str = C.DEFAULT_PORT,
         sock = _connect(host, port, socket_path)
         if tls_hostname is None and socket_path is None and host is not None:
             tls_hostname = host
-        text = list_exports(sock, tls_context, tls_hostname)
+        text = list_exports(sock, tls_context, tls_hostname, tls_require_hostname)
     except ListError as exc:
         stderr.write("%s: %s\n" % (prog, exc.message))
         for hint in exc.hints:

@@ -861,10 +861,24 @@ def _run_list(o: NbdOptions, rep: Reporter) -> int:
     # With TLS the server's certificate is checked against --tls-hostname, else the -b host
     # (0.0.0.0 by default, as qemu-nbd does); over a unix socket there is no default.
     creds = o.tls_creds_object
-    return main_list(host=o.bind or DEFAULT_BIND, port=o.port or DEFAULT_PORT,
-                     socket_path=o.socket_path,
-                     tls_context=creds.ssl_context() if creds is not None else None,
-                     tls_hostname=o.tls_hostname, prog=rep.name)
+    host = o.bind or DEFAULT_BIND
+    context = hostname = None
+    need_hostname = False
+    if creds is not None:
+        hostname = o.tls_hostname
+        if hostname is None and o.socket_path is None:
+            hostname = host
+        # x509 with verify-peer checks the server certificate's name (QEMU: "No hostname
+        # for certificate validation" when there is none, e.g. over a unix socket)
+        client_context = getattr(creds, "client_context", None)
+        if client_context is not None:
+            context = client_context(hostname)
+            need_hostname = bool(getattr(creds, "verify_peer", False))
+        else:
+            context = creds.ssl_context()
+    return main_list(host=host, port=o.port or DEFAULT_PORT, socket_path=o.socket_path,
+                     tls_context=context, tls_hostname=hostname, prog=rep.name,
+                     tls_require_hostname=need_hostname)
 
 
 def _listen(server, o: NbdOptions, activation: int, rep: Reporter) -> None:

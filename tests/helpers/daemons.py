@@ -31,6 +31,8 @@ from helpers.servers import free_port  # noqa: F401  (re-exported)
 
 QSD = "/usr/bin/qemu-storage-daemon"
 BLOCKEXPORT_DAEMON = venv_binary("blockexport-daemon")
+# our daemon on Python 3.13 (ssl PSK callbacks): the product-only venv the Makefile builds
+BLOCKEXPORT_DAEMON_PY313 = str(procs.REPO / ".venv-py313" / "bin" / "blockexport-daemon")
 
 DAEMON_KINDS = ("qemu-storage-daemon", "blockexport-daemon")
 START_TIMEOUT = 15.0
@@ -63,6 +65,8 @@ def daemon_binary(kind: str) -> str:
         return QSD
     if kind == "blockexport-daemon":
         return BLOCKEXPORT_DAEMON
+    if kind == "blockexport-daemon-py313":
+        return BLOCKEXPORT_DAEMON_PY313
     raise ValueError(kind)
 
 

@@ -41,10 +41,13 @@ def require_server(kind: str) -> None:
 
 
 def require_daemon(kind: str) -> None:
-    if kind == "blockexport-daemon":
+    if kind.startswith("blockexport-daemon"):
         problem = D.blockexport_daemon_problem()
         if problem:
             ours_missing(problem)
+        if kind == "blockexport-daemon-py313" and not os.path.exists(D.BLOCKEXPORT_DAEMON_PY313):
+            ours_missing(f"our Python 3.13 daemon {D.BLOCKEXPORT_DAEMON_PY313} is missing "
+                         "(`make venv-py313`; PSK needs ssl's PSK callbacks)")
     elif not os.path.exists(D.QSD):
         oracle_missing("qemu-storage-daemon is not installed")
 

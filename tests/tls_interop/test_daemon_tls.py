@@ -17,7 +17,7 @@ import pytest
 
 from helpers import daemons as D
 from helpers.tls_clients import authz_simple, read_check, refused, x509_object
-from tls_interop.conftest import AUTHZ_ID, TLS_ID
+from tls_interop.conftest import AUTHZ_ID, TLS_ID, require_daemon
 
 pytest.importorskip("nbd")
 
@@ -145,3 +145,28 @@ def test_nbd_server_start_tls_errors(start, tls_files, sparse_image, tmp_path):
     q.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "f", "name": "disk"})
     read_check(f"nbds://localhost:{port}/disk?tls-certificates={tls_files.client_dir('client1')}")
     refused(f"nbd://localhost:{port}/disk")
+
+
+@pytest.mark.parametrize("kind", ["qemu-storage-daemon", "blockexport-daemon-py313"])
+def test_nbd_server_psk(kind, tls_files, sparse_image, tmp_path):
+    """PSK credentials added over QMP, nbd-server-start with them; libnbd's PSK client served,
+    an unknown user refused (ours from .venv-py313: PSK needs Python 3.13)."""
+    require_daemon(kind)
+    launcher = Launcher()
+    try:
+        d = launcher.add(D.start_daemon(kind, [
+            "--blockdev", f"driver=file,node-name=f,filename={sparse_image}"],
+            tmp_path=tmp_path))
+        q = d.qmp()
+        q.cmd("object-add", {"qom-type": "tls-creds-psk", "id": "tls0", "endpoint": "server",
+                             "dir": str(tls_files.psk_dir)})
+        sock = tmp_path / "nbd.sock"
+        q.cmd("nbd-server-start", {"addr": D.unix_addr(sock), "tls-creds": "tls0"})
+        q.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "f",
+                                   "name": "disk"})
+        read_check(f"nbds+unix://alice@/disk?socket={sock}&tls-psk-file={tls_files.psk_file}")
+        carol = tls_files.psk_dir_with(tmp_path / "carol",
+                                       ["carol:00112233445566778899aabbccddeeff"])
+        refused(f"nbds+unix://carol@/disk?socket={sock}&tls-psk-file={carol / 'keys.psk'}")
+    finally:
+        launcher.stop_all()

@@ -1,1 +1,1 @@
-"""TLS interop suite (a package, so its conftest does not shadow tests/conftest.py as `conftest`)."""
+"""TLS interop suite (a package: its conftest must not shadow tests/conftest.py as `conftest`)."""

@@ -103,7 +103,7 @@ class ListFile:
                         % (self.filename, self.filename, exc.strerror)) from None
         try:
             obj = json.loads(content.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise Error("JSON parse error, %s" % _json_reason(exc)) from None
         if not isinstance(obj, dict):
             raise Error("File '%s' must contain a JSON object" % self.filename)

@@ -42,7 +42,8 @@ def cred_path(directory: str | None, name: str, required: bool) -> str | None:
     exist is None; any other access failure is an error naming the file."""
     if directory is None:
         raise Error("Missing 'dir' property value")
-    path = "%s/%s" % (directory, name)
+    # QEMU's strings end at a NUL
+    path = "%s/%s" % (directory.split("\0", 1)[0], name)
     if not os.access(path, os.R_OK):
         err = _access_errno(path)
         if err == errno.ENOENT and not required:
@@ -222,11 +223,9 @@ def pair_check(cert: str, key: str, password, cafile: str, is_server: bool) -> N
                                      % exc.verify_message)
         raise Error("Our own certificate %s failed validation against %s: %s"
                     % (cert, cafile, reason)) from None
-    except ssl.SSLError as exc:
-        if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate" in str(exc).lower():
-            raise Error("Our own certificate %s failed validation against %s: %s"
-                        % (cert, cafile, "Invalid certificate (%s)" % exc)) from None
-        raise
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise Error("Our own certificate %s failed validation against %s: %s"
+                    % (cert, cafile, "Invalid certificate (%s)" % exc)) from None
 
 
 class X509Credentials:
@@ -286,7 +285,7 @@ class X509Credentials:
         if cert is not None and key is not None:
             try:
                 ctx.load_cert_chain(cert, key, self._password)
-            except (ssl.SSLError, OSError) as exc:
+            except (ssl.SSLError, OSError, ValueError, TypeError) as exc:
                 raise _key_error(cert, key, exc) from None
             if sanity_check:
                 pair_check(cert, key, self._password, cacert, self._is_server)

@@ -317,6 +317,33 @@ def test_server_stop_drops_a_client_mid_tls_handshake(tls_server, certs):
     assert srv.reports == []
 
 
+def test_plaintext_after_starttls_is_refused_and_reported(tls_server, certs):
+    """A client that goes on in plaintext after STARTTLS's ACK: the TLS handshake fails on
+    its first bytes, the client is dropped, the server goes on."""
+    srv = tls_server()
+    s = raw_connect(srv.path)
+    try:
+        s.sendall(option(C.Opt.STARTTLS))
+        assert read_reply(s) == (C.Opt.STARTTLS, C.Rep.ACK, b"")
+        s.sendall(option(C.Opt.LIST) * 4)
+        data = b""
+        try:
+            while True:
+                chunk = s.recv(4096)       # at most a TLS alert, then EOF
+                if not chunk:
+                    break
+                data += chunk
+        except ConnectionResetError:
+            pass
+        assert data[:1] in (b"", b"\x15")      # nothing, or an alert record
+    finally:
+        s.close()
+    assert wait_for(lambda: srv.reports, "the report")[0].startswith(
+        "option negotiation failed: TLS handshake failed: ")
+    h = libnbd_connect(srv, certs)
+    h.shutdown()
+
+
 def test_client_from_another_ca_is_refused_and_reported(tls_server, certs):
     srv = tls_server()
     with pytest.raises(nbd.Error):

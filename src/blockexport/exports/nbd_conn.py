@@ -31,11 +31,16 @@ TlsChannel` (memory BIOs, locked for the reader + pool threads; its notes say wh
 ``SSLSocket``) and ``_read_by_sendfile`` is replaced by one that always declines: the TLS
 methods are chosen once per connection, the plaintext path has no extra branch per request.
 Replies go through the channel's ``sendmsg``: small replies are joined into one record
-stream and one ``sendall``, large reads are encrypted and sent in 256 KiB pieces.  Measured
-(2 cores, other jobs running, nbdcopy defaults — 4 connections x 64 requests of 256 KiB — on a
-256 MiB raw image in /dev/shm, unix socket, median of 5): plaintext read ~980 MiB/s, write
-~860 MiB/s; TLS (x509, TLS 1.3) read ~320-370 MiB/s, write ~370-490 MiB/s; qemu-nbd 7.2 in
-the same runs: TLS read ~350-530, write ~370-415 MiB/s.  Kernel TLS: Python 3.11's ``ssl`` has
+stream and one ``sendall``; in large ones headers are records of their own and payloads are
+encrypted and sent in 256 KiB slices (a profile of TLS reads showed copies and the kernel,
+not AES, dominating: libcrypto ~11% of the samples, memmove ~13%; not joining a 256 KiB
+payload to its header measured ~5% faster).  Measured with nbdcopy's defaults (4 connections
+x 64 requests of 256 KiB) on a 256 MiB raw image in /dev/shm over a unix socket, median of 5,
+2 cores, same run: plaintext read 1542 MiB/s, write 1292 (qemu-nbd 7.2: 1637, 1126); x509
+TLS 1.3 read 488 MiB/s, write 571 (qemu-nbd 7.2 with the same certificates: 555, 536) — TLS
+costs about two thirds of the plaintext rate, as it does for qemu-nbd.  (Earlier runs with
+other jobs on the machine: TLS 320-370 read, 370-490 write, qemu-nbd 350-530 / 370-415.)
+Kernel TLS: Python 3.11's ``ssl`` has
 no ``OP_ENABLE_KTLS`` (3.12+), and kTLS needs OpenSSL to own the socket (an ``SSLSocket``),
 which the thread-safe memory-BIO design rules out; so no kTLS and no sendfile under TLS.
 

@@ -16,9 +16,11 @@ ours:
 * only the reader thread receives: raw bytes go into the incoming BIO, plaintext comes out
   straight into the caller's buffer (``SSLObject.read(n, buffer)``: no intermediate copy).
 
-Writes: a reply's buffers are joined into one TLS record stream when small (one record, one
-``sendall``); large payloads are encrypted and sent in ``SEND_PIECE`` pieces so a 32 MiB
-read never holds 32 MiB of ciphertext.  Bytes the read side produces (a TLS 1.3 KeyUpdate
+Writes: a small reply's buffers are joined and encrypted in one write (one record, one
+``sendall``); in a large one the headers are small records of their own (joining would copy
+the payload once more: measured, copies cost more than the encryption here) and payloads are
+encrypted and sent in ``SEND_PIECE`` slices, so a 32 MiB read never holds 32 MiB of
+ciphertext.  Bytes the read side produces (a TLS 1.3 KeyUpdate
 answer) go out with the next reply, or at once if no reply is being sent.
 
 The object looks enough like a socket for the connection code (``recv``, ``recv_into``,
@@ -152,32 +154,29 @@ class TlsChannel:
             if total <= COALESCE_MAX:
                 self._write_locked(parts[0] if len(parts) == 1 else b"".join(parts))
                 return total
-            small = []
-            size = 0
+            # Large: no join (it would copy the payload once more).  Headers become small
+            # records of their own; payloads are encrypted in SEND_PIECE slices, each sent
+            # (with what precedes it) as soon as it is encrypted.
+            lock = self._lock
+            write = self.sslobj.write
+            out = self._out
+            sendall = self.sock.sendall
             for p in parts:
                 n = len(p)
-                if n < COALESCE_MAX:
-                    small.append(p)
-                    size += n
-                    if size < COALESCE_MAX:
-                        continue
-                    self._write_locked(b"".join(small))
-                    small = []
-                    size = 0
+                if n < SEND_PIECE:
+                    with lock:
+                        write(p)
                     continue
-                if small:                  # a header goes with the payload's first piece
-                    first = min(n, SEND_PIECE)
-                    small.append(memoryview(p)[:first])
-                    self._write_locked(b"".join(small))
-                    small = []
-                    size = 0
-                else:
-                    first = 0
                 mv = memoryview(p)
-                for i in range(first, n, SEND_PIECE):
-                    self._write_locked(mv[i:i + SEND_PIECE])
-            if small:
-                self._write_locked(b"".join(small))
+                for i in range(0, n, SEND_PIECE):
+                    with lock:
+                        write(mv[i:i + SEND_PIECE])
+                        data = out.read()
+                    sendall(data)
+            with lock:
+                data = out.read()
+            if data:
+                sendall(data)
         return total
 
     # --- the socket underneath -----------------------------------------------------------------

@@ -156,12 +156,33 @@ def test_authz_listfile_refresh(tmp_path):
         live.is_allowed("CN=b")
     _write(f, {"policy": "allow"})
     assert live.is_allowed("CN=zzz")
+    # deleting the file keeps the rules (QEMU ignores the watch's "deleted" event); a new
+    # file is loaded
     f.unlink()
-    with pytest.raises(Error, match="Unable to read"):
-        live.is_allowed("CN=zzz")
+    assert live.is_allowed("CN=zzz")
+    _write(f, {"policy": "deny"})
+    assert not live.is_allowed("CN=zzz")
     assert frozen.is_allowed("CN=a")
+    # modified in place (same inode)
+    with open(f, "w") as fh:
+        fh.write(json.dumps({"policy": "deny", "rules": [{"match": "CN=a*", "policy": "allow",
+                                                          "format": "glob"}]}) + " " * 8)
+    assert live.is_allowed("CN=abc")
 
 
 def test_authz_pam_not_supported():
     with pytest.raises(Error, match="authz-pam is not supported by blockexport"):
         _table().add({"qom-type": "authz-pam", "id": "p", "service": "x"})
+
+
+@pytest.mark.parametrize("qom_type", ["tls-creds-x509", "tls-creds-psk", "tls-creds-anon",
+                                      "authz-simple", "authz-list"])
+def test_object_help_matches_qsd(qom_type):
+    import subprocess
+    out = {}
+    for kind in D.DAEMON_KINDS:
+        p = subprocess.run([D.daemon_binary(kind), "--object", qom_type + ",help"],
+                           capture_output=True, text=True, timeout=20)
+        out[kind] = (p.returncode, p.stdout, p.stderr)
+    assert out["blockexport-daemon"] == out["qemu-storage-daemon"]
+    assert "%s options:\n" % qom_type in out["qemu-storage-daemon"][1]

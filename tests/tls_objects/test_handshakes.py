@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -19,12 +20,20 @@ from blockexport.errors import Error
 from blockexport.objects import ObjectTable
 from tls_objects import pki
 from tls_objects.pki import CA, name, write_dir
+from helpers.procs import oracle_missing
 from tls_objects.starttls import client_starttls, server_starttls
 
 ROOT = Path(__file__).resolve().parents[2]
 PY313 = ROOT / ".venv-py313" / "bin" / "python"
 QEMU_NBD = "/usr/bin/qemu-nbd"
 DEADLINE = 20.0
+
+
+def need(*tools):
+    """QEMU's and libnbd's programs are the peers: missing ones skip (fail under CI)."""
+    for tool in tools:
+        if shutil.which(tool) is None:
+            oracle_missing(f"{tool} is not installed")
 
 
 def _python313():
@@ -174,6 +183,7 @@ class QemuNbd:
     """qemu-nbd 7.2 on a unix socket with the given --object args; always stopped."""
 
     def __init__(self, tmp_path, objects, extra=()):
+        need(QEMU_NBD)
         self.sock = str(tmp_path / "qnbd.sock")
         self.log = tmp_path / "qnbd.log"
         img = tmp_path / "disk.img"
@@ -329,6 +339,7 @@ def serve_clients(python, qom_type, directory, sock, clients):
 def test_x509_and_anon_servers_with_gnutls_clients(creds, tmp_path):
     """Our x509 and anonymous server contexts with libnbd and qemu-img (GnuTLS) as clients:
     the handshake completes, and the x509 server sees the client certificate's DN."""
+    need("nbdinfo", "qemu-img")
     sock = str(tmp_path / "x.sock")
     # libnbd reads the client's files from one directory with QEMU's names
     clients = [
@@ -358,6 +369,7 @@ def test_psk_server_with_gnutls_clients(tmp_path):
     """Our PSK server context (Python 3.13) against libnbd (nbdinfo tls-psk-file=) and
     qemu-img: the TLS handshake completes for a known user and fails for an unknown one or
     a wrong key.  (Only STARTTLS is served here, so the clients fail after the handshake.)"""
+    need("nbdinfo", "qemu-img")
     (tmp_path / "keys.psk").write_text(KEYS)
     sock = str(tmp_path / "psk.sock")
     clients = []

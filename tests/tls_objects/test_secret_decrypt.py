@@ -4,12 +4,14 @@ encrypted private key for tls-creds-x509), with the same errors."""
 from __future__ import annotations
 
 import base64
+import shutil
 import subprocess
 
 import pytest
 
 from blockexport.objects import ObjectTable
 from helpers import daemons as D
+from helpers.procs import oracle_missing
 from tls_objects.pki import CA, name, write_dir
 
 KEY = bytes(range(32))
@@ -17,6 +19,8 @@ IV = bytes(range(100, 116))
 
 
 def openssl_encrypt(plain: bytes, *, nopad: bool = False) -> bytes:
+    if shutil.which("openssl") is None:
+        oracle_missing("the openssl CLI is not installed")
     argv = ["openssl", "enc", "-aes-256-cbc", "-K", KEY.hex(), "-iv", IV.hex()]
     if nopad:
         argv.append("-nopad")

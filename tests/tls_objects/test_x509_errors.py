@@ -75,6 +75,10 @@ def tree(tmp_path_factory):
     d["keys"] = root / "keys"
     d["keys"].mkdir()
     (d["keys"] / "keys.psk").write_text("alice:0123456789abcdef\nqemu:00ff\n")
+    d["keys-garbage-dh"] = root / "keys-garbage-dh"
+    d["keys-garbage-dh"].mkdir()
+    (d["keys-garbage-dh"] / "keys.psk").write_text("alice:0123456789abcdef\n")
+    (d["keys-garbage-dh"] / "dh-params.pem").write_text("garbage\n")
     return {k: str(v) for k, v in d.items()}
 
 
@@ -126,6 +130,14 @@ def test_x509_creation_errors_match_qsd(transcripts, tree):
         {"dir": tree["encrypted"], "endpoint": "server", "passwordid": "badpw"},
         {"dir": tree["encrypted"], "endpoint": "server", "passwordid": "binpw"},
         {"dir": tree["encrypted"], "endpoint": "client", "passwordid": "pw"},
+        {"dir": tree["encrypted"], "endpoint": "server"},
+        {"dir": tree["encrypted"], "endpoint": "client"},
+        {"dir": tree["encrypted"], "endpoint": "server", "passwordid": "pw",
+         "sanity-check": False},
+        {"dir": tree["good"], "endpoint": "server", "priority": "NORMAL:-VERS-TLS1.3"},
+        {"dir": tree["good"], "endpoint": "server", "priority": "@SYSTEM"},
+        {"dir": tree["good"], "endpoint": "client", "verify-peer": False,
+         "sanity-check": False},
     ]
     script = [("object-add", {"qom-type": "secret", "id": "pw", "data": "hunter2"}),
               ("object-add", {"qom-type": "secret", "id": "badpw", "data": "wrong"}),
@@ -150,7 +162,15 @@ def test_psk_anon_creation_errors_match_qsd(transcripts, tree):
         {"dir": tree["garbage-dh"], "endpoint": "server"},
     ]
     script = [psk(i, **kw) for i, kw in enumerate(cases)]
-    script += [("object-add", {"qom-type": "tls-creds-anon", "id": "a0", "loaded": False})]
+    script.append(psk(99, dir=tree["keys-garbage-dh"], endpoint="server"))
+    anon = lambda i, **kw: ("object-add", {"qom-type": "tls-creds-anon", "id": "a%d" % i,
+                                           **kw})
+    script += [anon(0, loaded=False),
+               anon(1, endpoint="server", dir=tree["garbage-dh"]),
+               anon(2, endpoint="server", dir="/nonexistent"),
+               anon(3, endpoint="server"), anon(4), anon(5, dir="/nonexistent"),
+               anon(6, endpoint="server", dir=tree["good"]),
+               anon(7, endpoint="server", priority="NORMAL")]
     theirs = transcripts(lambda workdir: script)
     print(D.dumps(theirs))
     transcripts.assert_same()

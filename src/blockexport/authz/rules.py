@@ -68,7 +68,7 @@ class ListFile:
     """authz-listfile: a RuleList from ``{"policy": ..., "rules": [...]}`` in ``filename``.
     With ``refresh`` the file is stat()ed at every check and reloaded when it changed (QEMU
     watches it with inotify); a reload that fails denies until the file is good again, as
-    QEMU then has no list."""
+    QEMU then has no list; a deleted file changes nothing (until it is created again)."""
 
     def __init__(self, filename: str, refresh: bool, check_list):
         """``check_list(dict) -> dict`` validates the file's object as AuthZListProperties
@@ -111,7 +111,9 @@ class ListFile:
         return RuleList(props.get("policy", DENY), props.get("rules", ()))
 
     def is_allowed(self, identity: str) -> bool:
-        if self.refresh and self._stat() != self._stamp:
+        # QEMU reloads on its inotify watch's "created" and "modified" events; a deleted
+        # file leaves the rules as they were
+        if self.refresh and self._stat() not in (self._stamp, None):
             try:
                 self.list = self._load()
                 self.last_error = None

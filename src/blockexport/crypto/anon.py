@@ -11,7 +11,7 @@ import ssl
 import tempfile
 
 from blockexport.crypto.priority import Priority
-from blockexport.crypto.x509 import DH_PARAMS, cred_path
+from blockexport.crypto.x509 import DH_PARAMS, cred_path, load_dh_params
 from blockexport.errors import Error
 
 #: RFC 7919's ffdhe2048 group (public, standard parameters)
@@ -53,14 +53,13 @@ class AnonCredentials:
                         % priority)
         if endpoint == "server":
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            try:
-                if dhparams is not None:
-                    ctx.load_dh_params(dhparams)
-                else:
+            if dhparams is not None:
+                load_dh_params(ctx, dhparams)
+            else:
+                try:
                     _load_default_dh(ctx)
-            except (ssl.SSLError, OSError) as exc:
-                raise Error("Unable to load DH parameters from %s: %s"
-                            % (dhparams, exc)) from None
+                except (ssl.SSLError, OSError) as exc:
+                    raise Error("Unable to load the built-in DH parameters: %s" % exc) from None
         else:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             ctx.check_hostname = False

@@ -12,7 +12,8 @@ import ssl
 import sys
 
 from blockexport.crypto.priority import Priority
-from blockexport.crypto.x509 import DH_PARAMS, PSK_FILE, cred_path
+from blockexport.crypto.x509 import (DH_PARAMS, PSK_FILE, check_dh_params, cred_path,
+                                     load_dh_params)
 from blockexport.errors import Error
 
 DEFAULT_USERNAME = "qemu"
@@ -76,6 +77,8 @@ class PskCredentials:
             if key is None:
                 raise Error("Invalid hex key for username %s in PSK file %s"
                             % (username, self.path))
+        if dhparams is not None:
+            check_dh_params(dhparams)
         if not HAVE_PSK:
             raise Error(python_too_old_message())
         self.username = username
@@ -84,11 +87,7 @@ class PskCredentials:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.set_psk_server_callback(self._server_key)
             if dhparams is not None:
-                try:
-                    ctx.load_dh_params(dhparams)
-                except (ssl.SSLError, OSError) as exc:
-                    raise Error("Unable to load DH parameters from %s: %s"
-                                % (dhparams, exc)) from None
+                load_dh_params(ctx, dhparams)
         else:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             ctx.check_hostname = False

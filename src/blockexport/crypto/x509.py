@@ -162,6 +162,28 @@ def _key_error(cert: str, key: str, exc: Exception) -> Error:
     return Error("Cannot load certificate '%s' & key '%s': %s" % (cert, key, text))
 
 
+def check_dh_params(path: str) -> None:
+    """The file holds PEM DH parameters, or QEMU's error."""
+    try:
+        with open(path, "rb") as f:
+            der.pem_blocks(f.read(), ("DH PARAMETERS",))
+    except der.DerError as exc:
+        text = _E_BASE64_HEADER if str(exc) == der.PEM_NO_HEADER else _E_BASE64
+        raise Error("Unable to load DH parameters from %s: %s" % (path, text)) from None
+    except OSError as exc:
+        raise Error("Unable to load DH parameters from %s: %s"
+                    % (path, exc.strerror)) from None
+
+
+def load_dh_params(ctx: ssl.SSLContext, path: str) -> None:
+    """dh-params.pem into ``ctx`` (TLS 1.2 DHE), with QEMU's errors."""
+    check_dh_params(path)
+    try:
+        ctx.load_dh_params(path)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise Error("Unable to load DH parameters from %s: %s" % (path, exc)) from None
+
+
 # OpenSSL verification codes -> GnuTLS-style reasons for QEMU's pair check
 _VERIFY_REASONS = {
     2: "The certificate hasn't got a known issuer",    # UNABLE_TO_GET_ISSUER_CERT
@@ -206,7 +228,7 @@ def pair_check(cert: str, key: str, password, cafile: str, is_server: bool) -> N
         ours = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if is_server else ssl.PROTOCOL_TLS_CLIENT)
         ours.load_cert_chain(cert, key, password)
         peer = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT if is_server else ssl.PROTOCOL_TLS_SERVER)
-        peer.check_hostname = False if is_server else peer.check_hostname
+        peer.check_hostname = False
         peer.load_verify_locations(cafile)
         peer.verify_mode = ssl.CERT_REQUIRED
         if is_server:
@@ -302,17 +324,7 @@ class X509Credentials:
             ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
         if dhparams is not None:
-            try:
-                with open(dhparams, "rb") as f:
-                    der.pem_blocks(f.read(), ("DH PARAMETERS",))
-                ctx.load_dh_params(dhparams)
-            except der.DerError as exc:
-                text = _E_BASE64_HEADER if str(exc) == der.PEM_NO_HEADER else _E_BASE64
-                raise Error("Unable to load DH parameters from %s: %s"
-                            % (dhparams, text)) from None
-            except (ssl.SSLError, OSError) as exc:
-                raise Error("Unable to load DH parameters from %s: %s"
-                            % (dhparams, exc)) from None
+            load_dh_params(ctx, dhparams)
 
         ctx.verify_mode = ssl.CERT_REQUIRED if self.verify_peer else ssl.CERT_NONE
         self.priority.apply(ctx)

@@ -2,8 +2,8 @@
 ``tls-creds-anon``): thin wrappers of ``blockexport.crypto``.
 
 Interface used by the NBD server and clients: ``id``, ``qom_type``, ``endpoint``,
-``users``, ``ssl_context()``, ``peer_identity(sslobj)``, ``authz_applies``; x509 also has
-``client_context(hostname)``.
+``users``, ``ssl_context()``, ``client_context(hostname)``, ``peer_identity(sslobj)``,
+``authz_applies``.
 """
 from __future__ import annotations
 
@@ -42,6 +42,10 @@ class _TlsCreds:
         self._creds = None
 
     def ssl_context(self):
+        return self._creds.context
+
+    def client_context(self, hostname: str | None):
+        """The context a client uses to reach ``hostname`` (only x509 checks names)."""
         return self._creds.context
 
     def peer_identity(self, sslobj) -> str | None:

@@ -12,6 +12,7 @@ import json
 import os
 
 import pytest
+from conftest import IMAGE_EXTENTS
 
 from helpers.tls_clients import (connect, nbdinfo, read_check, refused, run, wait_logged,
                                  x509_object, x509_uri)
@@ -104,6 +105,10 @@ def test_nbdinfo(tls_kind, tls_servers, tls_files, sparse_image):
     p = nbdinfo("--list", "--json", uri)
     assert p.returncode == 0, p.stderr
     assert [e["export-name"] for e in json.loads(p.stdout)["exports"]] == ["disk"]
+    # block status through TLS (structured replies): the sparse image's extents
+    p = nbdinfo("--map", "--json", uri)
+    assert p.returncode == 0, p.stderr
+    assert [(e["length"], e["type"]) for e in json.loads(p.stdout)] == IMAGE_EXTENTS
     p = nbdinfo("--size", srv.uri())          # plaintext
     assert p.returncode != 0 and p.stdout == "", p
 

@@ -95,3 +95,20 @@ def test_psk_qemu_img_client(psk_kind, tls_servers, tls_files, sparse_image, tmp
              "--image-opts", opts])
     assert p.returncode == 1 and "virtual size" not in p.stdout, p
     assert srv.alive()
+
+
+def test_psk_list(psk_kind, tls_servers, tls_files, sparse_image, tmp_path):
+    """`-L` with client PSK credentials (username=alice): qemu-nbd's and ours (3.13) list the
+    same; a user the server doesn't know fails without a traceback."""
+    require_server("blockexport-nbd-py313")
+    srv = tls_servers(psk_kind, sparse_image, creds="psk", args=["-x", "disk"])
+    outs = []
+    for binary in (S.QEMU_NBD, S.BLOCKEXPORT_NBD_PY313):
+        argv = [binary, "-L", "-k", srv.socket_path, "--tls-creds", "tls0", "--object"]
+        p = run(argv + [psk_object("client", tls_files.psk_dir, username="alice")])
+        assert p.returncode == 0, p.stderr
+        outs.append(p.stdout)
+        carol = tls_files.psk_dir_with(tmp_path / "carol", ["carol:00112233445566778899aabb"])
+        p = run(argv + [psk_object("client", carol, username="carol")])
+        assert p.returncode == 1 and p.stdout == "" and "Traceback" not in p.stderr, p
+    assert "export: 'disk'" in outs[0] and outs[1] == outs[0]

@@ -871,11 +871,10 @@ def _run_list(o: NbdOptions, rep: Reporter) -> int:
         # x509 with verify-peer checks the server certificate's name (QEMU: "No hostname
         # for certificate validation" when there is none, e.g. over a unix socket)
         client_context = getattr(creds, "client_context", None)
-        if client_context is not None:
-            context = client_context(hostname)
-            need_hostname = bool(getattr(creds, "verify_peer", False))
-        else:
-            context = creds.ssl_context()
+        context = client_context(hostname) if client_context is not None else \
+            creds.ssl_context()
+        need_hostname = getattr(creds, "qom_type", None) == "tls-creds-x509" and \
+            bool(getattr(creds, "verify_peer", False))
     return main_list(host=host, port=o.port or DEFAULT_PORT, socket_path=o.socket_path,
                      tls_context=context, tls_hostname=hostname, prog=rep.name,
                      tls_require_hostname=need_hostname)

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 # Python 3.13 (ssl PSK callbacks): a second venv with the product only, for tls-creds-psk
-PYTHON313 ?= /root/.pyenv/versions/3.13.0/bin/python3.13
+PYTHON313 ?= $(or $(lastword $(wildcard $(HOME)/.pyenv/versions/3.1[3-9]*/bin/python3.1[3-9])),/usr/bin/python3.13)
 VENV313 := .venv-py313
 DEMO_DIR := demo
 DEMO_IMG := $(DEMO_DIR)/disk.img

@@ -56,14 +56,15 @@ class CA:
 
     def issue(self, subject: x509.Name, *, server: bool, key=None, sans=("localhost",),
               not_before=None, not_after=None, eku=None, eku_critical=False, is_ca=False,
-              usage_critical=True, digital_signature=True):
+              usage_critical=True, digital_signature=True, key_encipherment=True):
         key = key or new_key()
         b = (x509.CertificateBuilder().subject_name(subject).issuer_name(self.subject)
              .public_key(key.public_key()).serial_number(x509.random_serial_number())
              .not_valid_before(not_before or NOW - DAY)
              .not_valid_after(not_after or NOW + 30 * DAY)
              .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
-             .add_extension(x509.KeyUsage(digital_signature, False, True, False, False, False,
+             .add_extension(x509.KeyUsage(digital_signature, False, key_encipherment, False,
+                                          False, False,
                                           False, False, False), critical=usage_critical))
         if eku is None:
             eku = [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]

@@ -59,6 +59,10 @@ def tree(tmp_path_factory):
         name(CN="c"), server=False, is_ca=True))
     d["no-signature"] = write_dir(root / "no-signature", ca, server=ca.issue(
         name(CN="s"), server=True, digital_signature=False))
+    # digitalSignature alone is enough for a leaf (QEMU 7.2 accepts it, server and client)
+    d["no-encipherment"] = write_dir(root / "no-encipherment", ca, server=ca.issue(
+        name(CN="s"), server=True, key_encipherment=False), client=ca.issue(
+        name(CN="c"), server=False, key_encipherment=False))
     d["client-eku-critical"] = write_dir(root / "client-eku-critical", ca, server=ca.issue(
         name(CN="s"), server=True, eku=[ExtendedKeyUsageOID.CLIENT_AUTH], eku_critical=True))
     d["server-eku-critical"] = write_dir(root / "server-eku-critical", ca, client=ca.issue(
@@ -118,6 +122,8 @@ def test_x509_creation_errors_match_qsd(transcripts, tree):
         {"dir": tree["leaf-is-ca"], "endpoint": "server"},
         {"dir": tree["client-is-ca"], "endpoint": "client"},
         {"dir": tree["no-signature"], "endpoint": "server"},
+        {"dir": tree["no-encipherment"], "endpoint": "server"},
+        {"dir": tree["no-encipherment"], "endpoint": "client"},
         {"dir": tree["client-eku-critical"], "endpoint": "server"},
         {"dir": tree["server-eku-critical"], "endpoint": "client"},
         {"dir": tree["garbage-crl"], "endpoint": "server"},

@@ -116,10 +116,10 @@ def check_cert(cert: der.Certificate, path: str, is_server: bool, is_ca: bool,
             if not usage & der.KEY_KEY_CERT_SIGN:
                 raise Error("Certificate %s usage does not permit certificate signing" % path)
         else:
+            # (QEMU 7.2 accepts a leaf without key encipherment: seen with qemu-storage-
+            # daemon, client and server certificates with digitalSignature alone)
             if not usage & der.KEY_DIGITAL_SIGNATURE:
                 raise Error("Certificate %s usage does not permit digital signature" % path)
-            if not usage & der.KEY_KEY_ENCIPHERMENT:
-                raise Error("Certificate %s usage does not permit key encipherment" % path)
     if not is_ca and cert.purposes is not None and cert.purposes_critical:
         allow_server = any(p in (der.OID_SERVER_AUTH, der.OID_ANY_PURPOSE)
                            for p in cert.purposes)

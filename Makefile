@@ -2,12 +2,15 @@
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
+# Python 3.13 (ssl PSK callbacks): a second venv with the product only, for tls-creds-psk
+PYTHON313 ?= $(or $(lastword $(wildcard $(HOME)/.pyenv/versions/3.1[3-9]*/bin/python3.1[3-9])),/usr/bin/python3.13)
+VENV313 := .venv-py313
 DEMO_DIR := demo
 DEMO_IMG := $(DEMO_DIR)/disk.img
 DEBIAN_RUN := qemu-utils libnbd-bin fuse3
 DEBIAN_TEST := qemu-utils libnbd-bin python3-libnbd nbdkit fio fuse3 libfuse3-dev pkg-config openssl qemu-system-common
 
-.PHONY: run test test-slow venv deps-run deps-test demo-image clean
+.PHONY: run test test-slow venv venv-py313 deps-run deps-test demo-image clean
 
 deps-run:
 	@./scripts/apt-install $(DEBIAN_RUN)
@@ -25,6 +28,16 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# A missing Python 3.13 is an error here (make test needs it), not a skip.
+$(VENV313)/.installed: pyproject.toml
+	@test -x $(PYTHON313) || { echo "Python 3.13 not found at $(PYTHON313) (set PYTHON313=...): tls-creds-psk tests need it" >&2; exit 1; }
+	$(PYTHON313) -m venv $(VENV313)
+	$(VENV313)/bin/python -m pip install -q --upgrade pip
+	$(VENV313)/bin/python -m pip install -q -e '.[tls]'
+	@touch $@
+
+venv-py313: $(VENV313)/.installed
+
 demo-image: venv
 	@mkdir -p $(DEMO_DIR)
 	@$(VPY) scripts/make-demo-image $(DEMO_IMG)
@@ -39,12 +52,12 @@ run: deps-run venv demo-image
 	exec $(VENV)/bin/blockexport-nbd -f raw -b 127.0.0.1 -p 10809 -t -e 0 $(DEMO_IMG)
 
 # -rs: list every skipped test with its reason
-test: deps-test venv
+test: deps-test venv venv-py313
 	$(VPY) -m pytest -q -rs -p no:cacheprovider tests
 
 # The slow tier only (tests marked `slow`: 10^6-input fuzzing per parser, ...; docs/testing.md)
-test-slow: deps-test venv
+test-slow: deps-test venv venv-py313
 	$(VPY) -m pytest -q -rs -p no:cacheprovider --slow -m slow tests
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) build src/*.egg-info
+	rm -rf $(VENV) $(VENV313) $(DEMO_DIR) build src/*.egg-info

@@ -119,6 +119,16 @@ def shm_dir(tmp_path):
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    """Test CA, server/client certificates (QEMU's file layouts) and a keys.psk, generated
+    once per session with the openssl CLI (helpers/tls.py documents the layout)."""
+    if shutil.which("openssl") is None:
+        oracle_missing("the openssl CLI is not installed (it generates the test certificates)")
+    from helpers.tls import make_tls_files
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:

@@ -18,7 +18,8 @@ from blockexport import QEMU_COMPAT_VERSION, __version__
 from blockexport.block.graph import BlockGraph
 from blockexport.errors import Error
 from blockexport.exports.base import ExportTable
-from blockexport.exports.nbd_server import DEFAULT_HANDSHAKE_MAX_SECONDS, NbdServer
+from blockexport.exports.nbd_server import (DEFAULT_HANDSHAKE_MAX_SECONDS, NbdServer,
+                                             find_tls_creds)
 from blockexport.objects import ObjectTable
 from blockexport.qapi.schema import default_schema
 from blockexport.qmp import protocol as P
@@ -83,18 +84,21 @@ class Daemon:
         if self.nbd_server is not None:
             raise Error("NBD server already running")
         server = NbdServer(max_connections=max_connections, persistent=True,
-                           handshake_max_seconds=handshake_max_seconds)
+                           handshake_max_seconds=handshake_max_seconds,
+                           objects=self.objects,
+                           report_error=lambda message: self.report_error(message))
         # qemu-storage-daemon 7.2 listens with a backlog of SOMAXCONN whatever
         # max-connections says (seen with ss(8)); over the limit it stops accepting instead.
         server.add_listeners(socket_listen(addr, socket.SOMAXCONN))
         try:
             if tls_creds is not None:
-                # QEMU listens first, then looks the credentials up.  No TLS credential
-                # types yet (they come with the TLS work); QEMU 7.2 ignores tls-authz
-                # without tls-creds.
-                if self.objects.get(tls_creds) is None:
-                    raise Error("No TLS credentials with id '%s'" % tls_creds)
-                raise Error("Object with id '%s' is not TLS credentials" % tls_creds)
+                # QEMU listens first, then looks the credentials up.  The server keeps the
+                # object: QEMU 7.2 lets object-del remove credentials a running server uses
+                # (it holds its own reference and goes on serving TLS with them).  The authz
+                # object is looked up by id at every TLS handshake; QEMU 7.2 ignores
+                # tls-authz without tls-creds.
+                server.tls_creds = find_tls_creds(self.objects, tls_creds, "server")
+                server.tls_authz = tls_authz
             await server.start()
         except BaseException:
             server.close_listeners()

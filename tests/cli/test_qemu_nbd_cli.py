@@ -107,6 +107,16 @@ PARSE_ERRORS = [
     ["--object", "secret," + "a" * 130 + "=1", "x"], ["--object", "foo=bar,secret", "x"],
     ["--object", "secret,a..b=1", "x"], ["--object", "secret,1a=1", "x"],
     ["--object", '{"qom-type":"foo"}', "x"], ["--object", "qom-type=foo,id=x", "x"],
+    ["--object", "tls-creds-x509,id=t", "x"], ["--object", "tls-creds-x509,id=t,dir=/nonexist", "x"],
+    ["--object", "tls-creds-x509,id=t,endpoint=server,dir=/", "x"],
+    ["--object", "tls-creds-x509,id=t,loaded=on,dir=/", "x"],
+    ["--object", "tls-creds-psk,id=t,dir=/nonexist", "x"],
+    ["--object", "tls-creds-psk,id=t,endpoint=server,username=u,dir=/", "x"],
+    ["--object", "authz-simple,id=a", "x"], ["--object", "authz-list,id=a,rules.0.match=x", "x"],
+    ["--object", "authz-list,id=a,policy=maybe", "x"],
+    ["--object", '{"qom-type":"authz-list","id":"a","rules":[{"match":"x"}]}', "x"],
+    ["--object", "secret,id=s,data=x,keyid=k", "x"],
+    ["--object", "authz-simple,id=a,identity=x", "--object", "authz-simple,id=a,identity=y", "x"],
     ["-L", "x"], ["-L", "-x", ""], ["-L", "-D", "d"], ["-L", "-o", "1"], ["-L", "-f", "raw"],
     ["-L", "-A"], ["-L", "-B", "b"], ["-L", "-l", "s"], ["-L", "--aio=threads"],
     ["-L", "--discard=ignore"], ["-L", "-n"], ["-L", "--cache=unsafe"],
@@ -358,7 +368,11 @@ def test_trace_help_lists_no_events(workdir):
 
 def test_object_help(workdir):
     status, out, err = _ours(["--object", "help"], workdir)
-    assert (status, out, err) == (0, "List of user creatable objects:\n", "")
+    from blockexport.objects import OBJECT_TYPES
+    assert (status, err) == (0, "")
+    assert out == "List of user creatable objects:\n" + "".join(
+        "  %s\n" % t for t in sorted(OBJECT_TYPES))
+    assert "  tls-creds-x509\n" in out and "  authz-list\n" in out
 
 
 @have_qemu

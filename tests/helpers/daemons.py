@@ -31,6 +31,8 @@ from helpers.servers import free_port  # noqa: F401  (re-exported)
 
 QSD = "/usr/bin/qemu-storage-daemon"
 BLOCKEXPORT_DAEMON = venv_binary("blockexport-daemon")
+# our daemon on Python 3.13 (ssl PSK callbacks): the product-only venv the Makefile builds
+BLOCKEXPORT_DAEMON_PY313 = str(procs.REPO / ".venv-py313" / "bin" / "blockexport-daemon")
 
 DAEMON_KINDS = ("qemu-storage-daemon", "blockexport-daemon")
 START_TIMEOUT = 15.0
@@ -63,6 +65,8 @@ def daemon_binary(kind: str) -> str:
         return QSD
     if kind == "blockexport-daemon":
         return BLOCKEXPORT_DAEMON
+    if kind == "blockexport-daemon-py313":
+        return BLOCKEXPORT_DAEMON_PY313
     raise ValueError(kind)
 
 
@@ -129,6 +133,23 @@ def connect_unix_retry(path: str, timeout: float = 5.0) -> socket.socket:
             if time.monotonic() >= deadline:
                 raise
             select.select([], [], [], 0.005)      # bounded back-off, not synchronisation
+
+
+def connect_unix_retry_missing(path: str, d: "Daemon", timeout: float = START_TIMEOUT
+                               ) -> socket.socket:
+    """connect() to a unix socket the daemon `d` creates after its QMP greeting (its NBD
+    server's): poll until the path exists and accepts, failing if the daemon exits or
+    `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if os.path.exists(path):
+            return connect_unix_retry(path, max(0.1, deadline - time.monotonic()))
+        if not d.alive():
+            raise DaemonStartError(f"{d.kind} exited before listening on {path}:\n"
+                                   f"{d.stderr()}")
+        if time.monotonic() >= deadline:
+            raise DaemonStartError(f"{d.kind} did not listen on {path} within {timeout}s")
+        d.wait_briefly(0.005)
 
 
 def qmp_lines(sock: socket.socket, commands) -> list:

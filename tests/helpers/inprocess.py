@@ -14,11 +14,19 @@ from blockexport.util.sockets import socket_listen
 class InProcessServer:
     """Exports are made by the export framework (export_add) on node ``node`` of ``graph``."""
 
-    def __init__(self, path, graph, node: str = "r", max_connections: int = 0):
+    def __init__(self, path, graph, node: str = "r", max_connections: int = 0, *,
+                 address: dict | None = None, **server_opts):
+        """Listens on the unix socket ``path``, or on ``address`` (a flat SocketAddress) if
+        given; ``server_opts`` go to NbdServer (tls_creds, tls_authz, objects,
+        handshake_max_seconds, report_error)."""
         self.path = str(path)
         self.node = node
-        self.server = NbdServer(max_connections=max_connections, persistent=True)
-        self.server.add_listeners(socket_listen({"type": "unix", "path": self.path}, 16))
+        self.server = NbdServer(max_connections=max_connections, persistent=True,
+                                **server_opts)
+        if address is None:
+            address = {"type": "unix", "path": self.path}
+        self.listeners = socket_listen(address, 16)
+        self.server.add_listeners(self.listeners)
         self.env = ExportEnv(graph, nbd_server=self.server)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

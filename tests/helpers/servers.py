@@ -20,6 +20,9 @@ from helpers.procs import (REPO, ProcessHandle, die_with_parent, kill_pid, log_p
 QEMU_NBD = "/usr/bin/qemu-nbd"
 BLOCKEXPORT_NBD = venv_binary("blockexport-nbd")
 
+# Our server on Python 3.13 (ssl PSK callbacks): the product-only venv the Makefile builds.
+BLOCKEXPORT_NBD_PY313 = str(REPO / ".venv-py313" / "bin" / "blockexport-nbd")
+
 SERVER_KINDS = ("qemu-nbd", "blockexport-nbd")
 GREETING_LEN = 18
 START_TIMEOUT = 15.0
@@ -42,6 +45,8 @@ def server_binary(kind: str) -> str:
         return QEMU_NBD
     if kind == "blockexport-nbd":
         return BLOCKEXPORT_NBD
+    if kind == "blockexport-nbd-py313":
+        return BLOCKEXPORT_NBD_PY313
     raise ValueError(kind)
 
 
@@ -160,17 +165,19 @@ def build_argv(kind: str, image: str | os.PathLike | None, args: list[str], *,
 
 def start_server(kind: str, image, args=(), *, tmp_path: Path, transport: str = "unix",
                  persistent: bool = True, fmt: str | None = "raw", wait: bool = True,
-                 env: dict | None = None) -> Server:
-    """Start `kind` serving `image` with `args`; returns a ready Server (caller must stop())."""
+                 env: dict | None = None, host: str | None = None) -> Server:
+    """Start `kind` serving `image` with `args`; returns a ready Server (caller must stop()).
+    `host` overrides the tcp4 address (default 127.0.0.1)."""
     args = list(args)
-    socket_path = host = port = None
+    socket_path = port = None
     if transport == "unix":
+        host = None
         sockdir = tmp_path / "sock"
         sockdir.mkdir(exist_ok=True)
         n = len(list(sockdir.iterdir()))
         socket_path = str(sockdir / f"nbd{n}.sock")
     elif transport == "tcp4":
-        host = "127.0.0.1"
+        host = host or "127.0.0.1"
         port = free_port(host)
     elif transport == "tcp6":
         host = "::1"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import sys
 from dataclasses import dataclass, field
 
@@ -77,13 +78,36 @@ def format_list(exports: list[ExportInfo]) -> str:
     return "\n".join(out) + "\n"
 
 
+# OpenSSL verify codes -> QEMU 7.2's messages for the same failures (crypto/tlssession.c,
+# from gnutls's verification status: an unknown issuer and revocation have their own words,
+# everything else, expiry included, is "not trusted")
+_X509_V_ERR_CERT_REVOKED = 23
+_X509_V_ERR_HOSTNAME_MISMATCH = 62
+_X509_V_ERR_IP_ADDRESS_MISMATCH = 64
+_UNKNOWN_ISSUER = (2, 18, 19, 20, 21)    # unable to get issuer / self-signed / local issuer
+
+
+def _verify_message(exc: "ssl.SSLCertVerificationError", hostname: str | None) -> str:
+    """The server's certificate was refused: QEMU's words for it."""
+    code = exc.verify_code
+    if code in (_X509_V_ERR_HOSTNAME_MISMATCH, _X509_V_ERR_IP_ADDRESS_MISMATCH):
+        return "Certificate does not match the hostname %s" % hostname
+    if code in _UNKNOWN_ISSUER:
+        return "The certificate hasn't got a known issuer"
+    if code == _X509_V_ERR_CERT_REVOKED:
+        return "The certificate has been revoked"
+    return "The certificate is not trusted"
+
+
 class _Conversation:
     """Blocking pump around a ClientHandshake."""
 
-    def __init__(self, sock: socket.socket, tls_context=None, tls_hostname=None):
+    def __init__(self, sock: socket.socket, tls_context=None, tls_hostname=None,
+                 tls_require_hostname: bool = False):
         self.sock = sock
         self.tls_context = tls_context
         self.tls_hostname = tls_hostname
+        self.tls_require_hostname = tls_require_hostname
         self.m = NC.ClientHandshake()
 
     def flush(self) -> None:
@@ -123,9 +147,16 @@ class _Conversation:
                 self.abort()
                 raise ListError("Server don't support STARTTLS option")
             self.fail(end)
+        if self.tls_hostname is None and (self.tls_require_hostname or
+                                          self.tls_context.check_hostname):
+            # QEMU checks the server's certificate against a host name, and has none to
+            # check against over a unix socket without --tls-hostname
+            raise ListError("No hostname for certificate validation")
         try:
             self.sock = self.tls_context.wrap_socket(self.sock,
                                                      server_hostname=self.tls_hostname)
+        except ssl.SSLCertVerificationError as exc:
+            raise ListError(_verify_message(exc, self.tls_hostname))
         except (OSError, ValueError) as exc:
             raise ListError("TLS handshake failed: %s" % exc)
         self.m.tls_established()
@@ -187,13 +218,16 @@ class _Conversation:
         return found
 
 
-def list_exports(sock: socket.socket, tls_context=None, tls_hostname: str | None = None) -> str:
+def list_exports(sock: socket.socket, tls_context=None, tls_hostname: str | None = None,
+                 tls_require_hostname: bool = False) -> str:
     """Query the server on the connected blocking ``sock``; the text qemu-nbd -L prints.
 
     Raises :class:`ListError` (or ``ProtocolError`` subclasses are converted to it).
-    ``tls_context`` is an ``ssl.SSLContext`` (client side) to use STARTTLS.
+    ``tls_context`` is an ``ssl.SSLContext`` (client side) to use STARTTLS;
+    ``tls_require_hostname``: the server's certificate must be checked against a host name
+    (x509 with verify-peer), so a missing ``tls_hostname`` is QEMU's error.
     """
-    conv = _Conversation(sock, tls_context, tls_hostname)
+    conv = _Conversation(sock, tls_context, tls_hostname, tls_require_hostname)
     try:
         return format_list(conv.run())
     except ProtocolError as exc:
@@ -232,7 +266,7 @@ def _connect(host, port, socket_path) -> socket.socket:
 def main_list(host: str | None = None, port: int | str = C.DEFAULT_PORT,
               socket_path: str | None = None, tls_context=None,
               tls_hostname: str | None = None, *, prog: str | None = None,
-              stdout=None, stderr=None) -> int:
+              stdout=None, stderr=None, tls_require_hostname: bool = False) -> int:
     """qemu-nbd -L: print the export list (exit status 0) or the error (exit status 1).
 
     ``host`` defaults to 0.0.0.0 as in qemu-nbd; ``prog`` (the error prefix) defaults to the
@@ -246,7 +280,7 @@ def main_list(host: str | None = None, port: int | str = C.DEFAULT_PORT,
         sock = _connect(host, port, socket_path)
         if tls_hostname is None and socket_path is None and host is not None:
             tls_hostname = host
-        text = list_exports(sock, tls_context, tls_hostname)
+        text = list_exports(sock, tls_context, tls_hostname, tls_require_hostname)
     except ListError as exc:
         stderr.write("%s: %s\n" % (prog, exc.message))
         for hint in exc.hints:

@@ -117,6 +117,9 @@ class NbdOptions:
     tls_creds: str | None = None
     tls_authz: str | None = None
     tls_hostname: str | None = None
+    #: the --object objects (blockexport.objects.ObjectTable) and the --tls-creds object
+    object_table: object = None
+    tls_creds_object: object = None
     fork: bool = False
     pid_file: str | None = None
     verbose: bool = False
@@ -140,22 +143,21 @@ class NbdOptions:
 
 
 def _object_types() -> dict:
-    """User-creatable object types (name -> creator).  None exist yet; TLS credentials,
-    secrets and authz objects will register here."""
-    return {}
+    """User-creatable object types (qom-type -> (module, class)): the objects table's."""
+    from blockexport.objects import OBJECT_TYPES
+    return OBJECT_TYPES
 
 
-def create_object(props: dict) -> None:
-    """Validate and create one ``--object`` (QEMU's user_creatable_process_cmdline)."""
-    types = _object_types()
-    qom_type = props.get("qom-type")
-    if qom_type is None:
-        raise Error("Parameter 'qom-type' is missing")
-    if not isinstance(qom_type, str):
-        raise Error("Invalid parameter type for 'qom-type', expected: string")
-    if qom_type not in types:
-        raise Error("Parameter 'qom-type' does not accept value '%s'" % qom_type)
-    types[qom_type](props)
+def create_object(props: dict, table=None, *, keyval: bool = True):
+    """Validate and create one ``--object`` (QEMU's user_creatable_process_cmdline: the
+    ObjectOptions visit, then the object added to ``table``, a
+    :class:`blockexport.objects.ObjectTable`).  Returns the object."""
+    from blockexport.objects import ObjectTable
+    from blockexport.qapi.schema import default_schema
+    checked = default_schema().check_type("ObjectOptions", props, keyval=keyval)
+    if table is None:
+        table = ObjectTable()
+    return table.add(checked)
 
 
 def _print_object_help(props: dict, out) -> None:
@@ -321,7 +323,10 @@ def _apply_option(o: NbdOptions, val: str, arg, rep: Reporter) -> None:
                 _print_object_help(props, sys.stdout)
                 sys.stdout.flush()
                 raise CliExit(0)
-            create_object(props)
+            if o.object_table is None:
+                from blockexport.objects import ObjectTable
+                o.object_table = ObjectTable()
+            create_object(props, o.object_table, keyval=not arg.startswith("{"))
         except Error as err:
             rep.fail_err(err)
         o.objects.append(props)
@@ -832,8 +837,12 @@ def _check_environment(o: NbdOptions, rep: Reporter) -> int:
             rep.fail("TLS authorization is incompatible with export list")
         if o.tls_hostname is not None and not o.list_mode:
             rep.fail("TLS hostname is only supported with export list")
-        # no object type can be created yet, so no TLS credentials can exist
-        rep.fail("Failed to get TLS creds: No TLS credentials with id '%s'" % o.tls_creds)
+        from blockexport.exports.nbd_server import find_tls_creds
+        try:
+            o.tls_creds_object = find_tls_creds(o.object_table, o.tls_creds,
+                                                "client" if o.list_mode else "server")
+        except Error as err:
+            rep.fail_err(err, "Failed to get TLS creds: ")
     else:
         if o.tls_authz is not None:
             rep.fail("--tls-authz is not permitted without --tls-creds")
@@ -849,9 +858,26 @@ def _check_environment(o: NbdOptions, rep: Reporter) -> int:
 
 def _run_list(o: NbdOptions, rep: Reporter) -> int:
     from blockexport.cli.nbd_list import main_list
-    # TLS credentials cannot exist yet (no object types), so there is no TLS context here
-    return main_list(host=o.bind or DEFAULT_BIND, port=o.port or DEFAULT_PORT,
-                     socket_path=o.socket_path, tls_hostname=o.tls_hostname, prog=rep.name)
+    # With TLS the server's certificate is checked against --tls-hostname, else the -b host
+    # (0.0.0.0 by default, as qemu-nbd does); over a unix socket there is no default.
+    creds = o.tls_creds_object
+    host = o.bind or DEFAULT_BIND
+    context = hostname = None
+    need_hostname = False
+    if creds is not None:
+        hostname = o.tls_hostname
+        if hostname is None and o.socket_path is None:
+            hostname = host
+        # x509 with verify-peer checks the server certificate's name (QEMU: "No hostname
+        # for certificate validation" when there is none, e.g. over a unix socket)
+        client_context = getattr(creds, "client_context", None)
+        context = client_context(hostname) if client_context is not None else \
+            creds.ssl_context()
+        need_hostname = getattr(creds, "qom_type", None) == "tls-creds-x509" and \
+            bool(getattr(creds, "verify_peer", False))
+    return main_list(host=host, port=o.port or DEFAULT_PORT, socket_path=o.socket_path,
+                     tls_context=context, tls_hostname=hostname, prog=rep.name,
+                     tls_require_hostname=need_hostname)
 
 
 def _listen(server, o: NbdOptions, activation: int, rep: Reporter) -> None:
@@ -896,7 +922,10 @@ def serve(o: NbdOptions, activation: int, rep: Reporter) -> int:
         signal.signal(sig, _early_stop)
 
     server = NbdServer(max_connections=o.shared, persistent=o.persistent,
-                       handshake_max_seconds=o.handshake_limit)
+                       handshake_max_seconds=o.handshake_limit,
+                       tls_creds=o.tls_creds_object,
+                       tls_authz=o.tls_authz if o.tls_creds_object is not None else None,
+                       objects=o.object_table, report_error=rep.error)
     pidfile = graph = None
     try:
         _listen(server, o, activation, rep)

@@ -251,8 +251,8 @@ def _print_object_help(schema, props: dict) -> None:
             for m in schema.type(branch).members:
                 if m.name == "loaded":
                     continue
-                t = m.type
-                t = names.get(t, "int" if "int" in t else t)
+                t = m.type.strip("[]")    # a list property shows its element type
+                t = names.get(t, "int" if t.lstrip("u").startswith("int") else t)
                 lines.append("  %s=<%s>\n" % (m.name, t))
         write(sys.stdout, "%s options:\n%s" % (qom_type, "".join(sorted(lines))))
         return

@@ -34,6 +34,28 @@ that would exceed it waits.  So an idle connection holds at most a few MiB, what
 before, and all connections together hold at most the budget in large buffers (RSS measured
 by tests/integration/test_data_path_faults.py; docs/nbd-server.md has the numbers).
 
+TLS (server ``tls_creds``): after NBD_OPT_STARTTLS the connection thread runs the TLS
+handshake itself, within the handshake limit (a client stalling mid-handshake blocks only its
+own thread, and the limit's timer shuts its socket), then checks tls-authz (the authz object
+looked up by id now, at every handshake; QEMU's reasons are reported as "option negotiation
+failed: ...").  ``self.sock`` then becomes a :class:`~blockexport.exports.tls_channel.
+TlsChannel` (memory BIOs, locked for the reader + pool threads; its notes say why not
+``SSLSocket``) and ``_read_by_sendfile`` is replaced by one that always declines: the TLS
+methods are chosen once per connection, the plaintext path has no extra branch per request.
+Replies go through the channel's ``sendmsg``: small replies are joined into one record
+stream and one ``sendall``; in large ones headers are records of their own and payloads are
+encrypted and sent in 256 KiB slices (a profile of TLS reads showed copies and the kernel,
+not AES, dominating: libcrypto ~11% of the samples, memmove ~13%; not joining a 256 KiB
+payload to its header measured ~5% faster).  Measured with nbdcopy's defaults (4 connections
+x 64 requests of 256 KiB) on a 256 MiB raw image in /dev/shm over a unix socket, median of 5,
+2 cores, same run: plaintext read 1542 MiB/s, write 1292 (qemu-nbd 7.2: 1637, 1126); x509
+TLS 1.3 read 488 MiB/s, write 571 (qemu-nbd 7.2 with the same certificates: 555, 536) — TLS
+costs about two thirds of the plaintext rate, as it does for qemu-nbd.  (Earlier runs with
+other jobs on the machine: TLS 320-370 read, 370-490 write, qemu-nbd 350-530 / 370-415.)
+Kernel TLS: Python 3.11's ``ssl`` has
+no ``OP_ENABLE_KTLS`` (3.12+), and kTLS needs OpenSSL to own the socket (an ``SSLSocket``),
+which the thread-safe memory-BIO design rules out; so no kTLS and no sendfile under TLS.
+
 Faults: any exception while serving a request that has not started its reply becomes an EIO
 reply (and a log entry with the traceback); one that happens mid-reply drops that client.
 Whatever happens, the connection reaches :meth:`NbdConnection._finish` exactly once, so the
@@ -46,9 +68,12 @@ import os
 import queue
 import select
 import socket
+import ssl
 import threading
 
 from blockexport.block.node import BS_ZERO
+from blockexport.errors import Error
+from blockexport.exports.tls_channel import TlsChannel
 from blockexport.nbd import constants as C
 from blockexport.nbd import transmission as T
 from blockexport.nbd import wire
@@ -87,6 +112,24 @@ CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES = C.CMD_TRIM, C.CMD_CACHE, C.CMD_WRITE_ZER
 CMD_BLOCK_STATUS = C.CMD_BLOCK_STATUS
 FLAG_FUA, FLAG_DF, FLAG_REQ_ONE = C.CMD_FLAG_FUA, C.CMD_FLAG_DF, C.CMD_FLAG_REQ_ONE
 FLAG_NO_HOLE, FLAG_FAST_ZERO = C.CMD_FLAG_NO_HOLE, C.CMD_FLAG_FAST_ZERO
+
+
+def _no_sendfile(tx, node, flags, cookie, offset, length) -> bool:
+    """A TLS connection's ``_read_by_sendfile``: never (reads go out encrypted)."""
+    return False
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    """A TLS failure in a line: OpenSSL's reason (e.g. "certificate verify failed") or the
+    error's text."""
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason.replace("_", " ").lower() if exc.reason else \
+            (exc.strerror or str(exc))
+        verify = getattr(exc, "verify_message", None)
+        return "%s (%s)" % (reason, verify) if verify else reason
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)
 
 
 class _Drop(Exception):
@@ -230,7 +273,8 @@ class NbdConnection:
     # --- handshake -------------------------------------------------------------------------
     def _handshake(self) -> bool:
         server = self.server
-        hs = ServerHandshake(server.lookup_view, server.list_views, tls_configured=False)
+        hs = ServerHandshake(server.lookup_view, server.list_views,
+                             tls_configured=getattr(server, "tls_creds", None) is not None)
         sock = self.sock
         sock.sendall(hs.data_to_send())
         while True:
@@ -259,8 +303,11 @@ class NbdConnection:
             if isinstance(ev, Closed):
                 log.debug("client %s: %s", self.peer, ev.reason)
                 return False
-            if isinstance(ev, StartTLS):  # pragma: no cover - TLS is not configured yet
-                return False
+            if isinstance(ev, StartTLS):
+                if not self._start_tls(hs):
+                    return False
+                sock = self.sock
+                hs.tls_established()
         self.tx = T.Transmission(ev.export.size, ev.flags, ev.structured, ev.contexts)
         self._providers = [(cid, export.context_provider(name, cid)) for cid, name in ev.contexts]
         rest = hs.trailing_data()
@@ -272,6 +319,71 @@ class NbdConnection:
         except OSError:
             pass
         return True
+
+    # --- TLS ------------------------------------------------------------------------------------
+    def _start_tls(self, hs) -> bool:
+        """NBD_OPT_STARTTLS was acknowledged: TLS handshake (still under the handshake limit:
+        the timer's shutdown ends it), then tls-authz.  On success ``self.sock`` is the TLS
+        channel and the data path's TLS methods are in place; False drops the client (with
+        QEMU's message, unless the limit dropped it)."""
+        server = self.server
+        creds = server.tls_creds
+        chan = TlsChannel(self.sock, creds.ssl_context(), server_side=True,
+                          initial=hs.trailing_data())
+        try:
+            chan.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            self._negotiation_failed("TLS handshake failed: %s" % _ssl_reason(exc))
+            return False
+        reason = self._authz_denied(creds, chan.sslobj)
+        if reason is not None:
+            self._negotiation_failed(reason)
+            return False
+        self.sock = chan
+        # The data path's TLS methods, chosen once (the plain path stays as it is): no
+        # sendfile (the kernel would send plaintext), replies go through the channel.
+        self._read_by_sendfile = _no_sendfile
+        return True
+
+    def _authz_denied(self, creds, sslobj):
+        """QEMU's tls-authz check after the handshake: the authz object is looked up by id
+        now, at every handshake; returns the reason for refusing, or None."""
+        server = self.server
+        authz_id = getattr(server, "tls_authz", None)
+        # QEMU 7.2: x509 only, and only when the peer was verified (verify-peer=on)
+        if authz_id is None or not getattr(creds, "authz_applies", False) or \
+                not getattr(creds, "verify_peer", True):
+            return None
+        objects = getattr(server, "objects", None)
+        authz = objects.get(authz_id) if objects is not None else None
+        if authz is None:
+            return "Cannot find QAuthZ object ID %s" % authz_id
+        if not callable(getattr(authz, "is_allowed", None)):
+            return "Object '%s' is not a QAuthZ subclass" % authz_id
+        identity = creds.peer_identity(sslobj)
+        if identity is None:
+            return "No certificate peers"
+        try:
+            allowed = authz.is_allowed(identity)
+        except Error as err:
+            return err.message
+        if not allowed:
+            return "TLS x509 authz check for %s is denied" % identity
+        return None
+
+    def _negotiation_failed(self, reason: str) -> None:
+        """Report why negotiation failed as qemu-nbd / qemu-storage-daemon print it — unless
+        the handshake limit or the server's stop dropped the client (the failure is ours)."""
+        with self._hs_lock:
+            expired = self._hs_state == "expired"
+        if expired or self.closing:      # the limit, or the server stopping, dropped it
+            log.debug("client %s: %s (dropped by the server)", self.peer, reason)
+            return
+        report = getattr(self.server, "report_error", None)
+        if report is None:
+            log.warning("option negotiation failed: %s", reason)
+        else:
+            report("option negotiation failed: %s" % reason)
 
     # --- receiving (read lock held) ----------------------------------------------------------
     def _fill(self, need: int) -> None:

@@ -7,6 +7,11 @@ handshake and the data path.  Threads report back with ``loop.call_soon_threadsa
 Over the connection limit the listeners stop accepting, so new clients wait in the kernel's
 backlog until a slot frees, as QEMU's do.
 
+TLS (``tls_creds``): the handshake machine answers nothing but NBD_OPT_STARTTLS in plaintext;
+the connection thread runs the TLS handshake and the tls-authz check (the authz object is
+looked up by id in the objects table at every handshake) within the handshake limit below,
+then negotiation starts over inside TLS (see nbd_conn).
+
 Handshake limit (QEMU 9.1+, CVE-2024-7409): a client that has not finished negotiating
 ``handshake_max_seconds`` after it was accepted is dropped (a loop timer per connection;
 0 = no limit).  Stopping the server drops every connection, negotiating ones included.
@@ -25,10 +30,35 @@ log = logging.getLogger(__name__)
 DEFAULT_HANDSHAKE_MAX_SECONDS = 10
 
 
+def find_tls_creds(objects, creds_id: str, endpoint: str):
+    """The TLS credentials object ``creds_id`` of the objects table for ``endpoint``
+    ("server" or "client"), or QEMU 7.2's error (nbd-server-start, qemu-nbd's
+    ``--tls-creds`` after "Failed to get TLS creds: ")."""
+    obj = objects.get(creds_id) if objects is not None else None
+    if obj is None:
+        raise Error("No TLS credentials with id '%s'" % creds_id)
+    if not str(getattr(obj, "qom_type", "")).startswith("tls-creds-"):
+        raise Error("Object with id '%s' is not TLS credentials" % creds_id)
+    if getattr(obj, "endpoint", None) != endpoint:
+        raise Error("Expected TLS credentials for a %s endpoint" % endpoint)
+    return obj
+
+
 class NbdServer:
     def __init__(self, max_connections: int = 0, persistent: bool = True,
-                 handshake_max_seconds: int = DEFAULT_HANDSHAKE_MAX_SECONDS):
+                 handshake_max_seconds: int = DEFAULT_HANDSHAKE_MAX_SECONDS,
+                 tls_creds=None, tls_authz: str | None = None, objects=None,
+                 report_error=None):
         self.max_connections = max_connections
+        #: TLS: the credentials object (server endpoint; the server keeps it even if it is
+        #: deleted from the objects table, as QEMU keeps its reference), the authz object's
+        #: id (looked up in ``objects`` at every TLS handshake), and where negotiation
+        #: failures are reported (QEMU's error_report: the command line prints
+        #: ``prog: option negotiation failed: ...``)
+        self.tls_creds = tls_creds
+        self.tls_authz = tls_authz
+        self.objects = objects
+        self.report_error = report_error
         self.handshake_max_seconds = handshake_max_seconds
         self.persistent = persistent
         self.exports = {}              # name -> NbdExport, in creation order

@@ -4,8 +4,8 @@ A type is a class taking ``(object_id, props, objects)`` — props already check
 the QAPI schema's ``ObjectOptions`` branch, ``objects`` this table (for references to other
 objects) — with an optional ``close()`` and an optional static ``set_properties(props)``
 raising what QEMU's property setters raise (checked before the duplicate-id check; the
-constructor raises what QEMU's ``complete`` raises).  ``iothread`` and ``secret``
-are here; the TLS credential and authz types arrive with the TLS work.
+constructor raises what QEMU's ``complete`` raises).  ``iothread`` and ``secret`` are in
+``simple.py``, the TLS credentials in ``tls.py``, the authorization types in ``authz.py``.
 """
 from __future__ import annotations
 
@@ -18,6 +18,13 @@ from blockexport.util.ids import id_wellformed
 OBJECT_TYPES: dict[str, tuple[str, str]] = {
     "iothread": ("blockexport.objects.simple", "IOThread"),
     "secret": ("blockexport.objects.simple", "Secret"),
+    "tls-creds-x509": ("blockexport.objects.tls", "TlsCredsX509"),
+    "tls-creds-psk": ("blockexport.objects.tls", "TlsCredsPsk"),
+    "tls-creds-anon": ("blockexport.objects.tls", "TlsCredsAnon"),
+    "authz-simple": ("blockexport.objects.authz", "AuthzSimple"),
+    "authz-list": ("blockexport.objects.authz", "AuthzList"),
+    "authz-listfile": ("blockexport.objects.authz", "AuthzListFile"),
+    "authz-pam": ("blockexport.objects.authz", "AuthzPam"),
 }
 
 

@@ -93,7 +93,7 @@ class Secret:
         keyid = props.get("keyid")
         if keyid is not None:
             # qcrypto_secret_decrypt(): the key lookup (this object is already in QEMU's
-            # tree, without data), its length, the IV; decryption itself comes later.
+            # tree, without data), its length, the IV, then AES-256-CBC (crypto/secret.py)
             if keyid == object_id:
                 raise Error("Secret with id '%s' has no data" % keyid)
             key = objects.get(keyid) if objects is not None else None
@@ -109,7 +109,11 @@ class Secret:
             iv = qbase64_decode(iv.encode())
             if len(iv) != 16:
                 raise Error("IV should be 16 bytes in length not %d" % len(iv))
-            raise Error("Encrypted secrets are not supported by blockexport yet")
+            if props.get("format", "raw") == "base64":
+                raw = qbase64_decode(raw)
+            from blockexport.crypto.secret import aes256_cbc_decrypt
+            self.value = aes256_cbc_decrypt(key.value, iv, raw)
+            return
         if props.get("format", "raw") == "base64":
             raw = qbase64_decode(raw)
         self.value = raw

@@ -15,7 +15,7 @@ from conftest import IMAGE_DATA, IMAGE_SIZE, MiB
 from helpers import daemons as D
 from helpers import servers as S
 from helpers.procs import WatchedLauncher
-from helpers.tls_clients import connect, run, x509_object
+from helpers.tls_clients import connect, run, wait_logged, x509_object
 from tls_interop.conftest import require_daemon, require_server
 
 pytest.importorskip("nbd")
@@ -182,6 +182,10 @@ def test_list_over_tls(tls_kind, lister, tls_servers, tls_files, sparse_image):
     p = run([S.server_binary(lister), "-L", "-b", "127.0.0.1", "-p", str(srv.port),
              *intruder_object(tls_files), "--tls-creds", "tls0"])
     assert p.returncode == 1 and p.stdout == "" and "Traceback" not in p.stderr, p
+    if lister == "blockexport-nbd" and tls_kind == "qemu-nbd":
+        # OpenSSL's client presents its certificate whatever CAs the server names (GnuTLS'
+        # doesn't): qemu-nbd really saw the foreign certificate and refused it
+        wait_logged(srv, "The certificate hasn't got a known issuer")
     assert srv.alive()
 
 

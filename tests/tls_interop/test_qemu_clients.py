@@ -267,3 +267,38 @@ def test_list_checks_bind_host_by_default(lister, tls_servers, tls_files, sparse
     assert "Certificate does not match the hostname 127.0.0.2" in p.stderr, p.stderr
     p = run(argv + ["--tls-hostname", "localhost"])
     assert p.returncode == 0 and "exports available: 1" in p.stdout, p
+
+
+def test_list_nbdkit_tls(tls_files, tmp_path):
+    """A third TLS server, nbdkit (GnuTLS, the same file layout): our -L lists it as
+    qemu-nbd -L does."""
+    import shutil
+    import subprocess
+    from helpers.procs import die_with_parent, oracle_missing
+    require_server("blockexport-nbd")
+    if shutil.which("nbdkit") is None:
+        oracle_missing("nbdkit is not installed")
+    port = S.free_port()
+    launcher = DaemonLauncher()
+    err = tmp_path / "nbdkit.stderr"
+    try:
+        with open(err, "wb") as f:
+            proc = subprocess.Popen(
+                ["nbdkit", "-f", "--tls=require", f"--tls-certificates={tls_files.server_dir}",
+                 "--tls-verify-peer", "-i", "127.0.0.1", "-p", str(port), "memory", "1M"],
+                stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True,
+                preexec_fn=die_with_parent)
+        srv = launcher.add(S.Server(kind="nbdkit", argv=["nbdkit"], proc=proc,
+                                    transport="tcp4", host="127.0.0.1", port=port,
+                                    stderr_path=err))
+        S.wait_ready(srv)
+        obj = client_object(tls_files.client_dir("client1"))
+        outs = []
+        for binary in (S.QEMU_NBD, S.BLOCKEXPORT_NBD):
+            p = run([binary, "-L", "-b", "127.0.0.1", "-p", str(port), *obj,
+                     "--tls-creds", "tls0", "--tls-hostname", "localhost"])
+            assert p.returncode == 0, p.stderr
+            outs.append(p.stdout)
+        assert "size:  1048576" in outs[0] and outs[1] == outs[0]
+    finally:
+        launcher.stop_all()

@@ -302,3 +302,25 @@ def test_list_nbdkit_tls(tls_files, tmp_path):
         assert "size:  1048576" in outs[0] and outs[1] == outs[0]
     finally:
         launcher.stop_all()
+
+
+def test_qemu_nbd_as_client(tls_kind, tls_servers, tls_files, sparse_image, tmp_path):
+    """qemu-nbd re-exports the TLS export (its nbd driver as the TLS client) in plaintext:
+    what libnbd reads and writes through it is the image."""
+    require_server("qemu-nbd")
+    srv = tls_servers(tls_kind, sparse_image, transport="tcp4", args=["-x", "disk"])
+    proxy = tls_servers("qemu-nbd", None, creds=None, fmt=None,
+                        args=[*client_object(tls_files.client_dir("client2")),
+                              "--image-opts", nbd_opts(srv, host="localhost")])
+    h = connect(proxy.uri())
+    try:
+        assert h.get_size() == IMAGE_SIZE
+        for off, data in IMAGE_DATA.items():
+            assert h.pread(len(data), off) == data
+        h.pwrite(b"\x5c" * 8192, MiB + 4096)
+        h.flush()
+    finally:
+        h.shutdown()
+    with open(sparse_image, "rb") as f:
+        f.seek(MiB + 4096)
+        assert f.read(8192) == b"\x5c" * 8192

@@ -37,7 +37,7 @@ def require_server(kind: str) -> None:
         ours_missing(problem)
     if kind == "blockexport-nbd-py313" and not os.path.exists(S.BLOCKEXPORT_NBD_PY313):
         ours_missing(f"our Python 3.13 server {S.BLOCKEXPORT_NBD_PY313} is missing "
-                     "(`make venv` builds .venv-py313; PSK needs ssl's PSK callbacks)")
+                     "(`make venv-py313`; PSK needs ssl's PSK callbacks)")
 
 
 def require_daemon(kind: str) -> None:

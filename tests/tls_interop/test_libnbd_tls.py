@@ -253,5 +253,6 @@ def test_concurrent_tls_connections(tls_kind, tls_servers, tls_files, tmp_path):
         t.start()
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads), "a TLS client hung"
     assert not errors, errors
     assert image.read_bytes() == bytes(shadow)

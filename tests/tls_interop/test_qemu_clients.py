@@ -15,7 +15,7 @@ from conftest import IMAGE_DATA, IMAGE_SIZE, MiB
 from helpers import daemons as D
 from helpers import servers as S
 from helpers.procs import WatchedLauncher
-from helpers.tls_clients import connect, run, x509_object
+from helpers.tls_clients import connect, run, wait_logged, x509_object
 from tls_interop.conftest import require_daemon, require_server
 
 pytest.importorskip("nbd")
@@ -182,6 +182,10 @@ def test_list_over_tls(tls_kind, lister, tls_servers, tls_files, sparse_image):
     p = run([S.server_binary(lister), "-L", "-b", "127.0.0.1", "-p", str(srv.port),
              *intruder_object(tls_files), "--tls-creds", "tls0"])
     assert p.returncode == 1 and p.stdout == "" and "Traceback" not in p.stderr, p
+    if lister == "blockexport-nbd" and tls_kind == "qemu-nbd":
+        # OpenSSL's client presents its certificate whatever CAs the server names (GnuTLS'
+        # doesn't): qemu-nbd really saw the foreign certificate and refused it
+        wait_logged(srv, "The certificate hasn't got a known issuer")
     assert srv.alive()
 
 
@@ -263,3 +267,60 @@ def test_list_checks_bind_host_by_default(lister, tls_servers, tls_files, sparse
     assert "Certificate does not match the hostname 127.0.0.2" in p.stderr, p.stderr
     p = run(argv + ["--tls-hostname", "localhost"])
     assert p.returncode == 0 and "exports available: 1" in p.stdout, p
+
+
+def test_list_nbdkit_tls(tls_files, tmp_path):
+    """A third TLS server, nbdkit (GnuTLS, the same file layout): our -L lists it as
+    qemu-nbd -L does."""
+    import shutil
+    import subprocess
+    from helpers.procs import die_with_parent, oracle_missing
+    require_server("blockexport-nbd")
+    if shutil.which("nbdkit") is None:
+        oracle_missing("nbdkit is not installed")
+    port = S.free_port()
+    launcher = DaemonLauncher()
+    err = tmp_path / "nbdkit.stderr"
+    try:
+        with open(err, "wb") as f:
+            proc = subprocess.Popen(
+                ["nbdkit", "-f", "--tls=require", f"--tls-certificates={tls_files.server_dir}",
+                 "--tls-verify-peer", "-i", "127.0.0.1", "-p", str(port), "memory", "1M"],
+                stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True,
+                preexec_fn=die_with_parent)
+        srv = launcher.add(S.Server(kind="nbdkit", argv=["nbdkit"], proc=proc,
+                                    transport="tcp4", host="127.0.0.1", port=port,
+                                    stderr_path=err))
+        S.wait_ready(srv)
+        obj = client_object(tls_files.client_dir("client1"))
+        outs = []
+        for binary in (S.QEMU_NBD, S.BLOCKEXPORT_NBD):
+            p = run([binary, "-L", "-b", "127.0.0.1", "-p", str(port), *obj,
+                     "--tls-creds", "tls0", "--tls-hostname", "localhost"])
+            assert p.returncode == 0, p.stderr
+            outs.append(p.stdout)
+        assert "size:  1048576" in outs[0] and outs[1] == outs[0]
+    finally:
+        launcher.stop_all()
+
+
+def test_qemu_nbd_as_client(tls_kind, tls_servers, tls_files, sparse_image, tmp_path):
+    """qemu-nbd re-exports the TLS export (its nbd driver as the TLS client) in plaintext:
+    what libnbd reads and writes through it is the image."""
+    require_server("qemu-nbd")
+    srv = tls_servers(tls_kind, sparse_image, transport="tcp4", args=["-x", "disk"])
+    proxy = tls_servers("qemu-nbd", None, creds=None, fmt=None,
+                        args=[*client_object(tls_files.client_dir("client2")),
+                              "--image-opts", nbd_opts(srv, host="localhost")])
+    h = connect(proxy.uri())
+    try:
+        assert h.get_size() == IMAGE_SIZE
+        for off, data in IMAGE_DATA.items():
+            assert h.pread(len(data), off) == data
+        h.pwrite(b"\x5c" * 8192, MiB + 4096)
+        h.flush()
+    finally:
+        h.shutdown()
+    with open(sparse_image, "rb") as f:
+        f.seek(MiB + 4096)
+        assert f.read(8192) == b"\x5c" * 8192

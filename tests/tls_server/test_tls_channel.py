@@ -10,7 +10,7 @@ import ssl
 import struct
 import threading
 
-from blockexport.exports.tls_channel import COALESCE_MAX, SEND_PIECE, TlsChannel
+from blockexport.crypto.tls_channel import COALESCE_MAX, SEND_PIECE, TlsChannel
 
 
 def _contexts(certs):

@@ -38,7 +38,7 @@ TLS (server ``tls_creds``): after NBD_OPT_STARTTLS the connection thread runs th
 handshake itself, within the handshake limit (a client stalling mid-handshake blocks only its
 own thread, and the limit's timer shuts its socket), then checks tls-authz (the authz object
 looked up by id now, at every handshake; QEMU's reasons are reported as "option negotiation
-failed: ...").  ``self.sock`` then becomes a :class:`~blockexport.exports.tls_channel.
+failed: ...").  ``self.sock`` then becomes a :class:`~blockexport.crypto.tls_channel.
 TlsChannel` (memory BIOs, locked for the reader + pool threads; its notes say why not
 ``SSLSocket``) and ``_read_by_sendfile`` is replaced by one that always declines: the TLS
 methods are chosen once per connection, the plaintext path has no extra branch per request.
@@ -73,7 +73,7 @@ import threading
 
 from blockexport.block.node import BS_ZERO
 from blockexport.errors import Error
-from blockexport.exports.tls_channel import TlsChannel
+from blockexport.crypto.tls_channel import TlsChannel
 from blockexport.nbd import constants as C
 from blockexport.nbd import transmission as T
 from blockexport.nbd import wire

@@ -1,28 +1,19 @@
-"""Fixtures for the TLS server mechanics tests: certificates made with the openssl CLI (per
-session, never committed) and an in-process NBD server with TLS credentials.
-
-The certificate fixture is a minimal local one (tests/helpers/tls.py is H3's shared helper;
-fold this into it when both are merged).  Keys are EC P-256: fast to make, and both gnutls
-(libnbd, QEMU) and OpenSSL take them.  Leaf certificates carry keyEncipherment in their
-(critical) key usage although QEMU 7.2 does not require it (qemu-storage-daemon 7.2 accepts a
-client certificate with digitalSignature alone; our tls-creds-x509 sanity check refuses it
-at the time of writing).
-"""
+"""Fixtures for the TLS server mechanics tests: the session's test certificates
+(tests/helpers/tls.py, made with the openssl CLI, never committed) in the layouts these tests
+use, and an in-process NBD server with TLS credentials."""
 from __future__ import annotations
 
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from helpers.inprocess import InProcessServer
+from helpers.tls import CLIENT_SUBJECTS
 
-#: the client certificate's subject, as openssl -subj, and as QEMU's authz sees it
-#: (gnutls_x509_crt_get_dn2 in 7.2: the RDNs in certificate order, comma separated)
-CLIENT_SUBJ = "/O=Test/CN=client1"
-CLIENT_DN = "O=Test,CN=client1"
+#: the client certificate's subject as QEMU's authz sees it (gnutls_x509_crt_get_dn2 in 7.2:
+#: the RDNs in certificate order, comma separated)
+CLIENT_DN = ",".join(r for r in CLIENT_SUBJECTS["client1"].split("/") if r)
 
 
 @dataclass
@@ -34,57 +25,10 @@ class Certs:
     other_client: Path    # a client certificate from an unrelated CA (our CA to check ours)
 
 
-def _openssl(*args, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _key(path: Path) -> None:
-    _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
-             "-out", str(path), cwd=path.parent)
-
-
-def _ca(d: Path, name: str) -> None:
-    _key(d / "ca-key.pem")
-    _openssl("req", "-x509", "-new", "-key", "ca-key.pem", "-out", "ca-cert.pem", "-days", "2",
-             "-subj", "/CN=%s" % name, "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
-
-
-def _leaf(ca: Path, out_dir: Path, prefix: str, subj: str, ext: str) -> None:
-    key = out_dir / ("%s-key.pem" % prefix)
-    _key(key)
-    (out_dir / "ext.cnf").write_text(ext)
-    _openssl("req", "-new", "-key", str(key), "-out", str(out_dir / "req.csr"), "-subj", subj,
-             cwd=out_dir)
-    _openssl("x509", "-req", "-in", "req.csr", "-CA", str(ca / "ca-cert.pem"),
-             "-CAkey", str(ca / "ca-key.pem"), "-CAcreateserial", "-days", "2",
-             "-out", "%s-cert.pem" % prefix, "-extfile", "ext.cnf", cwd=out_dir)
-    (out_dir / "req.csr").unlink()
-    (out_dir / "ext.cnf").unlink()
-    shutil.copy(ca / "ca-cert.pem", out_dir / "ca-cert.pem")
-
-
 @pytest.fixture(scope="session")
-def certs(tmp_path_factory) -> Certs:
-    if shutil.which("openssl") is None:
-        pytest.fail("the openssl CLI is needed to make test certificates")
-    root = tmp_path_factory.mktemp("tls-certs")
-    ca, other = root / "ca", root / "other-ca"
-    server, client, other_client = root / "server", root / "client", root / "other-client"
-    for d in (ca, other, server, client, other_client):
-        d.mkdir()
-    _ca(ca, "blockexport test CA")
-    _ca(other, "unrelated CA")
-    _leaf(ca, server, "server", "/O=Test/CN=localhost",
-          "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
-          "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
-    _leaf(ca, client, "client", CLIENT_SUBJ,
-          "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n")
-    _leaf(other, other_client, "client", "/O=Test/CN=intruder",
-          "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n")
-    # the intruder trusts our server (so only the server's check can refuse it)
-    shutil.copy(ca / "ca-cert.pem", other_client / "ca-cert.pem")
-    return Certs(root, server, client, other_client)
+def certs(tls_files) -> Certs:
+    return Certs(tls_files.root, tls_files.server_dir, tls_files.client_dir("client1"),
+                 tls_files.intruder_dir)
 
 
 class Reports(list):

@@ -842,6 +842,21 @@ class Qcow2Node(BlockNode):
                     check_host(host + ((n + (offset & cmask) - 1) & ~cmask), offset)
                 return n, host + (offset & cmask)
 
+        def gate_enter():
+            # a direct write starts: count it in the current epoch (see _drain)
+            gate_lock.acquire()
+            ep = 1 + (gate[0] & 1)
+            gate[ep] += 1
+            gate_lock.release()
+            return ep
+
+        def gate_leave(ep):
+            gate_lock.acquire()
+            gate[ep] -= 1
+            if gate[3] and not gate[ep]:
+                gate_cond.notify_all()
+            gate_lock.release()
+
         def write(offset, buf, fua=False):
             tb = type(buf)
             if tb is not bytes and tb is not bytearray:
@@ -855,20 +870,13 @@ class Qcow2Node(BlockNode):
             if not total:
                 return
             # the common case: one run of allocated clusters, the caller's buffer as is
-            gate_lock.acquire()
-            ep = 1 + (gate[0] & 1)
-            gate[ep] += 1
-            gate_lock.release()
+            ep = gate_enter()
             try:
                 n, host = wmap(offset, total)
                 if host and n == total:
                     file.write(host, buf)
             finally:
-                gate_lock.acquire()
-                gate[ep] -= 1
-                if gate[3] and not gate[ep]:
-                    gate_cond.notify_all()
-                gate_lock.release()
+                gate_leave(ep)
             if host and n == total:
                 if fua:
                     node.flush()
@@ -876,20 +884,13 @@ class Qcow2Node(BlockNode):
             mv = memoryview(buf)
             pos = 0
             while pos < total:
-                gate_lock.acquire()
-                ep = 1 + (gate[0] & 1)
-                gate[ep] += 1
-                gate_lock.release()
+                ep = gate_enter()
                 try:
                     n, host = wmap(offset + pos, total - pos)
                     if host:
                         file.write(host, mv[pos:pos + n])
                 finally:
-                    gate_lock.acquire()
-                    gate[ep] -= 1
-                    if gate[3] and not gate[ep]:
-                        gate_cond.notify_all()
-                    gate_lock.release()
+                    gate_leave(ep)
                 if host:
                     pos += n
                     continue
@@ -909,19 +910,12 @@ class Qcow2Node(BlockNode):
             fsplice = file.splice_write
             if fsplice is None or offset + n > size:
                 return 0
-            gate_lock.acquire()
-            ep = 1 + (gate[0] & 1)
-            gate[ep] += 1
-            gate_lock.release()
+            ep = gate_enter()
             try:
                 k, host = wmap(offset, n)
                 return fsplice(host, pipe_fd, k) if host else 0
             finally:
-                gate_lock.acquire()
-                gate[ep] -= 1
-                if gate[3] and not gate[ep]:
-                    gate_cond.notify_all()
-                gate_lock.release()
+                gate_leave(ep)
 
         self._write_data = write
         if self.detect_zeroes != "off":

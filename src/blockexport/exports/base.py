@@ -38,6 +38,7 @@ from blockexport.util.ids import id_wellformed
 #: export type -> (module, ExportDriver subclass); modules load on first use.
 EXPORT_TYPES: dict[str, tuple[str, str]] = {
     "nbd": ("blockexport.exports.nbd", "NbdExportDriver"),
+    "vhost-user-blk": ("blockexport.exports.vhost_user_blk", "VhostUserBlkExportDriver"),
     "fuse": ("blockexport.exports.fuse", "FuseExportDriver"),
 }
 

@@ -10,7 +10,7 @@ DEMO_IMG := $(DEMO_DIR)/disk.img
 DEBIAN_RUN := qemu-utils libnbd-bin fuse3
 DEBIAN_TEST := qemu-utils libnbd-bin python3-libnbd nbdkit fio fuse3 libfuse3-dev pkg-config openssl qemu-system-common
 
-.PHONY: run test test-slow venv venv-py313 deps-run deps-test demo-image clean
+.PHONY: run test test-slow venv venv-py313 deps-run deps-test vm-harness demo-image clean
 
 deps-run:
 	@./scripts/apt-install $(DEBIAN_RUN)
@@ -38,6 +38,15 @@ $(VENV313)/.installed: pyproject.toml
 
 venv-py313: $(VENV313)/.installed
 
+# The vhost-user-blk VM harness (tests/vhost_user_vm boots a guest on our export): its --setup
+# installs qemu-system-x86, busybox-static and a Debian kernel (apt, as root).  Fast when done.
+VUBC ?= $(abspath ../shared/harness/vhost-user-blk-check)
+vm-harness:
+	@if [ ! -x "$(VUBC)" ]; then \
+		echo "vhost-user-blk VM harness not found at $(VUBC)" >&2; [ "$$CI" != true ] || exit 1; \
+	elif command -v qemu-system-x86_64 >/dev/null && "$(VUBC)" --build-only >/dev/null 2>&1; then :; \
+	else "$(VUBC)" --setup; fi
+
 demo-image: venv
 	@mkdir -p $(DEMO_DIR)
 	@$(VPY) scripts/make-demo-image $(DEMO_IMG)
@@ -52,12 +61,12 @@ run: deps-run venv demo-image
 	exec $(VENV)/bin/blockexport-nbd -f raw -b 127.0.0.1 -p 10809 -t -e 0 $(DEMO_IMG)
 
 # -rs: list every skipped test with its reason
-test: deps-test venv venv-py313
-	$(VPY) -m pytest -q -rs -p no:cacheprovider tests
+test: deps-test venv venv-py313 vm-harness
+	BLOCKEXPORT_VUBC=$(VUBC) $(VPY) -m pytest -q -rs -p no:cacheprovider tests
 
 # The slow tier only (tests marked `slow`: 10^6-input fuzzing per parser, ...; docs/testing.md)
-test-slow: deps-test venv venv-py313
-	$(VPY) -m pytest -q -rs -p no:cacheprovider --slow -m slow tests
+test-slow: deps-test venv venv-py313 vm-harness
+	BLOCKEXPORT_VUBC=$(VUBC) $(VPY) -m pytest -q -rs -p no:cacheprovider --slow -m slow tests
 
 clean:
 	rm -rf $(VENV) $(VENV313) $(DEMO_DIR) build src/*.egg-info

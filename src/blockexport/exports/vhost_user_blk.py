@@ -120,8 +120,7 @@ class VhostUserBlkExportDriver(ExportDriver):
 
     def request_shutdown(self, export: "VhostUserBlkExport", hard: bool) -> None:
         export.stop_listening()
-        if hard:
-            export.disconnect()
+        export.disconnect()
 
     def delete(self, export: "VhostUserBlkExport") -> None:
         export.stop_listening()
@@ -152,7 +151,9 @@ class VhostUserBlkExport(BlockExport):
 
     # --- what the framework asks ------------------------------------------------------------
     def client_count(self) -> int:
-        return 1 if self._conn is not None else 0
+        # A frontend does not hold the export: removal, safe or hard, disconnects it and the
+        # export goes at once (qemu-storage-daemon 7.2 does the same).
+        return 0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._serve, name="vhost-user-blk " + self.id,
@@ -200,6 +201,9 @@ class VhostUserBlkExport(BlockExport):
                 return
             conn = _Connection(self, sock)
             with self._lock:
+                if not self._listening:     # removal began while we accepted
+                    conn.close_socket()
+                    return
                 self._conn = conn
             try:
                 conn.run()
@@ -453,6 +457,9 @@ class _Connection:
         self._unmap()
         for fd in self.decoder.take_fds():
             _close(fd)
+        self.close_socket()
+
+    def close_socket(self) -> None:
         try:
             self.sock.close()
         except OSError:

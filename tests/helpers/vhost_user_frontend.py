@@ -575,7 +575,8 @@ class Frontend:
 
     def wait(self, reqs: list[Request], timeout: float | None = None) -> None:
         """Wait (poll on the call eventfds, with a deadline) until all `reqs` are used."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         pending = {id(r) for r in reqs if r.status is None or r.used_len is None}
         queues = {r.queue for r in reqs}
         while True:
@@ -599,7 +600,7 @@ class Frontend:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"{len(pending)} request(s) not completed within "
-                                   f"{self.timeout}s")
+                                   f"{timeout}s")
             fds = [self.queues[qi].call for qi in queues]
             r, _, _ = select.select(fds, [], [], left)
             for fd in r:

@@ -282,7 +282,11 @@ def test_garbage_drops_connection(start, server, case):
     s = start()
     f = Frontend(s.sock, handshake=False)
     s.daemon.clients.append(f)
-    f.send_raw(RAW_CASES[case])
+    msg = RAW_CASES[case]
+    f.send_raw(msg)
+    request, flags, _size = HDR.unpack_from(msg)
+    if server == "qsd" and flags & F_NEED_REPLY:
+        assert f.recv_reply(timeout=2.0) == (request, 5, bytes(8))   # REPLY_ACK 0, then...
     assert f.wait_closed(2.0)
     if server == "qsd":
         assert RAW_STDERR[case] in _wait_stderr(s, RAW_STDERR[case]), s.daemon.stderr()

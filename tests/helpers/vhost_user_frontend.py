@@ -217,7 +217,7 @@ class Frontend:
                  queue_size: int = 128, event_idx: bool = True, indirect: bool = True,
                  reply_ack: bool = True, inflight: bool = False, handshake: bool = True,
                  timeout: float = DEFAULT_TIMEOUT, connect_timeout: float = DEFAULT_TIMEOUT,
-                 features: int | None = None):
+                 features: int | None = None, mmap_offset: int = 0):
         self.path = path
         self.timeout = timeout
         self.mem_size = mem_size
@@ -231,9 +231,12 @@ class Frontend:
         self._fence_lock = threading.Lock()
         self.sock = self._connect(path, connect_timeout)
         self.memfd = os.memfd_create("vhu-guest-mem", os.MFD_CLOEXEC)
-        os.ftruncate(self.memfd, mem_size)
+        # with mmap_offset, the region starts that far into the fd (the backend must add
+        # the region's mmap_offset to its mapping)
+        self.mmap_offset = mmap_offset
+        os.ftruncate(self.memfd, mem_size + mmap_offset)
         self.mem = mmap.mmap(self.memfd, mem_size, mmap.MAP_SHARED,
-                             mmap.PROT_READ | mmap.PROT_WRITE)
+                             mmap.PROT_READ | mmap.PROT_WRITE, offset=mmap_offset)
         self.queues: list[Queue] = []
         self.features = 0
         self.offered_features = None
@@ -437,7 +440,7 @@ class Frontend:
         self.set(SET_FEATURES, struct.pack("<Q", feats))
         self.features = feats
         self.set(SET_MEM_TABLE, self.mem_table_payload(
-            [(GPA_BASE, self.mem_size, UVA_BASE, 0)]), fds=[self.memfd])
+            [(GPA_BASE, self.mem_size, UVA_BASE, self.mmap_offset)]), fds=[self.memfd])
         base = 0
         for i in range(self.num_queues):
             q = Queue(i, self.queue_size, base)

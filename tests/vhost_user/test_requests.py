@@ -5,6 +5,9 @@ Expected values are what qemu-storage-daemon 7.2 does (tests/vhost_user/QSD_FACT
 from __future__ import annotations
 
 import os
+import select
+import struct
+import time
 
 import pytest
 
@@ -42,6 +45,44 @@ def test_multi_descriptor(start, indirect):
     assert s.image_bytes(40 * SECTOR, len(data)) == data
     status, got, used = f.read(40, len(data), split=7, indirect=indirect)
     assert (status, got, used) == (S_OK, data, len(data) + 1)
+
+
+def test_region_mmap_offset(start):
+    """The memory region starts 1 MiB into the shared fd (mmap_offset): the backend must map
+    with that offset."""
+    s = start()
+    f = s.frontend(mmap_offset=1024 * 1024)
+    data = pattern(4096, 9)
+    assert f.write(0, data, indirect=True)[0] == S_OK
+    assert f.read(0, 4096, split=2) == (S_OK, data, 4097)
+    assert s.image_bytes(0, 4096) == data
+
+
+def test_event_idx_suppresses_calls(start):
+    """With EVENT_IDX the backend signals the call eventfd only when the used index passes
+    the driver's used_event: with used_event set 10 entries ahead, completions arrive in the
+    used ring without a call; crossing used_event brings one."""
+    s = start()
+    f = s.frontend()
+    q = f.queues[0]
+    assert f.event_idx
+    assert f.read(0, 512)[0] == S_OK                 # the first completion always signals
+    ahead = (q.last_used + 10) & 0xFFFF
+    struct.pack_into("<H", f.mem, q.avail + 4 + 2 * q.size, ahead)   # used_event
+    reqs = [f.request(0, T_IN, 0, in_len=512) for _ in range(3)]
+    for r in reqs:
+        old = q.avail_idx
+        f._build(r)
+        f._publish_and_kick(q, old)
+        deadline = time.monotonic() + 2.0
+        while f._u16(q.used + 2) != q.avail_idx:    # poll the used ring itself
+            assert time.monotonic() < deadline, "request not completed"
+            select.select([q.call], [], [], 0.001)
+    assert select.select([q.call], [], [], 0)[0] == []      # no call so far
+    f._reap(q)
+    assert [r.status for r in reqs] == [S_OK] * 3
+    struct.pack_into("<H", f.mem, q.avail + 4 + 2 * q.size, q.last_used)
+    assert f.read(0, 512)[0] == S_OK                 # waits on the call eventfd
 
 
 def test_image_data_visible(start):

@@ -38,8 +38,10 @@ def _ours_problem() -> str | None:
 
 @pytest.fixture(params=[
     "qsd",
-    # the lead removes this mark (and the skip in the fixture) when the server lands
-    pytest.param("ours", marks=pytest.mark.xfail(strict=False, reason="server not landed yet")),
+    # our daemon, same argv.  Until blockexport.exports.vhost_user_blk imports, the fixture
+    # xfails it (imperatively, so that our console script missing still fails the test;
+    # the lead removes that xfail when the server lands).
+    "ours",
 ])
 def server(request) -> str:
     if request.param == "qsd" and not os.path.exists(D.QSD):
@@ -49,8 +51,8 @@ def server(request) -> str:
         if problem:
             ours_missing(problem)
         problem = _ours_problem()
-        if problem:
-            pytest.skip(f"server not landed yet: {problem}")
+        if problem:     # xfail, not skip: under CI=true a skip fails the session
+            pytest.xfail(f"server not landed yet: {problem}")
     return request.param
 
 

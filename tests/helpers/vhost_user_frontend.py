@@ -460,6 +460,30 @@ class Frontend:
         if self.features >> F_PROTOCOL_FEATURES & 1:
             self.set(SET_VRING_ENABLE, struct.pack("<II", q.index, 1))
 
+    def stop_vring(self, index: int) -> int:
+        """QEMU's device stop for one queue: GET_VRING_BASE (the backend stops the ring and
+        answers where it stopped).  Returns that index."""
+        return self.get_vring_base(index)
+
+    def restart_vring(self, index: int, base: int | None = None) -> None:
+        """QEMU's device start after a stop: the ring set up again from `base` (default: the
+        driver's avail index, all requests consumed) with fresh kick/call eventfds."""
+        q = self.queues[index]
+        if q.inflight:
+            raise VhostUserError(f"queue {index}: {len(q.inflight)} requests still in flight")
+        q.close()
+        q.kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        q.call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        base = q.avail_idx if base is None else base
+        self.set(SET_VRING_NUM, struct.pack("<II", q.index, q.size))
+        self.set(SET_VRING_BASE, struct.pack("<II", q.index, base))
+        self.set(SET_VRING_ADDR, struct.pack("<IIQQQQ", q.index, 0, UVA_BASE + q.desc,
+                                             UVA_BASE + q.used, UVA_BASE + q.avail, 0))
+        self.set(SET_VRING_KICK, struct.pack("<Q", q.index), fds=[q.kick])
+        self.set(SET_VRING_CALL, struct.pack("<Q", q.index), fds=[q.call])
+        if self.features >> F_PROTOCOL_FEATURES & 1:
+            self.set(SET_VRING_ENABLE, struct.pack("<II", q.index, 1))
+
     @property
     def config(self) -> dict:
         return parse_config(self.config_bytes)

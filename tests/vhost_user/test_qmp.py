@@ -1,0 +1,148 @@
+"""vhost-user-blk exports over QMP and on the command line, with a frontend connected:
+query-block-exports, block-export-del (safe and hard), block-export-add argument errors,
+and a garbage frontend on one export while another export keeps serving.
+
+Expected values are what qemu-storage-daemon 7.2 does (tests/vhost_user/QSD_FACTS.md)."""
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from helpers import daemons as D
+from helpers.procs import make_image
+from helpers.vhost_user_frontend import HDR, S_OK, VERSION, Frontend
+
+from .conftest import KINDS, export_args
+
+EXPORT_E = {"node-name": "f", "shutting-down": False, "type": "vhost-user-blk", "id": "e"}
+
+
+def test_query_block_exports(start):
+    s = start()
+    q = s.qmp()
+    assert q.cmd("query-block-exports") == [EXPORT_E]
+    f = s.frontend()
+    assert f.read(0, 512)[0] == S_OK
+    assert q.cmd("query-block-exports") == [EXPORT_E]
+
+
+@pytest.mark.parametrize("mode", ["safe", "hard"])
+def test_export_del_with_frontend(start, mode):
+    """block-export-del while a frontend is connected succeeds at once in both modes
+    (safe does not wait for the vhost-user client): BLOCK_EXPORT_DELETED, the frontend's
+    connection is closed, the socket file removed, query-block-exports empty."""
+    s = start()
+    q = s.qmp()
+    f = s.frontend()
+    assert f.write(0, b"d" * 512)[0] == S_OK
+    assert q.cmd("block-export-del", {"id": "e", "mode": mode}) == {}
+    assert q.event("BLOCK_EXPORT_DELETED") == {"id": "e"}
+    assert q.cmd("query-block-exports") == []
+    assert f.wait_closed(2.0)
+    assert not os.path.exists(s.sock)
+    assert q.error("block-export-del", {"id": "e"}) == "Export 'e' is not found"
+
+
+ADD_ERRORS = [
+    ({"num-queues": 0}, "num-queues must be greater than 0"),
+    ({"logical-block-size": 1000},
+     "Property e2.logical-block-size doesn't take value '1000', it's not a power of 2"),
+    ({"logical-block-size": 256},
+     "Property e2.logical-block-size doesn't take value 256 (minimum: 512, maximum: 2097152)"),
+    ({"logical-block-size": 4 * 1024 * 1024},
+     "Property e2.logical-block-size doesn't take value 4194304 (minimum: 512, "
+     "maximum: 2097152)"),
+    ({"addr": {"type": "inet", "host": "127.0.0.1", "port": "0"}},
+     "Only socket address types 'unix' and 'fd' are supported"),
+    ({"addr": {"type": "vsock", "cid": "1", "port": "2"}},
+     "Only socket address types 'unix' and 'fd' are supported"),
+]
+
+
+def test_export_add_errors_and_add(start, tmp_path):
+    """Bad arguments are refused with QEMU's messages; then a good add (writable, 2 queues)
+    serves a frontend; a default (read-only) add offers VIRTIO_BLK_F_RO."""
+    s = start()
+    q = s.qmp()
+    assert q.cmd("block-export-del", {"id": "e"}) == {}
+    q.event("BLOCK_EXPORT_DELETED")
+    sock = str(tmp_path / "e2.sock")
+    base = {"type": "vhost-user-blk", "id": "e2", "node-name": "f",
+            "addr": {"type": "unix", "path": sock}}
+    for extra, msg in ADD_ERRORS:
+        assert q.error("block-export-add", {**base, **extra}) == msg, extra
+    assert q.cmd("query-block-exports") == []
+    assert q.cmd("block-export-add", {**base, "writable": True, "num-queues": 2}) == {}
+    f = Frontend(sock, num_queues=2)
+    s.daemon.clients.append(f)
+    assert f.queue_num == 2 and not f.offered_features >> 5 & 1
+    assert f.write(0, b"2" * 512, queue=1)[0] == S_OK
+    assert q.cmd("block-export-del", {"id": "e2"}) == {}
+    q.event("BLOCK_EXPORT_DELETED")
+    assert f.wait_closed(2.0)
+    f.close()
+    assert q.cmd("block-export-add", {**base, "id": "e3"}) == {}
+    g = Frontend(sock)
+    s.daemon.clients.append(g)
+    assert g.offered_features >> 5 & 1
+    assert g.read(0, 512) == (S_OK, b"2" * 512, 513)
+
+
+@pytest.mark.parametrize("opt, msg", [
+    ("num-queues=0", "num-queues must be greater than 0"),
+    ("logical-block-size=1000",
+     "Property e.logical-block-size doesn't take value '1000', it's not a power of 2"),
+    ("logical-block-size=256",
+     "Property e.logical-block-size doesn't take value 256 (minimum: 512, maximum: 2097152)"),
+])
+def test_command_line_errors(server, tmp_path, opt, msg):
+    image = make_image(tmp_path / "d.img", 1024 * 1024)
+    sock = tmp_path / "v.sock"
+    args = export_args(image, sock)
+    args[-1] += "," + opt
+    p = D.run_to_exit(KINDS[server], args)
+    assert p.returncode == 1
+    assert p.stderr.endswith(f"--export {args[-1]}: {msg}\n"), p.stderr
+    assert not sock.exists()
+
+
+def test_command_line_inet_refused(server, tmp_path):
+    image = make_image(tmp_path / "d.img", 1024 * 1024)
+    exp = "type=vhost-user-blk,id=e,node-name=f,addr.type=inet,addr.host=127.0.0.1,addr.port=0"
+    p = D.run_to_exit(KINDS[server], ["--blockdev", f"driver=file,node-name=f,filename={image}",
+                                      "--export", exp])
+    assert p.returncode == 1
+    assert p.stderr.endswith("Only socket address types 'unix' and 'fd' are supported\n")
+
+
+def test_garbage_on_one_export_others_served(start, tmp_path):
+    """Two exports in one daemon: a frontend of export 2 sends garbage and is dropped while a
+    frontend of export 1 keeps working throughout."""
+    s = start()
+    q = s.qmp()
+    img2 = make_image(tmp_path / "second.img", 1024 * 1024)
+    q.cmd("blockdev-add", {"driver": "file", "node-name": "g", "filename": str(img2)})
+    sock2 = str(tmp_path / "second.sock")
+    q.cmd("block-export-add", {"type": "vhost-user-blk", "id": "e2", "node-name": "g",
+                               "writable": True, "addr": {"type": "unix", "path": sock2}})
+    good = s.frontend()
+    assert good.write(0, b"g" * 512)[0] == S_OK
+    bad = Frontend(sock2, handshake=False)
+    s.daemon.clients.append(bad)
+    bad.send_raw(HDR.pack(200, VERSION, 0))
+    assert bad.wait_closed(2.0)
+    assert good.read(0, 512)[1] == b"g" * 512
+    bad2 = Frontend(sock2, handshake=False)
+    s.daemon.clients.append(bad2)
+    bad2.send_raw(HDR.pack(5, VERSION, 8 + 32) + struct.pack("<II", 1, 0) + bytes(16))
+    bad2.close()                                        # truncated SET_MEM_TABLE, then gone
+    assert good.read(0, 512)[1] == b"g" * 512
+    third = Frontend(sock2)
+    s.daemon.clients.append(third)
+    assert third.write(0, b"3" * 512)[0] == S_OK
+    # newest first
+    assert q.cmd("query-block-exports") == [
+        {"node-name": "g", "shutting-down": False, "type": "vhost-user-blk", "id": "e2"},
+        EXPORT_E]

@@ -1,10 +1,9 @@
 """The vhost-user-blk export type through QMP and the command line: its option checks (QEMU
-7.2's errors word for word, in QEMU's order), query-block-exports, and removal while a frontend
-is connected.  Every case runs on qemu-storage-daemon 7.2 and on ours."""
+7.2's errors word for word, in QEMU's order) and query-block-exports.  Every case runs on
+qemu-storage-daemon 7.2 and on ours.  (Removal with a frontend connected: tests/vhost_user.)"""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
@@ -94,32 +93,3 @@ def test_command_line_errors(tmp_path, bad):
         assert not os.path.exists(sock)
     assert results["blockexport-daemon"] == results["qemu-storage-daemon"]
     assert results["blockexport-daemon"][0] == 1
-
-
-def test_removal_disconnects_frontend(daemon_kind, launch, tmp_path):
-    """A connected frontend does not hold the export: block-export-del (safe) removes it at
-    once, the frontend is disconnected and the socket file goes."""
-    image = make_image(tmp_path / "disk.img", 4 * MiB)
-    path = tmp_path / "vu.sock"
-    d = launch(daemon_kind, ["--blockdev", f"driver=file,node-name=f,filename={image}",
-                             "--export", "type=vhost-user-blk,id=e,node-name=f,"
-                             f"addr.type=unix,addr.path={path},writable=on"])
-    q = d.qmp()
-    frontend = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        frontend.connect(str(path))
-        frontend.settimeout(10)
-        assert q.cmd("query-block-exports") == [
-            {"type": "vhost-user-blk", "id": "e", "node-name": "f", "shutting-down": False}]
-        assert q.cmd("block-export-del", {"id": "e"}) == {}
-        assert q.event("BLOCK_EXPORT_DELETED") == {"id": "e"}
-        assert q.cmd("query-block-exports") == []
-        assert frontend.recv(1) == b""          # the daemon hung up
-        assert not path.exists()
-        # the node is free again: a new export of it works
-        assert q.cmd("block-export-add", {
-            "type": "vhost-user-blk", "id": "e", "node-name": "f",
-            "addr": {"type": "unix", "path": str(path)}}) == {}
-        assert path.exists()
-    finally:
-        frontend.close()

@@ -1,5 +1,5 @@
 """vhost-user-blk exports over QMP and on the command line, with a frontend connected:
-query-block-exports, block-export-del (safe and hard), block-export-add argument errors,
+query-block-exports, block-export-del (safe and hard), a new export after the first is gone,
 and a garbage frontend on one export while another export keeps serving.
 
 Expected values are what qemu-storage-daemon 7.2 does (tests/vhost_user/QSD_FACTS.md)."""
@@ -10,11 +10,9 @@ import struct
 
 import pytest
 
-from helpers import daemons as D
 from helpers.procs import make_image
 from helpers.vhost_user_frontend import HDR, S_OK, VERSION, Frontend
 
-from .conftest import KINDS, export_args
 
 EXPORT_E = {"node-name": "f", "shutting-down": False, "type": "vhost-user-blk", "id": "e"}
 
@@ -45,25 +43,10 @@ def test_export_del_with_frontend(start, mode):
     assert q.error("block-export-del", {"id": "e"}) == "Export 'e' is not found"
 
 
-ADD_ERRORS = [
-    ({"num-queues": 0}, "num-queues must be greater than 0"),
-    ({"logical-block-size": 1000},
-     "Property e2.logical-block-size doesn't take value '1000', it's not a power of 2"),
-    ({"logical-block-size": 256},
-     "Property e2.logical-block-size doesn't take value 256 (minimum: 512, maximum: 2097152)"),
-    ({"logical-block-size": 4 * 1024 * 1024},
-     "Property e2.logical-block-size doesn't take value 4194304 (minimum: 512, "
-     "maximum: 2097152)"),
-    ({"addr": {"type": "inet", "host": "127.0.0.1", "port": "0"}},
-     "Only socket address types 'unix' and 'fd' are supported"),
-    ({"addr": {"type": "vsock", "cid": "1", "port": "2"}},
-     "Only socket address types 'unix' and 'fd' are supported"),
-]
-
-
 def test_export_add_errors_and_add(start, tmp_path):
-    """Bad arguments are refused with QEMU's messages; then a good add (writable, 2 queues)
-    serves a frontend; a default (read-only) add offers VIRTIO_BLK_F_RO."""
+    """A new export after the first is gone (writable, 2 queues) serves a frontend; a default
+    (read-only) add offers VIRTIO_BLK_F_RO.  (The argument errors are compared word for word
+    with QSD in tests/qmp/test_vhost_user_blk_qmp.py.)"""
     s = start()
     q = s.qmp()
     assert q.cmd("block-export-del", {"id": "e"}) == {}
@@ -71,8 +54,6 @@ def test_export_add_errors_and_add(start, tmp_path):
     sock = str(tmp_path / "e2.sock")
     base = {"type": "vhost-user-blk", "id": "e2", "node-name": "f",
             "addr": {"type": "unix", "path": sock}}
-    for extra, msg in ADD_ERRORS:
-        assert q.error("block-export-add", {**base, **extra}) == msg, extra
     assert q.cmd("query-block-exports") == []
     assert q.cmd("block-export-add", {**base, "writable": True, "num-queues": 2}) == {}
     f = Frontend(sock, num_queues=2)
@@ -88,33 +69,6 @@ def test_export_add_errors_and_add(start, tmp_path):
     s.daemon.clients.append(g)
     assert g.offered_features >> 5 & 1
     assert g.read(0, 512) == (S_OK, b"2" * 512, 513)
-
-
-@pytest.mark.parametrize("opt, msg", [
-    ("num-queues=0", "num-queues must be greater than 0"),
-    ("logical-block-size=1000",
-     "Property e.logical-block-size doesn't take value '1000', it's not a power of 2"),
-    ("logical-block-size=256",
-     "Property e.logical-block-size doesn't take value 256 (minimum: 512, maximum: 2097152)"),
-])
-def test_command_line_errors(server, tmp_path, opt, msg):
-    image = make_image(tmp_path / "d.img", 1024 * 1024)
-    sock = tmp_path / "v.sock"
-    args = export_args(image, sock)
-    args[-1] += "," + opt
-    p = D.run_to_exit(KINDS[server], args)
-    assert p.returncode == 1
-    assert p.stderr.endswith(f"--export {args[-1]}: {msg}\n"), p.stderr
-    assert not sock.exists()
-
-
-def test_command_line_inet_refused(server, tmp_path):
-    image = make_image(tmp_path / "d.img", 1024 * 1024)
-    exp = "type=vhost-user-blk,id=e,node-name=f,addr.type=inet,addr.host=127.0.0.1,addr.port=0"
-    p = D.run_to_exit(KINDS[server], ["--blockdev", f"driver=file,node-name=f,filename={image}",
-                                      "--export", exp])
-    assert p.returncode == 1
-    assert p.stderr.endswith("Only socket address types 'unix' and 'fd' are supported\n")
 
 
 def test_garbage_on_one_export_others_served(start, tmp_path):

@@ -37,15 +37,15 @@ from blockexport.exports.base import BlockExport, ExportDriver
 from blockexport.util.sockets import socket_listen
 from blockexport.vhost_user import constants as VC
 from blockexport.vhost_user.backend import (
-    Backend, FeaturesSet, MemTable, Reply, Reset, SetConfig, VringCall, VringErr, VringKick,
-    VringStart, VringStop,
+    Backend, FeaturesSet, MemTable, Reply, Reset, SetConfig, VringAddr, VringCall, VringErr,
+    VringKick, VringStart, VringStop,
 )
 from blockexport.vhost_user.errors import VhostUserProtocolError
 from blockexport.vhost_user.wire import NEED_DATA, Decoder, request_name
 from blockexport.virtio import blk as B
 from blockexport.virtio.errors import VirtioError
 from blockexport.virtio.memory import GuestMemory
-from blockexport.virtio.ring import SplitQueue
+from blockexport.virtio.ring import SplitQueue, ring_sizes
 
 log = logging.getLogger(__name__)
 
@@ -310,52 +310,80 @@ class _Connection:
             self.sock.sendall(data)
 
     def _dispatch(self, msg) -> None:
-        kept: set = set()
+        kept: set = set()          # fds the events handed over to us
         try:
-            events = self.backend.handle(msg)
-            for event in events:
-                kind = type(event)
-                if kind is Reply:
-                    self._send(event.data)
-                elif kind is VringCall:
-                    queue = self.queues[event.index]
-                    old, queue.call = queue.call, event.fd
-                    kept.add(event.fd)
-                    _close(old)
-                elif kind is VringKick:
-                    queue = self.queues[event.index]
-                    last = self._stop_queue(queue)
-                    _close(queue.kick)
-                    queue.kick = event.fd
-                    kept.add(event.fd)
-                    if last is not None:    # a new kick fd for a running queue
-                        self._restart_queue(queue, last)
-                elif kind is VringStart:
-                    self._start_queue(self.queues[event.index], event)
-                elif kind is VringStop:
-                    queue = self.queues[event.index]
-                    last = self._stop_queue(queue)
-                    self._send(self.backend.vring_stopped(event.index, last, event.reply))
-                elif kind is MemTable:
-                    kept.update(event.fds)
-                    self._set_mem_table(event)
-                elif kind is VringErr:
-                    queue = self.queues[event.index]
-                    _close(queue.err)
-                    queue.err = event.fd
-                    kept.add(event.fd)
-                elif kind is SetConfig:
-                    self._set_config(event)
-                elif kind is FeaturesSet:
-                    self.event_idx = bool(event.features >> B.F_RING_EVENT_IDX & 1)
-                    self.indirect = bool(event.features >> B.F_RING_INDIRECT_DESC & 1)
-                elif kind is Reset:
-                    self._stop_all()
+            self._act(self.backend.handle(msg), kept)
+        except (VhostUserProtocolError, VirtioError, OSError, ValueError):
+            # a request that failed is acknowledged as failed (REPLY_ACK), then dropped
+            try:
+                self._send(self.backend.ack(msg, ok=False))
+            except OSError:
+                pass
+            raise
         finally:
             for fd in msg.fds:
                 if fd not in kept:
                     _close(fd)
         self._send(self.backend.ack(msg))
+
+    def _act(self, events, kept: set) -> None:
+        for event in events:
+            kind = type(event)
+            if kind is Reply:
+                self._send(event.data)
+            elif kind is VringCall:
+                queue = self.queues[event.index]
+                old, queue.call = queue.call, event.fd
+                kept.add(event.fd)
+                _close(old)
+            elif kind is VringKick:
+                queue = self.queues[event.index]
+                last = self._stop_queue(queue)
+                _close(queue.kick)
+                queue.kick = event.fd
+                kept.add(event.fd)
+                if last is not None:    # a new kick fd for a running queue
+                    self._restart_queue(queue, last)
+            elif kind is VringStart:
+                self._start_queue(self.queues[event.index], event)
+            elif kind is VringStop:
+                queue = self.queues[event.index]
+                last = self._stop_queue(queue)
+                self._send(self.backend.vring_stopped(event.index, last, event.reply))
+            elif kind is MemTable:
+                kept.update(event.fds)
+                self._set_mem_table(event)
+            elif kind is VringErr:
+                queue = self.queues[event.index]
+                _close(queue.err)
+                queue.err = event.fd
+                kept.add(event.fd)
+            elif kind is SetConfig:
+                self._set_config(event)
+            elif kind is VringAddr:
+                self._check_ring_addresses(event)
+            elif kind is FeaturesSet:
+                if not event.features >> B.F_VERSION_1 & 1:
+                    raise VhostUserProtocolError("the frontend did not accept "
+                                                 "VIRTIO_F_VERSION_1 (legacy virtio)")
+                self.event_idx = bool(event.features >> B.F_RING_EVENT_IDX & 1)
+                self.indirect = bool(event.features >> B.F_RING_INDIRECT_DESC & 1)
+            elif kind is Reset:
+                self._stop_all()
+
+    def _check_ring_addresses(self, event: VringAddr) -> None:
+        """The rings must lie in the memory table, which must come first (as libvhost-user
+        requires)."""
+        if self.memory is None:
+            raise VhostUserProtocolError("vring %d addresses before the memory table"
+                                         % event.index)
+        desc_len, avail_len, used_len = ring_sizes(max(event.size, 1), False)
+        try:
+            self.memory.uva(event.desc, desc_len)
+            self.memory.uva(event.avail, avail_len)
+            self.memory.uva(event.used, used_len)
+        except VirtioError as exc:
+            raise VhostUserProtocolError("vring %d: %s" % (event.index, exc)) from None
 
     def _update_config(self) -> None:
         export = self.export
@@ -364,7 +392,7 @@ class _Connection:
             blk_size=export.block_size, writeback=export.writeback,
             num_queues=export.num_queues, max_discard_sectors=MAX_DISCARD_SECTORS,
             discard_sector_alignment=export.block_size // B.SECTOR_SIZE,
-            max_write_zeroes_sectors=MAX_WRITE_ZEROES_SECTORS, write_zeroes_may_unmap=True)
+            max_write_zeroes_sectors=MAX_WRITE_ZEROES_SECTORS, write_zeroes_may_unmap=False)
 
     def _set_config(self, event: SetConfig) -> None:
         # only the writeback byte is writable, and only alone (QEMU's rule)
@@ -558,9 +586,10 @@ class _Worker:
             data_in = writable[:-1]
         else:
             data_in = writable[:-1] + [last[:-1]]
-        status, written = self.execute(rtype & ~T_BARRIER, sector, data_out, data_in)
+        status = self.execute(rtype & ~T_BARRIER, sector, data_out, data_in)
         last[len(last) - 1] = status
-        return written + 1
+        # the used length is the whole writable part, whatever the status (as QEMU)
+        return sum(map(len, writable))
 
     def range_ok(self, sector: int, nbytes: int) -> bool:
         if nbytes % B.SECTOR_SIZE:
@@ -573,25 +602,25 @@ class _Worker:
         return sector <= self.capacity and sectors <= self.capacity - sector
 
     def execute(self, rtype: int, sector: int, data_out: list, data_in: list):
-        """(status, bytes written to ``data_in``)."""
+        """The request's status."""
         node = self.node
         try:
             if rtype == B.T_IN:
                 nbytes = sum(map(len, data_in))
                 if not self.range_ok(sector, nbytes):
-                    return B.S_IOERR, 0
+                    return B.S_IOERR
                 offset = sector << B.SECTOR_BITS
                 for buf in data_in:
                     if buf:
                         node.read_into(offset, buf)
                         offset += len(buf)
-                return B.S_OK, nbytes
+                return B.S_OK
             if rtype == B.T_OUT:
                 if not self.writable:
-                    return B.S_IOERR, 0
+                    return B.S_IOERR
                 nbytes = sum(map(len, data_out))
                 if not self.range_ok(sector, nbytes):
-                    return B.S_IOERR, 0
+                    return B.S_IOERR
                 offset = sector << B.SECTOR_BITS
                 if len(data_out) == 1:
                     node.write(offset, data_out[0])
@@ -607,10 +636,10 @@ class _Worker:
                     node.write(offset, view[:nbytes])
                 if not self.export.writeback:
                     node.flush()
-                return B.S_OK, 0
+                return B.S_OK
             if rtype == B.T_FLUSH:
                 node.flush()
-                return B.S_OK, 0
+                return B.S_OK
             if rtype == B.T_GET_ID:
                 serial = SERIAL + bytes(B.ID_BYTES - len(SERIAL))
                 pos = 0
@@ -620,14 +649,14 @@ class _Worker:
                     pos += n
                     if pos == B.ID_BYTES:
                         break
-                return B.S_OK, pos
+                return B.S_OK
             if rtype in (B.T_DISCARD, B.T_WRITE_ZEROES):
-                return self.discard_or_zero(rtype, data_out), 0
-            return B.S_UNSUPP, 0
+                return self.discard_or_zero(rtype, data_out)
+            return B.S_UNSUPP
         except Exception as exc:    # noqa: BLE001 - a failed request is IOERR, as in QEMU
             log.debug("vhost-user-blk request type %d at sector %d failed: %s", rtype, sector,
                       exc)
-            return B.S_IOERR, 0
+            return B.S_IOERR
 
     def discard_or_zero(self, rtype: int, data_out: list) -> int:
         segment = b"".join(data_out)

@@ -75,6 +75,17 @@ class VringErr:
 
 
 @dataclass(frozen=True, slots=True)
+class VringAddr:
+    """The queue's rings are at these frontend addresses (the export checks they are in the
+    memory table; ``size`` is 0 if SET_VRING_NUM has not come yet)."""
+    index: int
+    size: int
+    desc: int
+    used: int
+    avail: int
+
+
+@dataclass(frozen=True, slots=True)
 class VringStart:
     """Run the queue: ``size`` descriptors, the rings at these frontend addresses, the
     first available index to serve ``base``."""
@@ -254,7 +265,7 @@ class Backend:
             raise VhostUserProtocolError("vring %d: dirty logging is not supported" % index)
         ring.desc, ring.used, ring.avail = desc, used, avail
         ring.have_addr = True
-        return ()
+        return (VringAddr(index, ring.size, desc, used, avail),)
 
     def _set_vring_base(self, msg):
         index, num = parse_vring_state(msg)

@@ -237,6 +237,7 @@ class Frontend:
         os.ftruncate(self.memfd, mem_size + mmap_offset)
         self.mem = mmap.mmap(self.memfd, mem_size, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE, offset=mmap_offset)
+        self.mem16 = memoryview(self.mem).cast("H")
         self.queues: list[Queue] = []
         self.features = 0
         self.offered_features = None
@@ -280,6 +281,7 @@ class Frontend:
         finally:
             for q in self.queues:
                 q.close()
+            self.mem16.release()
             try:
                 self.mem.close()
             except BufferError:
@@ -514,6 +516,11 @@ class Frontend:
             for q in self.queues:
                 q.next_desc = 0
 
+    def _store_u16(self, off: int, value: int) -> None:
+        """One 16-bit store, for the fields the backend reads while we write them
+        (struct.pack_into clears a field before writing it: a reader could see 0)."""
+        self.mem16[off // 2] = value
+
     def _u16(self, off: int) -> int:
         return struct.unpack_from("<H", self.mem, off)[0]
 
@@ -573,7 +580,7 @@ class Frontend:
         return ids
 
     def _publish_and_kick(self, q: Queue, old_idx: int) -> None:
-        struct.pack_into("<H", self.mem, q.avail + 2, q.avail_idx)   # avail->idx
+        self._store_u16(q.avail + 2, q.avail_idx)                     # avail->idx
         self._fence()
         if self.event_idx:
             avail_event = self._u16(q.used + 4 + 8 * q.size)
@@ -616,7 +623,7 @@ class Frontend:
             for qi in queues:     # ask for an interrupt at the next used entry
                 q = self.queues[qi]
                 if self.event_idx:
-                    struct.pack_into("<H", self.mem, q.avail + 4 + 2 * q.size, q.last_used)
+                    self._store_u16(q.avail + 4 + 2 * q.size, q.last_used)   # used_event
             self._fence()
             for qi in queues:
                 q = self.queues[qi]

@@ -15,6 +15,11 @@ written; the available index read again after ``avail_event`` is written) the ca
 issue a full barrier between the two (the export takes and releases a lock, a locked
 instruction).  :meth:`should_notify` and :meth:`enable_notify` say where.
 
+Torn stores: ``struct.pack_into`` clears a field before it writes its bytes, so a driver
+reading at the same moment could see 0.  The fields the driver reads while we write them
+(the used index, ``avail_event``, the used flags) are therefore stored through 16-bit
+memoryviews: one store each.
+
 Hot path: precompiled structs, plain ints, ``__slots__``; a chain is returned as two lists
 of memoryviews (readable, writable).
 """
@@ -52,9 +57,9 @@ class SplitQueue:
     addresses are the frontend's (``memory.uva``); ``base`` is the first available index to
     serve.  ``event_idx`` / ``indirect``: the negotiated ring features."""
 
-    __slots__ = ("memory", "size", "mask", "desc", "avail", "used", "last_avail", "used_idx",
-                 "event_idx", "indirect", "signalled", "signalled_valid", "_used_event_off",
-                 "_avail_event_off")
+    __slots__ = ("memory", "size", "mask", "desc", "avail", "used", "used16", "last_avail",
+                 "used_idx", "event_idx", "indirect", "signalled", "signalled_valid",
+                 "_used_event_off", "_avail_event_slot")
 
     def __init__(self, memory, size: int, desc_addr: int, avail_addr: int, used_addr: int,
                  base: int = 0, event_idx: bool = False, indirect: bool = False):
@@ -67,6 +72,8 @@ class SplitQueue:
         self.desc = memory.uva(desc_addr, desc_len)
         self.avail = memory.uva(avail_addr, avail_len)
         self.used = memory.uva(used_addr, used_len)
+        #: the used ring as 16-bit words (single-store writes of flags, idx, avail_event)
+        self.used16 = self.used.cast("B").cast("H")
         self.last_avail = base & 0xFFFF
         self.used_idx = U16.unpack_from(self.used, RING_IDX)[0]
         self.event_idx = event_idx
@@ -74,7 +81,7 @@ class SplitQueue:
         self.signalled = 0
         self.signalled_valid = False
         self._used_event_off = RING_ENTRIES + 2 * size
-        self._avail_event_off = RING_ENTRIES + 8 * size
+        self._avail_event_slot = (RING_ENTRIES + 8 * size) // 2
 
     # --- driver -> device -------------------------------------------------------------------
     def has_avail(self) -> bool:
@@ -141,8 +148,7 @@ class SplitQueue:
         """Complete chain ``head`` with ``length`` bytes written to its writable buffers."""
         idx = self.used_idx
         USED_ELEM.pack_into(self.used, RING_ENTRIES + 8 * (idx & self.mask), head, length)
-        idx = self.used_idx = (idx + 1) & 0xFFFF
-        U16.pack_into(self.used, RING_IDX, idx)
+        self.used_idx = self.used16[RING_IDX // 2] = (idx + 1) & 0xFFFF
 
     def should_notify(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one
@@ -163,11 +169,11 @@ class SplitQueue:
         """Ask the driver to kick for what it makes available next.  Afterwards, issue a full
         barrier and check :meth:`has_avail` before sleeping."""
         if self.event_idx:
-            U16.pack_into(self.used, self._avail_event_off, self.last_avail)
+            self.used16[self._avail_event_slot] = self.last_avail
         else:
-            U16.pack_into(self.used, 0, U16.unpack_from(self.used, 0)[0] & ~USED_F_NO_NOTIFY)
+            self.used16[0] &= ~USED_F_NO_NOTIFY
 
     def disable_notify(self) -> None:
         """Tell the driver kicks are not needed (the device is polling the ring)."""
         if not self.event_idx:
-            U16.pack_into(self.used, 0, U16.unpack_from(self.used, 0)[0] | USED_F_NO_NOTIFY)
+            self.used16[0] |= USED_F_NO_NOTIFY

@@ -186,6 +186,22 @@ def test_indirect_table():
     assert [len(v) for v in writable] == [4096, 1, 1]
 
 
+def test_indirect_table_crossing_the_region_boundary():
+    # the table is a buffer in guest-physical memory like any other: contiguous there, it
+    # may span two of the frontend's regions (two adjacent RAM blocks)
+    d = Driver()
+    table = REGION - 16
+    d.write(0x8000, b"abcd")
+    d.desc(0, 0x8000, 4, NEXT, 1, table=table)     # entry 0 in region A
+    d.desc(1, 0x18000, 8, WRITE, table=table)      # entry 1 in region B
+    d.desc(0, table, 32, INDIRECT)
+    d.make_avail(0)
+    _h, readable, writable = d.queue(indirect=True).pop()
+    assert joined(readable) == b"abcd" and [len(v) for v in writable] == [8]
+    writable[0][:] = b"12345678"
+    assert d.read(0x18000, 8) == b"12345678"
+
+
 def test_indirect_table_with_one_entry_and_unused_tail():
     d = Driver()
     d.desc(0, 0x18000, 8, WRITE, table=0x5000)

@@ -359,3 +359,29 @@ def test_short_payloads(full):
 
 def test_config_request_over_256_bytes():
     bad(backend(), config_msg(GET_CONFIG, 0, 257))
+
+
+def test_qemu_start_as_one_byte_stream():
+    """The same sequence as bytes: each message's fds fed with its first byte, everything fed
+    before anything is decoded; the decoder and the backend together give the same events."""
+    from blockexport.vhost_user.wire import NEED_DATA, Decoder
+    recorded = []
+
+    class Recorder(Backend):
+        def handle(self, msg):
+            recorded.append(msg)
+            return super().handle(msg)
+
+    qemu_start(Recorder(BLK_FEATURES, PF_MQ | PF_REPLY_ACK | PF_CONFIG, 2, CONFIG))
+    dec = Decoder()
+    for msg in recorded:
+        dec.feed(struct.pack("<III", msg.request, msg.flags, len(msg.payload)) + msg.payload,
+                 msg.fds)
+    b = backend()
+    events = []
+    decoded = []
+    while (msg := dec.next_message()) is not NEED_DATA:
+        decoded.append(msg)
+        events += b.handle(msg)
+    assert decoded == recorded
+    assert events == qemu_start(backend())

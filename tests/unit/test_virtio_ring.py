@@ -504,7 +504,8 @@ segment = st.tuples(st.booleans(), st.integers(0, 300))       # (writable, lengt
 chain = st.tuples(st.lists(segment, min_size=1, max_size=8), st.booleans(), st.randoms())
 
 
-@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(chains=st.lists(chain, min_size=1, max_size=8), start=st.integers(0, 0xFFFF),
        data_at=st.integers(DATA_START, DATA_END - 0x4000))
 def test_random_chains_round_trip(chains, start, data_at):

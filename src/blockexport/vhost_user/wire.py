@@ -6,6 +6,10 @@ bytes and fds as they arrive (``feed``) and returns whole :class:`Message` value
 (``next_message``), or :data:`NEED_DATA`.  Fds belong to the message being assembled when
 they are fed, the one the fed bytes start in (a frontend sends a message's fds with its first
 byte), even when several messages are fed before they are taken.
+
+Read at most :meth:`Decoder.bytes_missing` bytes per ``recvmsg``: Linux ends a read after
+the bytes that carried fds but not before them, so a longer read can return the tail of one
+message and the next message whole, with that next message's fds.
 """
 from __future__ import annotations
 

@@ -184,3 +184,53 @@ def test_config_size_limit():
 def test_request_name():
     assert W.request_name(24) == "GET_CONFIG"
     assert W.request_name(999) == "request 999"
+
+
+def test_reads_of_bytes_missing_over_a_real_socket_keep_fds_with_their_message():
+    """The read loop the export uses (recvmsg of bytes_missing(), then feed) over a real
+    AF_UNIX stream, the frontend sending messages back to back, each with its fds."""
+    import array
+    import os
+    import socket
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pipes = [os.pipe() for _ in range(3)]
+    received = []
+    try:
+        plan = [(SET_VRING_KICK, [pipes[0][0]]), (GET_FEATURES, []),
+                (SET_VRING_CALL, [pipes[1][0]]), (SET_FEATURES, []),
+                (msg(5, bytes(8 + 2 * 32)), [pipes[2][0], pipes[2][1]])]
+        for data, fds in plan:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+            theirs.sendmsg([data], anc)
+        theirs.close()
+        dec = Decoder()
+        got = []
+        while True:
+            m = dec.next_message()
+            if m is not NEED_DATA:
+                got.append(m)
+                continue
+            data, anc, _flags, _addr = ours.recvmsg(dec.bytes_missing(),
+                                                    socket.CMSG_SPACE(8 * 4))
+            for _level, _kind, cdata in anc:
+                fds = array.array("i")
+                fds.frombytes(cdata)
+                received.extend(fds)
+                dec.feed(data, fds)
+                break
+            else:
+                if not data:
+                    break
+                dec.feed(data)
+        assert [m.request for m in got] == [12, 1, 13, 2, 5]
+        # each message's fds are the ones sent with it (same pipe: same inode)
+        ident = [tuple(os.fstat(fd).st_ino for fd in m.fds) for m in got]
+        want = [tuple(os.fstat(fd).st_ino for fd in fds) for _d, fds in plan]
+        assert ident == want
+        assert dec.take_fds() == []
+    finally:
+        ours.close()
+        theirs.close()
+        for fd in received + [fd for pair in pipes for fd in pair]:
+            os.close(fd)

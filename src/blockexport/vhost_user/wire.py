@@ -3,8 +3,13 @@
 A message is a 12-byte little-endian header (request, flags, payload size) and its payload;
 file descriptors travel beside it as ``SCM_RIGHTS`` ancillary data.  :class:`Decoder` takes
 bytes and fds as they arrive (``feed``) and returns whole :class:`Message` values
-(``next_message``), or :data:`NEED_DATA`.  Fds received while a message is being assembled
-belong to that message (a frontend sends a message's fds with its first byte).
+(``next_message``), or :data:`NEED_DATA`.  Fds belong to the message being assembled when
+they are fed, the one the fed bytes start in (a frontend sends a message's fds with its first
+byte), even when several messages are fed before they are taken.
+
+Read at most :meth:`Decoder.bytes_missing` bytes per ``recvmsg``: Linux ends a read after
+the bytes that carried fds but not before them, so a longer read can return the tail of one
+message and the next message whole, with that next message's fds.
 """
 from __future__ import annotations
 
@@ -126,13 +131,17 @@ class Decoder:
 
     def __init__(self):
         self._buf = bytearray()
-        self._fds: list[int] = []
+        #: the stream offset of ``_buf[0]``
+        self._pos = 0
+        #: (stream offset of the first byte fed with them, fds), in arrival order
+        self._fds: list[tuple[int, tuple]] = []
         #: set when the stream can't go on (a bad header); fds are then the caller's to close
         self.broken = False
 
     def feed(self, data: bytes, fds=()) -> None:
+        if fds:
+            self._fds.append((self._pos + len(self._buf), tuple(fds)))
         self._buf += data
-        self._fds.extend(fds)
 
     def bytes_missing(self) -> int:
         """Bytes still needed to complete the current message: the header first, then the
@@ -165,10 +174,14 @@ class Decoder:
             return NEED_DATA
         payload = bytes(self._buf[C.HEADER_SIZE:end])
         del self._buf[:end]
-        fds, self._fds = tuple(self._fds), []
+        self._pos += end
+        fds = ()
+        while self._fds and self._fds[0][0] < self._pos:
+            fds += self._fds.pop(0)[1]
         return Message(request, flags, payload, fds)
 
     def take_fds(self) -> list[int]:
         """The fds received and not yet handed out in a message (to close them)."""
-        fds, self._fds = self._fds, []
+        fds = [fd for _pos, group in self._fds for fd in group]
+        self._fds = []
         return fds

@@ -120,7 +120,12 @@ class SplitQueue:
                 raise VirtioError("indirect descriptor with NEXT set")
             if length == 0 or length % DESC_SIZE:
                 raise VirtioError("indirect table of %d bytes" % length)
-            table = memory.gpa(addr, length)
+            try:
+                table = memory.gpa(addr, length)
+            except VirtioError:
+                # contiguous in guest memory but over two regions: read it as a copy (the
+                # device never writes a descriptor table)
+                table = b"".join(memory.gpa_segments(addr, length))
             limit = length // DESC_SIZE
             i = 0
             addr, length, flags, nxt = DESC.unpack_from(table, 0)

@@ -6,8 +6,8 @@ import struct
 import pytest
 
 from blockexport.vhost_user.backend import (Backend, FeaturesSet, MemTable, Reply, Reset,
-                                            SetConfig, VringCall, VringErr, VringKick,
-                                            VringStart, VringStop)
+                                            SetConfig, VringAddr, VringCall, VringErr,
+                                            VringKick, VringStart, VringStop)
 from blockexport.vhost_user.errors import VhostUserProtocolError
 from blockexport.vhost_user.wire import MemRegion, Message
 
@@ -99,8 +99,8 @@ def test_qemu_start_sequence_events_and_replies():
         Reply(reply(GET_CONFIG, struct.pack("<III", 0, 60, 0) + CONFIG)),
         FeaturesSet(BLK_FEATURES | F_PROTOCOL_FEATURES),
         MemTable((MemRegion(*REGION),), (10,)),
-        VringKick(0, 20), VringCall(0, 30),
-        VringKick(1, 21), VringCall(1, 31),
+        VringAddr(0, 256, DESC, USED, AVAIL), VringKick(0, 20), VringCall(0, 30),
+        VringAddr(1, 256, DESC, USED, AVAIL), VringKick(1, 21), VringCall(1, 31),
         VringStart(0, 256, DESC, USED, AVAIL, 0),
         VringStart(1, 256, DESC, USED, AVAIL, 0),
     ]
@@ -139,7 +139,8 @@ def test_enable_before_kick_starts_at_the_kick():
     b.handle(u64(SET_FEATURES, BLK_FEATURES | F_PROTOCOL_FEATURES))
     assert b.handle(state(SET_VRING_ENABLE, 0, 1)) == ()
     assert b.handle(state(SET_VRING_NUM, 0, 64)) == ()
-    assert b.handle(addr(0)) == ()
+    # the export checks the addresses against its memory table
+    assert b.handle(addr(0)) == (VringAddr(0, 64, DESC, USED, AVAIL),)
     assert b.handle(u64(SET_VRING_KICK, 0, fds=[5])) == (
         VringKick(0, 5), VringStart(0, 64, DESC, USED, AVAIL, 0))
     # a second kick fd replaces the first; the running ring does not start again
@@ -150,7 +151,7 @@ def test_without_protocol_features_rings_start_at_the_kick():
     b = backend(1)
     assert b.handle(u64(SET_FEATURES, BLK_FEATURES)) == (FeaturesSet(BLK_FEATURES),)
     assert b.handle(state(SET_VRING_NUM, 0, 128)) == ()
-    assert b.handle(addr(0)) == ()
+    assert b.handle(addr(0)) == (VringAddr(0, 128, DESC, USED, AVAIL),)
     assert b.handle(u64(SET_VRING_CALL, 0, fds=[9])) == (VringCall(0, 9),)
     assert b.handle(u64(SET_VRING_KICK, 0, fds=[8])) == (
         VringKick(0, 8), VringStart(0, 128, DESC, USED, AVAIL, 0))

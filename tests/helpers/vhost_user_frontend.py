@@ -200,6 +200,7 @@ class Queue:
         self.kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.kicks = 0
+        self.calls = 0              # call eventfd signals consumed (Frontend.take_calls)
 
     def close(self) -> None:
         for fd in (self.kick, self.call):
@@ -635,14 +636,22 @@ class Frontend:
             if left <= 0:
                 raise TimeoutError(f"{len(pending)} request(s) not completed within "
                                    f"{timeout}s")
-            fds = [self.queues[qi].call for qi in queues]
-            r, _, _ = select.select(fds, [], [], left)
+            by_fd = {self.queues[qi].call: self.queues[qi] for qi in queues}
+            r, _, _ = select.select(list(by_fd), [], [], left)
             for fd in r:
-                try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    pass
+                self.take_calls(by_fd[fd])
         self._maybe_reset_alloc()
+
+    def take_calls(self, q: Queue, timeout: float = 0.0) -> int:
+        """Read q's call eventfd (waiting up to `timeout` for it); counts into q.calls."""
+        if timeout and not select.select([q.call], [], [], timeout)[0]:
+            return 0
+        try:
+            n = os.eventfd_read(q.call)
+        except BlockingIOError:
+            return 0
+        q.calls += n
+        return n
 
     def request(self, queue: int, rtype: int, sector: int = 0, out=(), in_len: int = 0,
                 split: int = 1, indirect: bool = False, ioprio: int = 0,

@@ -14,13 +14,18 @@ class GuestMemory:
     """``regions``: (guest_phys_addr, size, frontend_addr, buffer) tuples, ``buffer`` being at
     least ``size`` bytes (the mapping, from the region's mmap offset on)."""
 
-    __slots__ = ("regions", "_views")
+    __slots__ = ("regions", "_views", "regions_by_gpa")
 
     def __init__(self, regions):
         self.regions = tuple(regions)
+        if not self.regions:
+            raise VirtioError("an empty memory table")
         # (gpa, end, uva, uva_end, view) per region; views taken once
         self._views = tuple((gpa, gpa + size, uva, uva + size, memoryview(buf)[:size])
                             for gpa, size, uva, buf in self.regions)
+        #: (gpa, end, view) per region, largest first (the ring walk's inlined lookup)
+        self.regions_by_gpa = tuple(sorted(((g, e, v) for g, e, _u, _ue, v in self._views),
+                                           key=lambda r: r[0] - r[1]))
 
     def gpa(self, addr: int, length: int) -> memoryview:
         """``length`` bytes at guest-physical ``addr``, within one region."""

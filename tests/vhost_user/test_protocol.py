@@ -390,6 +390,8 @@ def test_none_request(start, server):
     f.send_msg(NONE)
     if server == "qsd":
         assert "vu_panic: disconnect" in _wait_stderr(s, "vu_panic: disconnect")
+    else:                       # ours: not a request; the frontend is dropped
+        assert f.wait_closed(2.0)
     f.close()
     _next_frontend_works(s)
 
@@ -397,8 +399,8 @@ def test_none_request(start, server):
 @pytest.mark.parametrize("num", [100, 2048])
 def test_unchecked_vring_num(start, server, num):
     """QSD 7.2 acks SET_VRING_NUM with a size that is not a power of 2 or is past 1024 (no
-    validation) and the connection stays up.  A stricter server may refuse instead (non-zero
-    ack or a dropped connection), but must still serve the next frontend."""
+    validation) and the connection stays up.  Ours refuses a size that is not a power of 2
+    (non-zero ack, dropped) and accepts 2048; both serve the next frontend."""
     s = start()
     f = _negotiated(s)
     f.send_msg(SET_VRING_NUM, struct.pack("<II", 0, num), VERSION | F_NEED_REPLY)
@@ -409,5 +411,11 @@ def test_unchecked_vring_num(start, server, num):
     if server == "qsd":
         assert reply == (SET_VRING_NUM, 5, bytes(8))
         assert f.u64_call(GET_FEATURES) == FEATURES_WRITABLE
+    elif num & (num - 1):       # ours: a split ring's size must be a power of 2
+        assert reply == (SET_VRING_NUM, 5, struct.pack("<Q", 1))
+        assert f.wait_closed(2.0)
+    else:                       # up to 32768 is a valid split ring
+        assert reply == (SET_VRING_NUM, 5, bytes(8))
+        assert f.u64_call(GET_FEATURES) == OURS_FEATURES_WRITABLE
     f.close()
     _next_frontend_works(s)

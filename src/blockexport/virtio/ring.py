@@ -26,6 +26,7 @@ of memoryviews (readable, writable).
 from __future__ import annotations
 
 import struct
+from operator import add
 
 from blockexport.virtio.errors import VirtioError
 
@@ -50,6 +51,54 @@ def ring_sizes(size: int, event_idx: bool) -> tuple[int, int, int]:
     entries (with the trailing event fields when ``event_idx``)."""
     extra = 2 if event_idx else 0
     return DESC_SIZE * size, RING_ENTRIES + 2 * size + extra, RING_ENTRIES + 8 * size + extra
+
+
+#: structs unpacking a whole indirect table at once, by entry count
+_TABLES: dict = {}
+_NEXT = DESC_F_NEXT
+_NEXT_WRITE = DESC_F_NEXT | DESC_F_WRITE
+
+
+def _sequential_table(table, n: int, region):
+    """The chain of an indirect table laid out the way Linux writes them (entry i's next is
+    i + 1, the last has no NEXT, readable entries then writable ones, all in ``region``) as
+    (readable, writable) views, in a few C-level passes; None for any other table (the
+    general walk then checks it entry by entry)."""
+    unpack = _TABLES.get(n)
+    if unpack is None:
+        unpack = _TABLES[n] = struct.Struct("<" + "QIHH" * n).unpack_from
+    vals = unpack(table)
+    flags = vals[2::4]
+    last = flags[-1]
+    if last & ~DESC_F_WRITE:
+        return None
+    body = flags[:-1]
+    writable_from = body.index(_NEXT_WRITE) if _NEXT_WRITE in body else n - 1
+    if (body.count(_NEXT) != writable_from
+            or body.count(_NEXT_WRITE) != n - 1 - writable_from
+            or (not last & DESC_F_WRITE and writable_from != n - 1)):
+        return None
+    if vals[3:-4:4] != _SEQUENCE[n]:
+        return None
+    addrs = vals[0::4]
+    lens = vals[1::4]
+    start, end, view = region
+    if min(addrs) < start or max(map(add, addrs, lens)) > end:
+        return None
+    views = [view[a - start:a - start + ln] for a, ln in zip(addrs, lens)]
+    if last & DESC_F_WRITE:
+        return views[:writable_from], views[writable_from:]
+    return views, []
+
+
+class _Sequences(dict):
+    def __missing__(self, n):
+        value = self[n] = tuple(range(1, n))
+        return value
+
+
+#: (1, 2, ..., n - 1): the next fields of a sequential table of n entries
+_SEQUENCE = _Sequences()
 
 
 class SplitQueue:
@@ -127,6 +176,10 @@ class SplitQueue:
                 # device never writes a descriptor table)
                 table = b"".join(memory.gpa_segments(addr, length))
             limit = length // DESC_SIZE
+            if limit > 2:
+                chain = _sequential_table(table, limit, memory.regions_by_gpa[0])
+                if chain is not None:
+                    return chain
             i = 0
             addr, length, flags, nxt = DESC.unpack_from(table, 0)
         # The hot loop: a 126-segment chain (a Linux 1 MiB request) walks it 128 times, so

@@ -212,7 +212,7 @@ def _refresh(node: "BlockNode", undo: list) -> None:
             _refresh(att.node, undo)
 
 
-_WRITE_METHODS = ("write", "write_zeroes", "discard", "splice_write")
+_WRITE_METHODS = ("write", "write_zeroes", "discard", "splice_write", "writev")
 
 
 def _closed(*args, **kwargs):
@@ -323,6 +323,13 @@ class BlockNode:
     #: wrote.  The NBD data path uses it for large writes (exports/nbd_conn.py).
     splice_write = None
 
+    #: ``writev(offset, bufs) -> None`` or None: the bytes of ``bufs`` (a list of buffers)
+    #: written at ``offset`` with one ``pwritev``, as ``write`` of their concatenation would
+    #: (no gathering copy).  Offered where ``splice_write`` is (a plain buffered write);
+    #: the dirty-bitmap wrappers mark what it wrote.  The vhost-user-blk export uses it for
+    #: requests spread over several guest buffers.
+    writev = None
+
     def memory_io(self) -> bool:
         """Whether reads and writes are memory copies (page cache, no waiting on a device or
         the network), so a data path may serve them inline instead of handing them to a
@@ -384,6 +391,7 @@ class BlockNode:
         zero_data = unhooked["write_zeroes"][0]
         discard_data = unhooked["discard"][0]
         splice_data = unhooked["splice_write"][0]
+        writev_data = unhooked["writev"][0]
 
         def mark(offset, length):
             # The request as the driver performs it: padded to the alignment (QEMU marks the
@@ -435,12 +443,24 @@ class BlockNode:
         else:
             splice_write = None
 
-        self._wrappers = (write, write_zeroes, discard, splice_write)
+        if writev_data is not None:
+            def writev(offset, bufs):
+                try:
+                    return writev_data(offset, bufs)
+                finally:
+                    if node._recording:
+                        mark(offset, sum(map(len, bufs)))
+        else:
+            writev = None
+
+        self._wrappers = (write, write_zeroes, discard, splice_write, writev)
         self.write = write
         self.write_zeroes = write_zeroes
         self.discard = discard
         if splice_write is not None:
             self.splice_write = splice_write
+        if writev is not None:
+            self.writev = writev
         self._unhooked = unhooked
 
     def _unhook_writes(self) -> None:

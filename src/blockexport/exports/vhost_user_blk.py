@@ -12,8 +12,9 @@ Design:
   can't map loses its connection; nothing else is affected.
 * One worker thread per running queue.  It sleeps in ``poll`` on the queue's kick eventfd
   (and a stop eventfd), then serves every available chain straight from and into the mapped
-  guest memory (``node.read_into`` / ``node.write`` on memoryviews: no copy for single-buffer
-  requests) and signals the call eventfd once per batch, as ``VIRTIO_F_EVENT_IDX`` allows.
+  guest memory (``node.read_into`` / ``node.write`` on memoryviews; a request over several
+  guest buffers is one ``preadv`` / ``node.writev`` where the node is a plain file, else it
+  goes through a bounce buffer) and signals the call eventfd once per batch, as ``VIRTIO_F_EVENT_IDX`` allows.
 * A new memory table while queues run (QEMU sends one when the guest's memory map changes)
   stops the workers, remaps, and restarts them where they were.
 
@@ -629,6 +630,8 @@ class _Worker:
                 offset = sector << B.SECTOR_BITS
                 if len(data_out) == 1:
                     node.write(offset, data_out[0])
+                elif node.writev is not None:     # a plain file: one pwritev, no copy
+                    node.writev(offset, data_out)
                 elif nbytes:
                     bounce = self.bounce
                     if len(bounce) < nbytes:

@@ -41,6 +41,8 @@ except (OSError, AttributeError):  # pragma: no cover - non-glibc platforms
 
 
 _splice = getattr(os, "splice", None)
+#: the most buffers one pwritev takes
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -278,6 +280,18 @@ class FileNode(BlockNode):
                     grow(end)
                 return n
         self.splice_write = splice_write
+        writev = None
+        if not self.cache_direct and not self.read_only and self.detect_zeroes == "off":
+            def writev(offset, bufs):
+                if len(bufs) > _IOV_MAX:
+                    return write_data(offset, b"".join(bufs))
+                total = sum(map(len, bufs))
+                n = pwritev(fd, bufs, offset)
+                if n != total:      # short: the rest as one buffer (rare)
+                    return write_data(offset + n, b"".join(bufs)[n:])
+                if offset + total > node._size:
+                    grow(offset + total)
+        self.writev = writev
 
     def _read_rest(self, offset: int, buf, n: int) -> None:
         """Finish a short read: read on until EOF, then zero-fill the rest."""

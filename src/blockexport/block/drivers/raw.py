@@ -161,6 +161,20 @@ class RawNode(BlockNode):
                     return 0     # write() gives the error
                 return child_splice(offset + off, pipe_fd, n)
         self.splice_write = splice_write
+        writev = child.writev
+        if writev is None or self.read_only or self.detect_zeroes != "off" \
+                or self.probed or debug is not None:
+            writev = None
+        elif off or self.has_size:
+            child_writev = writev
+            has_size, size = self.has_size, self.size
+            write = self.write
+
+            def writev(offset, bufs):
+                if has_size and offset + sum(map(len, bufs)) > size:
+                    return write(offset, b"".join(bufs))     # write() gives the error
+                return child_writev(offset + off, bufs)
+        self.writev = writev
 
     # ---- probed format: whole sectors, sector 0 protected ---------------------------------
 

@@ -2,7 +2,7 @@
 order, the driver table, and the lifecycle an export type plugs into.
 
 A small export type defined here goes through the same table and code as ``nbd``: that is all
-FUSE and vhost-user-blk will add.
+FUSE and vhost-user-blk add.
 """
 from __future__ import annotations
 
@@ -65,18 +65,18 @@ def _opts(**kw):
 def test_the_type_table_loads_a_driver_once(env):
     assert base.export_driver("counting") is base.export_driver("counting")
     assert isinstance(base.export_driver("nbd"), ExportDriver)
-    with pytest.raises(Error, match="^Parameter 'type' does not accept value 'vhost-user-blk'$"):
-        base.export_driver("vhost-user-blk")
+    with pytest.raises(Error, match="^Parameter 'type' does not accept value 'vduse-blk'$"):
+        base.export_driver("vduse-blk")
 
 
 @pytest.mark.parametrize("opts,message", [
     (_opts(id="1x"), "Invalid block export id"),
-    (_opts(type="vhost-user-blk"), "Parameter 'type' does not accept value 'vhost-user-blk'"),
+    (_opts(type="vduse-blk"), "Parameter 'type' does not accept value 'vduse-blk'"),
     (_opts(**{"node-name": "nope"}), "Cannot find device='' nor node-name='nope'"),
     (_opts(**{"node-name": "ro", "writable": True}), "Cannot export read-only node as writable"),
     (_opts(iothread="t"), 'iothread "t" not found'),
     # the id is checked first, as blk_exp_add does
-    (_opts(id="1x", type="vhost-user-blk", writable=True, **{"node-name": "ro"}),
+    (_opts(id="1x", type="vduse-blk", writable=True, **{"node-name": "ro"}),
      "Invalid block export id"),
 ])
 def test_common_checks_before_the_type(env, opts, message):

@@ -6,12 +6,18 @@ Expected values are what qemu-storage-daemon 7.2 does (tests/vhost_user/QSD_FACT
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import struct
+import subprocess
 
 import pytest
 
-from helpers.procs import make_image
+from helpers import daemons as D
+from helpers.procs import die_with_parent, make_image
 from helpers.vhost_user_frontend import HDR, S_OK, VERSION, Frontend
+
+from .conftest import KINDS
 
 
 EXPORT_E = {"node-name": "f", "shutting-down": False, "type": "vhost-user-blk", "id": "e"}
@@ -100,3 +106,66 @@ def test_garbage_on_one_export_others_served(start, tmp_path):
     assert q.cmd("query-block-exports") == [
         {"node-name": "g", "shutting-down": False, "type": "vhost-user-blk", "id": "e2"},
         EXPORT_E]
+
+
+def test_addr_fd_inherited_listener(server, tmp_path):
+    """`addr.type=fd,addr.str=N`: the export serves a listening socket the daemon inherited
+    (a service manager's way); the frontend works through it."""
+    image = make_image(tmp_path / "d.img", 1024 * 1024)
+    path = str(tmp_path / "inherited.sock")
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(1)
+    fd = lsock.fileno()
+    proc = subprocess.Popen(
+        [D.daemon_binary(KINDS[server]), "--blockdev",
+         f"driver=file,node-name=f,filename={image}", "--export",
+         f"type=vhost-user-blk,id=e,node-name=f,addr.type=fd,addr.str={fd},writable=on"],
+        pass_fds=(fd,), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        preexec_fn=die_with_parent)
+    lsock.close()
+    try:
+        f = Frontend(path)
+        try:
+            assert f.write(0, b"f" * 512)[0] == S_OK
+            assert f.read(0, 512)[1] == b"f" * 512
+        finally:
+            f.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(10) == 0, proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stderr.close()
+
+
+def test_sigterm_with_frontend_connected(start):
+    """SIGTERM with a frontend connected: the daemon exits 0 and the frontend is
+    disconnected."""
+    s = start()
+    f = s.frontend()
+    assert f.write(0, b"t" * 512)[0] == S_OK
+    s.daemon.signal(signal.SIGTERM)
+    assert s.daemon.proc.wait(10) == 0
+    assert f.wait_closed(2.0)
+    assert s.image_bytes(0, 512) == b"t" * 512
+
+
+def test_writethrough_export(start, server):
+    """writethrough=on: both say write through in the config space (wce 0); data lands."""
+    s = start()
+    q = s.qmp()
+    assert q.cmd("block-export-del", {"id": "e"}) == {}
+    q.event("BLOCK_EXPORT_DELETED")
+    sock = os.path.join(os.path.dirname(s.sock), "wt.sock")
+    assert q.cmd("block-export-add", {"type": "vhost-user-blk", "id": "wt", "node-name": "f",
+                                      "writable": True, "writethrough": True,
+                                      "addr": {"type": "unix", "path": sock}}) == {}
+    f = Frontend(sock)
+    s.daemon.clients.append(f)
+    assert f.config["wce"] == 0
+    assert f.write(16, b"w" * 1024)[0] == S_OK
+    assert s.image_bytes(16 * 512, 1024) == b"w" * 1024

@@ -251,7 +251,6 @@ class _Connection:
         self.mmaps: list = []
         self.event_idx = False
         self.indirect = False
-        self.broken = False
         self._update_config()
 
     # --- messages ---------------------------------------------------------------------------
@@ -498,7 +497,6 @@ class _Connection:
         """A worker met a malformed ring: the frontend is dropped (QEMU stops the device)."""
         log.warning("vhost-user-blk export '%s': queue %d: %s; dropping the frontend",
                     self.export.id, queue.index, exc)
-        self.broken = True
         self.hang_up()
 
 

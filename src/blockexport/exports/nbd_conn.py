@@ -106,6 +106,23 @@ _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 #: Default bound on the large (> SMALL_BUFFER) request buffers of one server, in bytes.
 DEFAULT_BUFFER_LIMIT = int(os.environ.get("BLOCKEXPORT_NBD_BUFFER_LIMIT", 512 * 1024 * 1024))
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+#: SO_SNDBUF/SO_RCVBUF of a connection in transmission, bytes (0: the kernel's default);
+#: BLOCKEXPORT_NBD_SOCKET_BUFFER, for measurements (BENCHMARKS.md, issue 13)
+SOCKET_BUFFER = int(os.environ.get("BLOCKEXPORT_NBD_SOCKET_BUFFER", 0))
+
+
+def _set_socket_buffers(sock, size: int) -> None:
+    """Both buffers to ``size`` (past net.core.[rw]mem_max where allowed: the FORCE options
+    need CAP_NET_ADMIN)."""
+    for force, plain in ((getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF),
+                         (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, plain, size)
+            except OSError:
+                pass
 
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH = C.CMD_READ, C.CMD_WRITE, C.CMD_DISC, C.CMD_FLUSH
 CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES = C.CMD_TRIM, C.CMD_CACHE, C.CMD_WRITE_ZEROES
@@ -318,6 +335,8 @@ class NbdConnection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        if SOCKET_BUFFER:
+            _set_socket_buffers(sock, SOCKET_BUFFER)
         return True
 
     # --- TLS ------------------------------------------------------------------------------------

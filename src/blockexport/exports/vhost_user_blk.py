@@ -14,7 +14,7 @@ Design:
   (and a stop eventfd), then serves every available chain straight from and into the mapped
   guest memory (``node.read_into`` / ``node.write`` on memoryviews; a request over several
   guest buffers is one ``preadv`` / ``node.writev`` where the node is a plain file, else it
-  goes through a bounce buffer) and signals the call eventfd once per batch, as ``VIRTIO_F_EVENT_IDX`` allows.
+  is gathered into one buffer) and signals the call eventfd once per batch, as ``VIRTIO_F_EVENT_IDX`` allows.
 * A new memory table while queues run (QEMU sends one when the guest's memory map changes)
   stops the workers, remaps, and restarts them where they were.
 
@@ -63,8 +63,8 @@ MAX_DISCARD_SECTORS = 32768
 MAX_WRITE_ZEROES_SECTORS = 32768
 #: the largest read or write (QEMU's BDRV_REQUEST_MAX_SECTORS)
 MAX_REQUEST_SECTORS = (2**31 - 1) // 512
-#: GET_ID's answer
-SERIAL = b"vhost_user_blk"
+#: GET_ID's answer, NUL padded to its 20 bytes
+SERIAL = b"vhost_user_blk".ljust(B.ID_BYTES, b"\0")
 #: request type bit that older drivers set (ignored, as QEMU does)
 T_BARRIER = 0x80000000
 
@@ -124,8 +124,7 @@ class VhostUserBlkExportDriver(ExportDriver):
         export.disconnect()
 
     def delete(self, export: "VhostUserBlkExport") -> None:
-        export.stop_listening()
-        export.disconnect()
+        self.request_shutdown(export, True)
         export.join()
 
 
@@ -513,8 +512,6 @@ class _Worker:
         self.capacity = conn.node.length() // B.SECTOR_SIZE
         self.block_size = export.block_size
         self.writable = export.writable
-        #: a buffer for requests spread over several guest buffers
-        self.bounce = bytearray()
 
     def run(self) -> None:
         queue = self.queue
@@ -585,10 +582,11 @@ class _Worker:
             data_in = writable[:-1]
         else:
             data_in = writable[:-1] + [last[:-1]]
-        status = self.execute(rtype & ~T_BARRIER, sector, data_out, data_in)
-        last[len(last) - 1] = status
         # the used length is the whole writable part, whatever the status (as QEMU)
-        return sum(map(len, writable))
+        used = sum(map(len, writable))
+        last[len(last) - 1] = self.execute(rtype & ~T_BARRIER, sector, data_out, data_in,
+                                           used - 1)
+        return used
 
     def range_ok(self, sector: int, nbytes: int) -> bool:
         if nbytes % B.SECTOR_SIZE:
@@ -600,12 +598,13 @@ class _Worker:
             return False
         return sector <= self.capacity and sectors <= self.capacity - sector
 
-    def execute(self, rtype: int, sector: int, data_out: list, data_in: list):
-        """The request's status."""
+    def execute(self, rtype: int, sector: int, data_out: list, data_in: list,
+                in_bytes: int) -> int:
+        """The request's status (``in_bytes``: the length of ``data_in``)."""
         node = self.node
         try:
             if rtype == B.T_IN:
-                nbytes = sum(map(len, data_in))
+                nbytes = in_bytes
                 if not self.range_ok(sector, nbytes):
                     return B.S_IOERR
                 offset = sector << B.SECTOR_BITS
@@ -631,15 +630,7 @@ class _Worker:
                 elif node.writev is not None:     # a plain file: one pwritev, no copy
                     node.writev(offset, data_out)
                 elif nbytes:
-                    bounce = self.bounce
-                    if len(bounce) < nbytes:
-                        bounce = self.bounce = bytearray(nbytes)
-                    view = memoryview(bounce)
-                    pos = 0
-                    for buf in data_out:
-                        view[pos:pos + len(buf)] = buf
-                        pos += len(buf)
-                    node.write(offset, view[:nbytes])
+                    node.write(offset, b"".join(data_out))
                 if not self.export.writeback:
                     node.flush()
                 return B.S_OK
@@ -647,11 +638,10 @@ class _Worker:
                 node.flush()
                 return B.S_OK
             if rtype == B.T_GET_ID:
-                serial = SERIAL + bytes(B.ID_BYTES - len(SERIAL))
                 pos = 0
                 for buf in data_in:
                     n = min(len(buf), B.ID_BYTES - pos)
-                    buf[:n] = serial[pos:pos + n]
+                    buf[:n] = SERIAL[pos:pos + n]
                     pos += n
                     if pos == B.ID_BYTES:
                         break

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from helpers import servers as S
 from helpers.procs import oracle_missing, ours_missing
 
@@ -97,6 +99,7 @@ def test_smoke_unix(tmp_path):
     assert "| randread/1c | x" in p.stdout and "| copy-read | x" in p.stdout
 
 
+@pytest.mark.slow
 def test_smoke_tcp_with_nbdkit(tmp_path):
     need("fio", "nbdcopy", S.QEMU_NBD, "nbdkit")
     report, p = bench(tmp_path, "--transport", "tcp", "-w", "randwrite,copy-write",
@@ -109,6 +112,7 @@ def test_smoke_tcp_with_nbdkit(tmp_path):
     assert "| cell | nbdkit / qemu-nbd | ours / qemu-nbd |" in p.stdout
 
 
+@pytest.mark.slow
 def test_smoke_qcow2_skips_nbdkit(tmp_path):
     need("fio", "nbdcopy", S.QEMU_NBD, "qemu-img")
     report, p = bench(tmp_path, "--format", "qcow2", "-w", "seqwrite,copy-read",
@@ -118,6 +122,7 @@ def test_smoke_qcow2_skips_nbdkit(tmp_path):
     assert all(argv[1:3] == ["-f", "qcow2"] for argv in report["servers"].values())
 
 
+@pytest.mark.slow
 def test_custom_server_and_env(tmp_path):
     """-S with placeholders, --env for that server only, --keep leaves the logs."""
     need("fio", "nbdcopy", S.QEMU_NBD)
@@ -175,6 +180,7 @@ def test_ctrl_c_stops_every_server(tmp_path):
     assert_clean(tmp_path)
 
 
+@pytest.mark.slow
 def test_bench_tls_smoke(tmp_path):
     """bench-tls runs on the shared runner (its docstring's smoke run, smaller)."""
     need("fio", "nbdcopy", "openssl", S.QEMU_NBD, *(["setpriv"] if os.geteuid() == 0 else []))

@@ -56,9 +56,50 @@ def nbd_errno(fn, *args) -> int:
 def test_failed_flush_stays_failed(start_server, failing_disk):
     backing, mnt = failing_disk
     srv = start_server(mnt / "disk.img", ["-e", "2"])
+    _check_failed_flush_stays_failed(srv, backing)
+
+
+def test_failed_flush_stays_failed_in_every_process(failing_disk, tmp_path):
+    """The same with the second connection served by an NBD worker process (issue 13): the
+    failed-flush state is the file's, shared by every process that writes it."""
+    from helpers.servers import start_server
+    backing, mnt = failing_disk
+    env = dict(os.environ, BLOCKEXPORT_NBD_WORKERS="1")
+    env.pop("BLOCKEXPORT_NBD_WORKER_POLICY", None)    # spread: a here, b in the worker
+    srv = start_server("blockexport-nbd", mnt / "disk.img", ["-e", "2"], tmp_path=tmp_path,
+                       env=env)
+    try:
+        _check_failed_flush_stays_failed(srv, backing, lambda: _assert_worker(srv.proc.pid))
+    finally:
+        srv.stop()
+
+
+def _assert_worker(pid):
+    kids = [p for p in os.listdir("/proc") if p.isdigit() and
+            _ppid(p) == pid and b"nbd_workers" in _read(f"/proc/{p}/cmdline")]
+    assert len(kids) == 1
+
+
+def _read(path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _ppid(p) -> int:
+    stat = _read(f"/proc/{p}/stat")
+    return int(stat.rsplit(b")", 1)[1].split()[1]) if stat else -1
+
+
+def _check_failed_flush_stays_failed(srv, backing, connected=None):
     a, b = nbd.NBD(), nbd.NBD()
     a.connect_uri(srv.uri())
     b.connect_uri(srv.uri())
+    assert b.pread(512, 0) == b"\x11" * 512
+    if connected is not None:
+        connected()
     try:
         a.pwrite(b"\x22" * 4096, 0)
         a.flush()

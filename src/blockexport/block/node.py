@@ -259,6 +259,10 @@ class BlockNode:
         self._recording: tuple = ()  # the enabled bitmaps, read by the marking wrappers
         self._unhooked: dict | None = None  # the driver's functions while wrapped
         self._wrappers: tuple = ()
+        #: Called (no arguments) whenever the set of enabled bitmaps changes: writers that
+        #: bypass this process's wrappers (the NBD worker processes) start or stop
+        #: reporting their writes.
+        self.bitmap_listeners: list = []
 
     # ---- I/O (to be overridden) --------------------------------------------------------
 
@@ -367,6 +371,8 @@ class BlockNode:
         """Call after adding, removing, enabling or disabling a bitmap of this node."""
         self._recording = tuple(bm for bm in self.dirty_bitmaps.values() if bm.enabled)
         self._update_write_hooks()
+        for listener in tuple(self.bitmap_listeners):
+            listener()
 
     def _update_write_hooks(self) -> None:
         """Install or remove the marking wrappers: wanted while the node has enabled bitmaps

@@ -96,6 +96,9 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 if IOV_MAX <= 0:  # pragma: no cover - indeterminate
     IOV_MAX = 1024
 SMALL_BUFFER = 1024 * 1024
+#: A batch of inline replies leaves once it holds this many buffers (a small read's reply
+#: is two: header and data)
+BATCH_PARTS = 128
 KEEP_BUFFERS = 2
 #: Writes of at least this many payload bytes still in the socket are moved into the node by
 #: splice(2) (socket -> pipe -> file) when the node offers ``splice_write``; tunable.
@@ -267,7 +270,9 @@ class NbdConnection:
                 ok = False
             self.server.handshake_over(self)
             if ok:
-                self._serve()
+                workers = getattr(self.server, "workers", None)
+                if workers is None or not workers.serve(self):
+                    self._serve()
         except BaseException:
             log.exception("client %s: connection failed", self.peer)
         finally:
@@ -325,12 +330,8 @@ class NbdConnection:
                     return False
                 sock = self.sock
                 hs.tls_established()
-        self.tx = T.Transmission(ev.export.size, ev.flags, ev.structured, ev.contexts)
-        self._providers = [(cid, export.context_provider(name, cid)) for cid, name in ev.contexts]
-        rest = hs.trailing_data()
-        if rest:
-            self._rbuf[: len(rest)] = rest
-            self._rend = len(rest)
+        self.enter_transmission(ev.export.size, ev.flags, ev.structured, ev.contexts,
+                                hs.trailing_data())
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
@@ -338,6 +339,19 @@ class NbdConnection:
         if SOCKET_BUFFER:
             _set_socket_buffers(sock, SOCKET_BUFFER)
         return True
+
+    def enter_transmission(self, size: int, flags: int, structured: bool, contexts,
+                           trailing: bytes) -> None:
+        """What negotiation settled: the export's size and flags, structured replies, the
+        selected (id, name) meta contexts, and request bytes that came with the last option
+        (here, or in an NBD worker process that takes the connection over)."""
+        self.tx = T.Transmission(size, flags, structured, contexts)
+        self._providers = [(cid, self.export.context_provider(name, cid))
+                           for cid, name in contexts]
+        if trailing:
+            self._rbuf[: len(trailing)] = trailing
+            self._rend = len(trailing)
+        self._trailing = bytes(trailing)
 
     # --- TLS ------------------------------------------------------------------------------------
     def _start_tls(self, hs) -> bool:
@@ -565,55 +579,103 @@ class NbdConnection:
         return True   # FLUSH, TRIM, WRITE_ZEROES, unknown
 
     def _serve(self) -> None:
-        """The connection's reader thread: parse requests, serve cheap ones inline."""
+        """The connection's reader thread: parse requests, serve cheap ones inline.
+
+        Replies of inline requests are batched: they collect in ``pending`` (small reads'
+        data in the reader's arena buffer) and leave in one ``sendmsg`` when the reader would
+        otherwise wait (no complete request header left in the receive buffer, a payload
+        still in the socket, a hand-off to the pool), or when the batch reaches
+        ``BATCH_PARTS`` buffers or the arena is full.  So the 32 requests one ``recv``
+        brings cost one send, not 32."""
         node = self.export.node
         # A buffered plain file (page cache), a format over one, or a null node without
         # latency: reads and writes are memory copies, cheaper inline than any hand-off
         # (shared/spec/performance.md).
-        self._inline_io = node.memory_io()
+        self._inline_io = inline = node.memory_io()
         sbuf = self._take_buffer()       # the reader's small buffer
         smv = memoryview(sbuf)
+        abuf = amv = None                # the arena: data of batched reads (lazily)
+        apos = 0
+        pending = []
+        send = self._send
         tx = self.tx
         handle = self._handle
+        read_parts = self._read_parts
+        batch_read_max = OFFLOAD_READ_MIN if inline else -1
         # spliced writes: a plain socket (not TLS), inline I/O, a node that offers it
         splice_min = SPLICE_WRITE_MIN
-        if (_SPLICE is None or type(self.sock) is not socket.socket or not self._inline_io
+        if (_SPLICE is None or type(self.sock) is not socket.socket or not inline
                 or self.export.writethrough or not self.export.writable):
             splice_min = 1 << 62
         try:
             while not self.closing:
                 if self._rend - self._rpos < REQ_SIZE:
+                    if pending:
+                        send(pending)
+                        pending = []
+                        apos = 0
                     self._fill(REQ_SIZE)
                 pos = self._rpos
                 magic, flags, cmd, cookie, offset, length = REQ_UNPACK(self._rbuf, pos)
                 self._rpos = pos + REQ_SIZE
                 if magic != REQUEST_MAGIC:
-                    self._send([tx.error_reply(cookie, EINVAL, "invalid magic (got 0x%x)" % magic)])
+                    pending.append(tx.error_reply(cookie, EINVAL,
+                                                  "invalid magic (got 0x%x)" % magic))
+                    send(pending)
                     raise _Drop("invalid request magic 0x%x" % magic)
                 if cmd == CMD_DISC:
                     break
+                if cmd == CMD_READ and length < batch_read_max and not flags & FLAG_FUA:
+                    # the common small read: served here, its reply batched
+                    err = tx.check(flags, cmd, offset, length)
+                    if err is not None:
+                        pending.append(tx.error_reply(cookie, EINVAL, err))
+                        continue
+                    if apos + length > SMALL_BUFFER or len(pending) >= BATCH_PARTS:
+                        send(pending)
+                        pending = []
+                        apos = 0
+                    if amv is None:
+                        abuf = self._take_buffer()
+                        amv = memoryview(abuf)
+                    try:
+                        pending += read_parts(tx, node, amv[apos:apos + length], flags,
+                                              cookie, offset, length)
+                    except Exception as exc:
+                        pending.append(self._failure(tx, cookie, cmd, exc))
+                    apos += length
+                    continue
                 # The request's buffer: the reader's small one, or a large one of its own
                 # (for reads allocated only if the reply needs it: sendfile does not).
                 buf, mv, charged = sbuf, smv, 0
                 err = tx.check_length(cmd, length)
                 if err is not None:
                     if cmd == CMD_WRITE:
-                        self._send([tx.error_reply(cookie, EINVAL, err)])
+                        pending.append(tx.error_reply(cookie, EINVAL, err))
+                        send(pending)
                         raise _Drop("oversized write: request handling failed in intermediate state")
                 else:
                     if length > SMALL_BUFFER and (cmd == CMD_WRITE or cmd == CMD_READ):
+                        if pending:    # the budget may make us wait
+                            send(pending)
+                            pending = []
+                            apos = 0
                         if cmd == CMD_WRITE:
                             buf, charged = self._large_buffer(length)
                             mv = memoryview(buf)
                         else:
                             buf = mv = None
-                    if (cmd == CMD_WRITE and length <= SMALL_BUFFER
-                            and length - (self._rend - self._rpos) >= splice_min
-                            and not flags & FLAG_FUA and self._splice_ok()
-                            and tx.check(flags, cmd, offset, length) is None):
-                        self._write_spliced(tx, smv, cookie, offset, length)
-                        continue
                     if cmd == CMD_WRITE:
+                        if pending and length > self._rend - self._rpos:
+                            send(pending)   # the payload is still on its way
+                            pending = []
+                            apos = 0
+                        if (length <= SMALL_BUFFER
+                                and length - (self._rend - self._rpos) >= splice_min
+                                and not flags & FLAG_FUA and self._splice_ok()
+                                and tx.check(flags, cmd, offset, length) is None):
+                            self._write_spliced(tx, smv, cookie, offset, length)
+                            continue
                         try:
                             self._recv_payload(mv[:length])  # QEMU reads the payload first
                         except BaseException:
@@ -623,11 +685,15 @@ class NbdConnection:
                             raise
                     err = tx.check(flags, cmd, offset, length)
                 if err is not None:
-                    self._send([tx.error_reply(cookie, EINVAL, err)])
+                    pending.append(tx.error_reply(cookie, EINVAL, err))
                     if charged:
                         mv.release()
                         self._release(buf, charged)
                 elif self._may_block(cmd, flags, offset, length):
+                    if pending:
+                        send(pending)
+                        pending = []
+                        apos = 0
                     own = buf is not sbuf
                     if not own and (cmd == CMD_WRITE or cmd == CMD_READ):
                         sbuf = self._take_buffer()     # the request keeps the old one
@@ -637,11 +703,15 @@ class NbdConnection:
                                   (tx, mv, flags, cmd, cookie, offset, length))
                 else:
                     try:
-                        handle(tx, mv, flags, cmd, cookie, offset, length)
+                        handle(tx, mv, flags, cmd, cookie, offset, length, pending)
                     finally:
                         if buf is not sbuf and mv is not None:
                             mv.release()
                             self._release(buf, charged)
+                    if len(pending) >= BATCH_PARTS:
+                        send(pending)
+                        pending = []
+                        apos = 0
         except _EOF:
             pass
         except (_Drop, OSError) as exc:
@@ -652,6 +722,15 @@ class NbdConnection:
             self.shutdown(hard=True)
         finally:
             self.closing = True
+            if pending:
+                try:
+                    send(pending)     # what was served is answered (then EOF/drop)
+                except (_Drop, OSError) as exc:
+                    log.debug("client %s: %s", self.peer, exc)
+                pending = []
+            if amv is not None:
+                amv.release()
+                self._release(abuf, 0)
             smv.release()
             self._release(sbuf, 0)
             self._stop_pool()
@@ -847,9 +926,13 @@ class NbdConnection:
             except BufferError:  # pragma: no cover
                 pass
 
-    def _handle(self, tx, mv, flags, cmd, cookie, offset, length) -> None:
+    def _handle(self, tx, mv, flags, cmd, cookie, offset, length, out=None) -> None:
+        """Serve one request and reply: sent now, or (``out``, the reader's batch) appended
+        there for the reader to send.  Reads always send their own reply (their data may
+        live in a buffer the reader reuses)."""
         export = self.export
         node = export.node
+        reply = None
         try:
             if cmd == CMD_READ:
                 if flags & FLAG_FUA:
@@ -871,26 +954,34 @@ class NbdConnection:
             elif cmd == CMD_CACHE:
                 node.cache(offset, length)
             elif cmd == CMD_BLOCK_STATUS:
-                self._block_status(tx, flags, cookie, offset, length)
+                parts = self._block_status(tx, flags, cookie, offset, length)
+                if out is None:
+                    self._send(parts)
+                else:
+                    out += parts
                 return
             else:
-                self._send([tx.error_reply(cookie, EINVAL,
-                                           "invalid request type (%d) received" % cmd)])
-                return
-        except OSError as exc:
-            self._send([tx.error_reply(cookie, exception_to_nbd(exc),
-                                       "%s failed: %s" % (C.cmd_name(cmd), exc.strerror or exc))])
-            return
+                reply = tx.error_reply(cookie, EINVAL, "invalid request type (%d) received" % cmd)
         except _Drop:
             raise
         except Exception as exc:
-            # A bug or an unexpected failure below us; no byte of this reply has left (a cut
-            # reply raises _Drop), so the client gets an I/O error and the connection lives.
-            log.exception("client %s: %s failed", self.peer, C.cmd_name(cmd))
-            self._send([tx.error_reply(cookie, C.NBD_EIO, "%s failed: %s" % (C.cmd_name(cmd),
-                                                                             exc))])
-            return
-        self._send([tx.ok_reply(cookie)])
+            reply = self._failure(tx, cookie, cmd, exc)
+        if reply is None:
+            reply = tx.ok_reply(cookie)
+        if out is None:
+            self._send([reply])
+        else:
+            out.append(reply)
+
+    def _failure(self, tx, cookie, cmd, exc) -> bytes:
+        """The error reply of a request that failed before any byte of its reply left:
+        an OSError's errno, or (a bug or an unexpected failure below us, logged) EIO; the
+        connection lives on."""
+        if isinstance(exc, OSError):
+            return tx.error_reply(cookie, exception_to_nbd(exc),
+                                  "%s failed: %s" % (C.cmd_name(cmd), exc.strerror or exc))
+        log.error("client %s: %s failed", self.peer, C.cmd_name(cmd), exc_info=exc)
+        return tx.error_reply(cookie, C.NBD_EIO, "%s failed: %s" % (C.cmd_name(cmd), exc))
 
     def _read(self, tx, node, mv, flags, cookie, offset, length) -> None:
         if mv is None:   # a large read: a buffer of its own, unless the reply is sendfile
@@ -926,25 +1017,31 @@ class NbdConnection:
         return True
 
     def _read_buffered(self, tx, node, mv, flags, cookie, offset, length) -> None:
+        self._send(self._read_parts(tx, node, mv[:length], flags, cookie, offset, length))
+
+    @staticmethod
+    def _read_parts(tx, node, data, flags, cookie, offset, length) -> list:
+        """Read ``length`` bytes at ``offset`` into ``data`` (exactly that long) and return
+        the reply's buffers."""
         if not tx.structured:
-            data = mv[:length]
             node.read_into(offset, data)
-            self._send([T.simple_reply(cookie), data])
-            return
+            return [T.simple_reply(cookie), data]
         if not length:
-            self._send([T.none_chunk(cookie)])
-            return
+            return [T.none_chunk(cookie)]
         if flags & FLAG_DF:
-            data = mv[:length]
             node.read_into(offset, data)
-            self._send([T.data_chunk_header(cookie, offset, length, True), data])
-            return
+            return [T.data_chunk_header(cookie, offset, length, True), data]
         # Sparse read: one chunk per extent, holes as OFFSET_HOLE (QEMU's sparse read).
         block_status = node.block_status
         node_len = node.length()
+        end = offset + length
+        if offset < node_len:
+            n, st = block_status(offset, min(end, node_len) - offset)
+            if n == length and not st & BS_ZERO:     # the common case: all data
+                node.read_into(offset, data)
+                return [T.data_chunk_header(cookie, offset, length, True), data]
         parts = []
         pos = offset
-        end = offset + length
         while pos < end:
             if pos >= node_len:
                 n, zero = end - pos, True
@@ -955,21 +1052,20 @@ class NbdConnection:
             if zero:
                 parts.append(T.hole_chunk(cookie, pos, n, final))
             else:
-                data = mv[pos - offset:pos - offset + n]
-                node.read_into(pos, data)
+                chunk = data[pos - offset:pos - offset + n]
+                node.read_into(pos, chunk)
                 parts.append(T.data_chunk_header(cookie, pos, n, final))
-                parts.append(data)
+                parts.append(chunk)
             pos += n
-        self._send(parts)
+        return parts
 
-    def _block_status(self, tx, flags, cookie, offset, length) -> None:
+    def _block_status(self, tx, flags, cookie, offset, length) -> list:
+        """The reply's buffers of a BLOCK_STATUS request."""
         if not length:
-            self._send([tx.error_reply(cookie, EINVAL, "need non-zero length")])
-            return
+            return [tx.error_reply(cookie, EINVAL, "need non-zero length")]
         providers = self._providers
         if not providers:
-            self._send([tx.error_reply(cookie, EINVAL, "CMD_BLOCK_STATUS not negotiated")])
-            return
+            return [tx.error_reply(cookie, EINVAL, "CMD_BLOCK_STATUS not negotiated")]
         max_extents = 1 if flags & FLAG_REQ_ONE else C.MAX_BLOCK_STATUS_EXTENTS
         parts = []
         last = len(providers) - 1
@@ -981,4 +1077,4 @@ class NbdConnection:
                                             "can't get block status"))
                 break
             parts.append(T.block_status_chunk(cookie, cid, extents, i == last))
-        self._send(parts)
+        return parts

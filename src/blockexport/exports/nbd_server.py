@@ -23,6 +23,7 @@ import threading
 
 from blockexport.errors import Error
 from blockexport.exports.nbd_conn import BufferBudget, NbdConnection
+from blockexport.exports.nbd_workers import WorkerPool, configured_workers
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,13 @@ class NbdServer:
         self.exit_status = 0
         #: Large request buffers of all connections together (see nbd_conn).
         self.buffer_budget = BufferBudget()
+        #: Worker processes for connections past the first core (nbd_workers), or None.
+        n = configured_workers()
+        self.workers = None
+        if n:
+            # the limit is the server's: each process that may serve gets its share
+            self.workers = WorkerPool(n, self.buffer_budget.limit)
+            self.buffer_budget.limit //= n + 1
 
     # --- exports -----------------------------------------------------------------------------
     def add_export(self, export) -> None:
@@ -155,6 +163,8 @@ class NbdServer:
         for conn in list(self._connections):
             conn.shutdown(hard=hard)
         await self._idle.wait()
+        if self.workers is not None:
+            await asyncio.to_thread(self.workers.close)
         for export in list(self.exports.values()):
             try:
                 await asyncio.to_thread(export.node.flush)

@@ -9,6 +9,7 @@ generic block layer does.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 import ctypes
 import errno
 import fcntl
@@ -75,6 +76,9 @@ def _byte_view(buf) -> memoryview:
 
 _BLKSSZGET = 0x1268
 _MAX_ALIGN = max(4096, mmap.PAGESIZE)
+#: Data extents the block-status cache keeps (a sparse read of a cached extent costs no
+#: syscall; a miss costs two lseeks, and adding is a copy of these tuples)
+BSC_EXTENTS = 1024
 _ENOTSUP_SET = (errno.ENOTSUP, errno.EOPNOTSUPP)
 
 
@@ -126,9 +130,14 @@ class FileNode(BlockNode):
             self._has_punch = True
             self._has_fallocate = True
             self._has_dsync = hasattr(os, "RWF_DSYNC")
-            #: errno of a failed fdatasync on a buffered file: every later flush fails
-            self._flush_error = 0
-            self._bsc = (0, 0)  # block-status cache: one known data extent [start, end)
+            #: errno of a failed fdatasync on a buffered file: every later flush fails (in a
+            #: one-int buffer, which share_state() moves to memory other processes map)
+            self._flush_err = memoryview(bytearray(4)).cast("i")
+            self._state_fd = -1
+            # block-status cache: the last data extent hit [start, end), and up to
+            # BSC_EXTENTS known data extents (sorted starts, their ends), swapped whole
+            self._bsc = (0, 0)
+            self._bsm = ((), ())
             if self.cache_direct:
                 self.request_alignment, self._buf_align = self._probe_alignment()
             else:
@@ -315,6 +324,42 @@ class FileNode(BlockNode):
             n += got
         return n
 
+    @property
+    def _flush_error(self) -> int:
+        return self._flush_err[0]
+
+    @_flush_error.setter
+    def _flush_error(self, err: int) -> None:
+        self._flush_err[0] = err
+
+    def share_state(self) -> int:
+        """A descriptor of a shared page holding the state that must be one for every
+        process writing this file (the failed-flush errno), for :meth:`adopt_state` in an
+        NBD worker process; the node uses that page from now on.  Stays ours (closed with
+        the node)."""
+        if self._state_fd < 0:
+            fd = os.memfd_create("blockexport-file-state", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, mmap.PAGESIZE)
+                self._adopt(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+        return self._state_fd
+
+    def adopt_state(self, fd: int) -> None:
+        """Use the shared state page ``fd`` (from :meth:`share_state`); the node owns
+        ``fd`` from now on."""
+        self._adopt(fd, keep=False)
+
+    def _adopt(self, fd: int, keep: bool = True) -> None:
+        page = mmap.mmap(fd, mmap.PAGESIZE)
+        view = memoryview(page)[:4].cast("i")
+        if keep and self._flush_err[0]:
+            view[0] = self._flush_err[0]
+        self._flush_err = view
+        self._state_fd = fd
+
     def _write_fua(self, offset: int, buf) -> None:
         if self._has_dsync and not self._flush_error:
             try:
@@ -490,7 +535,7 @@ class FileNode(BlockNode):
                 raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
             os.ftruncate(fd, length)
             self._size = length
-        self._bsc = (0, 0)
+        self._bsc, self._bsm = (0, 0), ((), ())
 
     def allocated_size(self) -> int:
         try:
@@ -504,7 +549,7 @@ class FileNode(BlockNode):
         if not self._has_punch:
             return
         me = self._serialise(offset, length, False) if self.cache_direct else None
-        self._bsc = (0, 0)
+        self._bsc, self._bsm = (0, 0), ((), ())
         try:
             fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as e:
@@ -514,7 +559,8 @@ class FileNode(BlockNode):
                 return
             raise
         finally:
-            self._bsc = (0, 0)  # also drop what a concurrent block_status cached meanwhile
+            # also drop what a concurrent block_status cached meanwhile
+            self._bsc, self._bsm = (0, 0), ((), ())
             if me is not None:
                 self._overlaps.end(me)
 
@@ -529,11 +575,11 @@ class FileNode(BlockNode):
             # unaligned: the zero buffers written as a fallback are read-modify-writes
             a = self.request_alignment
             me = self._serialise(offset, length, bool(offset % a or length % a))
-        self._bsc = (0, 0)
+        self._bsc, self._bsm = (0, 0), ((), ())
         try:
             self._write_zeroes(offset, length, may_unmap, fast, fua)
         finally:
-            self._bsc = (0, 0)
+            self._bsc, self._bsm = (0, 0), ((), ())
             if me is not None:
                 self._overlaps.end(me)
 
@@ -631,6 +677,14 @@ class FileNode(BlockNode):
         if start <= offset < end:
             n = end - offset
             return (n if n < length else length), BS_DATA | BS_ALLOCATED
+        starts, ends = self._bsm
+        if starts:
+            i = bisect_right(starts, offset) - 1
+            if i >= 0 and offset < ends[i]:
+                end = ends[i]
+                self._bsc = (starts[i], end)
+                n = end - offset
+                return (n if n < length else length), BS_DATA | BS_ALLOCATED
         if offset >= self._size:
             return length, BS_ZERO | BS_ALLOCATED
         fd = self._fd
@@ -656,11 +710,23 @@ class FileNode(BlockNode):
                 n = round_up(n, a)
             # Only data is cached: reporting data for what became zeroes is always safe.
             self._bsc = (offset, offset + n)
+            self._cache_extent(offset, offset + n)
             flags = BS_DATA | BS_ALLOCATED
         return (n if n < length else length), flags
 
+    def _cache_extent(self, start: int, end: int) -> None:
+        """Remember a data extent (a new sorted copy, swapped in whole, so that readers on
+        other threads never see the lists half updated); full: start over.  Only data is
+        cached: writes never turn data into a hole, and reporting data for what another
+        process punched out meanwhile is always safe."""
+        starts, ends = self._bsm
+        if len(starts) >= BSC_EXTENTS:
+            starts, ends = (), ()
+        i = bisect_right(starts, start)
+        self._bsm = (starts[:i] + (start,) + starts[i:], ends[:i] + (end,) + ends[i:])
+
     def _invalidate_status(self) -> None:
-        self._bsc = (0, 0)
+        self._bsc, self._bsm = (0, 0), ((), ())
 
     def cache(self, offset: int, length: int) -> None:
         if self.cache_direct:
@@ -687,6 +753,9 @@ class FileNode(BlockNode):
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)  # also drops the OFD locks
+        state_fd, self._state_fd = self._state_fd, -1
+        if state_fd >= 0:
+            os.close(state_fd)   # the page stays mapped while views of it live
         bounce = self._bounce
         if bounce.buf is not None:
             try:

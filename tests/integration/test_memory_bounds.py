@@ -291,33 +291,66 @@ class _Flooder:
             assert (magic, err) == (SIMPLE_REPLY_MAGIC, 0)
 
 
-def _start_slow_node(tmp_path, latency_ns: int, conns: int, budget: int | None = BUDGET):
-    """blockexport-nbd over a null-co node of ``latency_ns``; ``budget``: the server's
-    BLOCKEXPORT_NBD_BUFFER_LIMIT (None: its default)."""
+class _DaemonTarget:
+    """A blockexport-daemon serving one NBD export "slow", shaped like a Server for the
+    flood: proc, alive(), stderr(), stop(), family, address, uri(), export_name."""
+    family = socket.AF_UNIX
+    export_name = "slow"
+
+    def __init__(self, daemon, sock):
+        self.daemon, self.proc, self.address = daemon, daemon.proc, str(sock)
+
+    def alive(self):
+        return self.daemon.alive()
+
+    def stderr(self):
+        return self.daemon.stderr()
+
+    def stop(self):
+        self.daemon.stop()
+
+    def uri(self):
+        return f"nbd+unix:///slow?socket={self.address}"
+
+
+def _start_slow_node(tmp_path, latency_ns: int, conns: int, budget: int | None = BUDGET,
+                     daemon: bool = False):
+    """blockexport-nbd (or blockexport-daemon) over a null-co node of ``latency_ns``;
+    ``budget``: the server's BLOCKEXPORT_NBD_BUFFER_LIMIT (None: its default)."""
     # read-zeroes off: a read fills nothing (its buffer is fresh, zeroed memory anyway)
-    spec = ('json:{"driver": "null-co", "size": %d, "latency-ns": %d}'
-            % (NODE_SIZE, latency_ns))
     env = {k: v for k, v in os.environ.items() if k != "BLOCKEXPORT_NBD_BUFFER_LIMIT"}
     if budget is not None:
         env["BLOCKEXPORT_NBD_BUFFER_LIMIT"] = str(budget)
+    if daemon:
+        sock = tmp_path / "nbd.sock"
+        d = start_daemon("blockexport-daemon", [
+            "--blockdev", "driver=null-co,node-name=slow,size=%d,latency-ns=%d"
+            % (NODE_SIZE, latency_ns),
+            "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
+            "--export", "type=nbd,id=exp,node-name=slow,name=slow,writable=on"],
+            tmp_path=tmp_path, env=env)
+        return _DaemonTarget(d, sock)
+    spec = ('json:{"driver": "null-co", "size": %d, "latency-ns": %d}'
+            % (NODE_SIZE, latency_ns))
     return start_server("blockexport-nbd", spec, ["-e", str(conns + 1)], tmp_path=tmp_path,
                         fmt=None, env=env)
 
 
 def _flood(tmp_path, report, cmd: int, conns: int, complete: bool,
-           latency_ns: int = 100_000_000, default_limit: bool = False):
+           latency_ns: int = 100_000_000, default_limit: bool = False, daemon: bool = False):
     """``conns`` raw clients offer DEPTH x 32 MiB ``cmd`` requests each to a slow node: the
     server's peak RSS stays under the documented bound, it gives the memory back once the
     clients are gone, and still serves.  ``complete``: the writes run to their replies.
     What was measured goes to ``report`` (the slow tier's report, or a list)."""
     budget = DEFAULT_LIMIT if default_limit else BUDGET
-    srv = _start_slow_node(tmp_path, latency_ns, conns, None if default_limit else budget)
+    srv = _start_slow_node(tmp_path, latency_ns, conns, None if default_limit else budget,
+                           daemon)
     flooders = []
     try:
         pid = srv.proc.pid
         threads = _wait_threads(pid, 1)         # the readiness probe's connection ended
         start = _status(pid, "VmRSS")
-        socks = [_raw_client(srv) for _ in range(conns)]
+        socks = [_raw_client(srv, srv.export_name) for _ in range(conns)]
         _wait_threads(pid, threads + conns, at_least=True)
         idle = _status(pid, "VmRSS")
         bound = idle + budget + conns * PER_CONNECTION + SLACK
@@ -380,10 +413,10 @@ def _flood(tmp_path, report, cmd: int, conns: int, complete: bool,
         after = _wait_rss_at_most(pid, max(idle, start + 8 * MiB), "RSS back down")
         _healthy(srv.uri(), data_survives=False)
         report.append(
-            "memory flood %s x%d (%s): %.1f GiB offered, %.2f GiB sent; VmRSS start "
+            "memory flood %s%s x%d (%s): %.1f GiB offered, %.2f GiB sent; VmRSS start "
             "%.1f MiB, %d idle clients %.1f MiB, held %.1f MiB (%d threads), VmHWM %.1f MiB "
             "(bound %.1f MiB, limit %d MiB), after %.1f MiB; %.1f s, %r" % (
-                "WRITE" if cmd == CMD_WRITE else "READ", conns,
+                "daemon " if daemon else "", "WRITE" if cmd == CMD_WRITE else "READ", conns,
                 "to completion" if complete else "until pushed back",
                 offered / (1 << 30), sent[0] / (1 << 30), start / MiB, conns, idle / MiB,
                 held / MiB, in_server_threads, peak / MiB, bound / MiB, budget // MiB, after / MiB,
@@ -403,6 +436,11 @@ def test_flood_reads_unread_replies(tmp_path):
     """16 clients x 16 READs of 32 MiB whose replies are never read: sends block, the buffers
     stay within the budget."""
     _flood(tmp_path, [], CMD_READ, 16, complete=False, latency_ns=1_000_000)
+
+
+def test_flood_writes_daemon(tmp_path):
+    """The same through blockexport-daemon (--nbd-server, --export): one budget per server."""
+    _flood(tmp_path, [], CMD_WRITE, 16, complete=False, daemon=True)
 
 
 @pytest.mark.slow

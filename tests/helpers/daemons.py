@@ -198,9 +198,10 @@ def wait_ready(d: Daemon, timeout: float = START_TIMEOUT) -> None:
 
 
 def start_daemon(kind: str, args=(), *, tmp_path: Path, monitors=("mon",),
-                 pretty: bool = False, wait: bool = True) -> Daemon:
+                 pretty: bool = False, wait: bool = True, env: dict | None = None) -> Daemon:
     """Start `kind` with a QMP monitor per id in `monitors` (unix sockets in tmp_path) and
-    `args` after them; returns a ready Daemon (the caller must stop() it)."""
+    `args` after them; returns a ready Daemon (the caller must stop() it).  `env`: the
+    daemon's environment (default: ours)."""
     sockdir = tmp_path / "qmp"
     sockdir.mkdir(exist_ok=True)
     n = len(list(sockdir.iterdir()))
@@ -214,7 +215,7 @@ def start_daemon(kind: str, args=(), *, tmp_path: Path, monitors=("mon",),
     stderr_path, stdout_path = log_paths(tmp_path, kind, ".stderr", ".stdout")
     with open(stderr_path, "wb") as err, open(stdout_path, "wb") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                start_new_session=True, preexec_fn=die_with_parent)
+                                env=env, start_new_session=True, preexec_fn=die_with_parent)
     d = Daemon(kind=kind, argv=argv, proc=proc, monitors=mons, stderr_path=stderr_path,
                stdout_path=stdout_path, tmp_path=tmp_path)
     if wait and mons:

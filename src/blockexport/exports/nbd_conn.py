@@ -198,6 +198,7 @@ class NbdConnection:
         self.export = None
         self.negotiated = False
         self.closing = False
+        self.dropped = False         # shut down hard: no reply can leave any more
         self._wlock = threading.Lock()
         self._state_lock = threading.Lock()
         self._workers = []
@@ -228,6 +229,8 @@ class NbdConnection:
     def shutdown(self, hard: bool = True) -> None:
         """Hard: drop the client now.  Soft: stop reading; in-flight requests still reply."""
         self.closing = True
+        if hard:
+            self.dropped = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR if hard else socket.SHUT_RD)
         except OSError:
@@ -519,8 +522,15 @@ class NbdConnection:
     def _large_buffer(self, length: int):
         """A buffer of its own for a request of ``length`` > SMALL_BUFFER bytes, counted
         against the server's budget (may wait for other requests to give theirs back)."""
+        # A dropped client's queued requests can't reply: they take no budget (they would
+        # keep live clients waiting, 32 MiB populated per request, for nothing).
+        if self.dropped:
+            raise _Drop("client dropped")
         size = -(-length // mmap.PAGESIZE) * mmap.PAGESIZE
         charged = self._budget.acquire(size)
+        if self.dropped:
+            self._budget.release(charged)
+            raise _Drop("client dropped")
         try:
             buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
         except BaseException:

@@ -60,9 +60,11 @@ run: deps-run venv demo-image
 	@echo
 	exec $(VENV)/bin/blockexport-nbd -f raw -b 127.0.0.1 -p 10809 -t -e 0 $(DEMO_IMG)
 
-# -rs: list every skipped test with its reason
+# -rs: list every skipped test with its reason; -n: the suite runs on TEST_JOBS processes
+# (pytest-xdist; most tests wait on servers and clients, so two use two cores well)
+TEST_JOBS ?= 2
 test: deps-test venv venv-py313 vm-harness
-	BLOCKEXPORT_VUBC=$(VUBC) $(VPY) -m pytest -q -rs -p no:cacheprovider tests
+	BLOCKEXPORT_VUBC=$(VUBC) $(VPY) -m pytest -q -rs -p no:cacheprovider -n $(TEST_JOBS) tests
 
 # The slow tier only (tests marked `slow`: 10^6-input fuzzing per parser, ...; docs/testing.md)
 test-slow: deps-test venv venv-py313 vm-harness

@@ -141,7 +141,8 @@ def test_qemu_storage_daemon_client_refused(tls_kind, tls_servers, tls_files, sp
                          "dir": str(tls_files.intruder_dir), "sanity-check": False})
     r = q.result("blockdev-add", {"driver": "nbd", "node-name": "n", "export": "",
                                   "server": {"type": "unix", "path": srv.socket_path},
-                                  "tls-creds": "tls0", "tls-hostname": "localhost"})
+                                  "tls-creds": "tls0", "tls-hostname": "localhost"},
+                 timeout=60)    # QSD's client is synchronous: slow when the machine is busy
     assert "error" in r, r
     assert srv.alive()
 

@@ -68,8 +68,9 @@ def test_event_idx_suppresses_calls(start):
     assert f.event_idx
     assert f.read(0, 512)[0] == S_OK                 # the first completion always signals
     # read() may have reaped the used entry before the call arrived: wait for that call
+    # (QSD may signal more than once around its first completion when the machine is busy)
     if not q.calls:
-        assert f.take_calls(q, timeout=2.0) == 1
+        assert f.take_calls(q, timeout=2.0) >= 1
     ahead = (q.last_used + 10) & 0xFFFF
     struct.pack_into("<H", f.mem, q.avail + 4 + 2 * q.size, ahead)   # used_event
     reqs = [f.request(0, T_IN, 0, in_len=512) for _ in range(3)]

@@ -66,10 +66,12 @@ import logging
 import mmap
 import os
 import queue
+from queue import Empty
 import select
 import socket
 import ssl
 import threading
+from time import monotonic
 
 from blockexport.block.node import BS_ZERO
 from blockexport.errors import Error
@@ -100,6 +102,11 @@ SMALL_BUFFER = 1024 * 1024
 #: is two: header and data)
 BATCH_PARTS = 128
 KEEP_BUFFERS = 2
+#: A connection whose reader has waited this long for a request gives its buffers back
+#: (pages of the reader's buffers, the kept small buffers) and idle pool threads exit:
+#: BLOCKEXPORT_NBD_IDLE_SECONDS (the server checks once a second).
+IDLE_SECONDS = float(os.environ.get("BLOCKEXPORT_NBD_IDLE_SECONDS", 2.0))
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 #: Writes of at least this many payload bytes still in the socket are moved into the node by
 #: splice(2) (socket -> pipe -> file) when the node offers ``splice_write``; tunable.
 SPLICE_WRITE_MIN = int(os.environ.get("BLOCKEXPORT_SPLICE_WRITE_MIN", 128 * 1024))
@@ -199,6 +206,12 @@ class NbdConnection:
         self.negotiated = False
         self.closing = False
         self.dropped = False         # shut down hard: no reply can leave any more
+        # idle trimming: when the reader started waiting for a request (0: not waiting),
+        # its buffers, and whether they were given back since
+        self._idle_lock = threading.Lock()
+        self._waiting_since = 0.0
+        self._trimmed = False
+        self._reader_bufs = ()
         self._wlock = threading.Lock()
         self._state_lock = threading.Lock()
         self._workers = []
@@ -210,7 +223,7 @@ class NbdConnection:
         self._finished = False
         self._inline_io = True
         self._pipe = None            # (read fd, write fd, capacity) for spliced writes
-        self._rbuf = bytearray(RBUF_SIZE)
+        self._rbuf = mmap.mmap(-1, RBUF_SIZE)   # pages committed only as bytes arrive
         self._rmv = memoryview(self._rbuf)
         self._rpos = 0
         self._rend = 0
@@ -433,6 +446,21 @@ class NbdConnection:
             pos, end = 0, n
         recv_into = self.sock.recv_into
         rmv = self._rmv
+        if pos == end:
+            # nothing buffered: the reader may wait for the client now, and the idle
+            # trimmer may give its buffers back meanwhile (not while we use them)
+            with self._idle_lock:
+                self._waiting_since = monotonic()
+            try:
+                got = recv_into(rmv)
+            finally:
+                with self._idle_lock:
+                    self._waiting_since = 0.0
+                    self._trimmed = False
+            if not got:
+                self._rpos = self._rend = 0
+                raise _EOF()
+            end = got
         while end - pos < need:
             got = recv_into(rmv[end:])
             if not got:
@@ -440,6 +468,24 @@ class NbdConnection:
                 raise _EOF()
             end += got
         self._rpos, self._rend = pos, end
+
+    def trim_if_idle(self, now: float, idle: float = IDLE_SECONDS) -> bool:
+        """Called periodically by the server: if the reader has been waiting for a request
+        for ``idle`` seconds, give back the pages of its buffers and the kept small buffers
+        (they come back zero-filled on demand).  True if it did."""
+        with self._idle_lock:
+            since = self._waiting_since
+            if not since or self._trimmed or now - since < idle:
+                return False
+            self._trimmed = True
+            if _MADV_DONTNEED is not None:
+                for buf in self._reader_bufs:
+                    try:
+                        buf.madvise(_MADV_DONTNEED)
+                    except (OSError, ValueError):
+                        pass
+        self._trim_buffers(0)
+        return True
 
     def _recv_payload(self, dest) -> None:
         """Move ``len(dest)`` payload bytes into ``dest``: buffered ones first, then recv."""
@@ -552,11 +598,12 @@ class NbdConnection:
         with self._state_lock:
             self._free_buffers.append(buf)
 
-    def _trim_buffers(self) -> None:
-        """The pool went idle: keep a couple of small buffers, unmap the others."""
+    def _trim_buffers(self, keep: int = KEEP_BUFFERS) -> None:
+        """The pool went idle: keep a couple of small buffers (or ``keep``), unmap the
+        others."""
         with self._state_lock:
-            extra = self._free_buffers[KEEP_BUFFERS:]
-            del self._free_buffers[KEEP_BUFFERS:]
+            extra = self._free_buffers[keep:]
+            del self._free_buffers[keep:]
         for buf in extra:
             try:
                 buf.close()
@@ -605,6 +652,7 @@ class NbdConnection:
         sbuf = self._take_buffer()       # the reader's small buffer
         smv = memoryview(sbuf)
         abuf = amv = None                # the arena: data of batched reads (lazily)
+        self._reader_bufs = (sbuf,)
         apos = 0
         pending = []
         send = self._send
@@ -648,6 +696,7 @@ class NbdConnection:
                     if amv is None:
                         abuf = self._take_buffer()
                         amv = memoryview(abuf)
+                        self._reader_bufs = (sbuf, abuf)
                     try:
                         pending += read_parts(tx, node, amv[apos:apos + length], flags,
                                               cookie, offset, length)
@@ -709,6 +758,7 @@ class NbdConnection:
                         sbuf = self._take_buffer()     # the request keeps the old one
                         smv = memoryview(sbuf)
                         own = True
+                        self._reader_bufs = (sbuf,) if abuf is None else (sbuf, abuf)
                     self._offload(buf if own else None, charged,
                                   (tx, mv, flags, cmd, cookie, offset, length))
                 else:
@@ -732,6 +782,8 @@ class NbdConnection:
             self.shutdown(hard=True)
         finally:
             self.closing = True
+            with self._idle_lock:
+                self._reader_bufs = ()
             if pending:
                 try:
                     send(pending)     # what was served is answered (then EOF/drop)
@@ -893,8 +945,18 @@ class NbdConnection:
     def _pool_worker(self) -> None:
         queue = self._queue
         run = self._run_request
+        me = threading.current_thread()
         while True:
-            item = queue.get()
+            try:
+                item = queue.get(timeout=IDLE_SECONDS)
+            except Empty:
+                # idle: exit unless the work in flight needs every thread (decided under
+                # the lock _offload spawns under, so a request is never left without one)
+                with self._state_lock:
+                    if self._busy < len(self._workers):
+                        self._workers.remove(me)
+                        return
+                continue
             if item is None:
                 return
             run(*item)

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 
 from blockexport.errors import Error
 from blockexport.exports.nbd_conn import BufferBudget, NbdConnection
@@ -72,6 +73,7 @@ class NbdServer:
         self._loop = None
         self._stopped = None
         self._idle = None
+        self._reaper = None
         self.exit_status = 0
         #: Large request buffers of all connections together (see nbd_conn).
         self.buffer_budget = BufferBudget()
@@ -150,6 +152,15 @@ class NbdServer:
         for sock, _ in self._listeners:
             sock.setblocking(False)
         self._resume()
+        self._reaper = self._loop.call_later(1.0, self._reap)
+
+    def _reap(self) -> None:
+        """Once a second: connections idle for a while give their buffers back."""
+        now = time.monotonic()
+        for conn in list(self._connections):
+            conn.trim_if_idle(now)
+        if not self._closing:
+            self._reaper = self._loop.call_later(1.0, self._reap)
 
     def request_stop(self) -> None:
         if self._stopped is not None:
@@ -158,6 +169,8 @@ class NbdServer:
     async def stop(self, hard: bool = False) -> None:
         """Close listeners, let in-flight requests finish, flush every export's node."""
         self._closing = True
+        if self._reaper is not None:
+            self._reaper.cancel()
         self._pause()
         self.close_listeners()
         for conn in list(self._connections):

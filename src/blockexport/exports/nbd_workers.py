@@ -57,6 +57,10 @@ DEFAULT_WORKERS = max(0, (os.cpu_count() or 1) - 1)
 #: first) or "always" (every eligible connection to a worker; for tests and measurements)
 POLICY = os.environ.get("BLOCKEXPORT_NBD_WORKER_POLICY", "spread")
 
+#: BLOCKEXPORT_NBD_WORKER_IDLE_SECONDS: a worker with no connection for this long exits
+#: (negative: never)
+WORKER_IDLE_SECONDS = float(os.environ.get("BLOCKEXPORT_NBD_WORKER_IDLE_SECONDS", 5.0))
+
 _REPORT = struct.Struct("<BQQ")   # node index (0: the export's node, 1: its file), offset, length
 _MAX_MSG = 64 * 1024
 
@@ -109,10 +113,11 @@ class _Worker:
         self.proc = None
         self.chan = None
         self.load = 0
+        self.gen = 0              # connections handed to it so far (idle retirement)
         self.lock = threading.Lock()
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.proc is not None and self.chan is not None and self.proc.poll() is None
 
     def spawn(self) -> None:
         here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -173,14 +178,36 @@ class WorkerPool:
                 self.local_load += 1
             else:
                 best.load += 1
+                best.gen += 1
             return best
 
     def _unpick(self, worker) -> None:
         with self._lock:
             if worker is None:
                 self.local_load -= 1
-            else:
-                worker.load -= 1
+                return
+            worker.load -= 1
+            if worker.load or self._closed or WORKER_IDLE_SECONDS < 0:
+                return
+            gen = worker.gen
+        t = threading.Timer(WORKER_IDLE_SECONDS, self._retire, (worker, gen))
+        t.daemon = True
+        t.start()
+
+    def _retire(self, worker, gen: int) -> None:
+        """A worker without connections for WORKER_IDLE_SECONDS exits (its memory is given
+        back); the next connection that picks it starts a new one."""
+        with self._lock:
+            if worker.load or worker.gen != gen or self._closed:
+                return
+            proc, worker.proc = worker.proc, None
+            worker.close()
+        if proc is not None:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     # --- serving ------------------------------------------------------------------------------
     def serve(self, conn) -> bool:
@@ -457,6 +484,17 @@ def worker_main(chan_fd: int, level: int) -> int:
     chan = socket.socket(fileno=chan_fd)
     conns = set()
     conns_lock = threading.Lock()
+
+    def reaper():      # as the main process's server: idle connections give buffers back
+        import time
+        while True:
+            time.sleep(1.0)
+            now = time.monotonic()
+            with conns_lock:
+                live = list(conns)
+            for c in live:
+                c.trim_if_idle(now)
+    threading.Thread(target=reaper, name="nbd-idle", daemon=True).start()
     budget = None
     threads = []
     while True:

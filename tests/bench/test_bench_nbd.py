@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from helpers import servers as S
-from helpers.procs import oracle_missing, ours_missing
+from helpers.procs import oracle_missing, ours_missing, processes
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH_NBD = REPO / "scripts" / "bench-nbd"
@@ -39,18 +39,7 @@ def need(*tools):
 
 def leftovers(tmp_path: Path) -> list[str]:
     """Command lines of live processes that name tmp_path (servers started on its images)."""
-    found = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(tmp_path) in cmd:
-            found.append(f"{d}: {cmd}")
-    return found
+    return [f"{pid}: {cmd}" for pid, _, cmd in processes() if str(tmp_path) in cmd]
 
 
 def run(script, tmp_path, *args, timeout=RUN_TIMEOUT):

@@ -56,6 +56,29 @@ def die_with_parent() -> None:
         pass
 
 
+def processes():
+    """(pid, ppid, cmdline with spaces) of every live process, from /proc."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                stat = f.read()
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        out.append((int(d), int(stat[stat.rindex(b")") + 2:].split()[1]), cmd))
+    return out
+
+
+def nbd_workers_of(pid: int) -> list[int]:
+    """The NBD worker processes (exports/nbd_workers.py) of our server ``pid``."""
+    return sorted(p for p, ppid, cmd in processes()
+                  if ppid == pid and "blockexport.exports.nbd_workers" in cmd)
+
+
 def kill_pid(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)

@@ -75,22 +75,8 @@ def test_failed_flush_stays_failed_in_every_process(failing_disk, tmp_path):
 
 
 def _assert_worker(pid):
-    kids = [p for p in os.listdir("/proc") if p.isdigit() and
-            _ppid(p) == pid and b"nbd_workers" in _read(f"/proc/{p}/cmdline")]
-    assert len(kids) == 1
-
-
-def _read(path) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-def _ppid(p) -> int:
-    stat = _read(f"/proc/{p}/stat")
-    return int(stat.rsplit(b")", 1)[1].split()[1]) if stat else -1
+    from helpers.procs import nbd_workers_of
+    assert len(nbd_workers_of(pid)) == 1
 
 
 def _check_failed_flush_stays_failed(srv, backing, connected=None):

@@ -10,6 +10,7 @@ tests check the worker processes exist through /proc, not by timing.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -19,30 +20,11 @@ import pytest
 nbd = pytest.importorskip("nbd")
 
 from helpers.daemons import QMP, file_node, nbd_uri, start_daemon, unix_addr  # noqa: E402
-from helpers.procs import wait_pid_gone  # noqa: E402
+from helpers.procs import nbd_workers_of as _children, wait_pid_gone  # noqa: E402
 from helpers.servers import start_server  # noqa: E402
 
 KiB = 1024
 MiB = 1024 * KiB
-
-
-def _children(pid: int) -> list[int]:
-    """The worker processes of server ``pid`` (its children running nbd_workers)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid and b"blockexport.exports.nbd_workers" in cmd:
-            out.append(int(entry))
-    return sorted(out)
 
 
 def _image(path, size=8 * MiB):
@@ -69,6 +51,20 @@ def _connect(uri, *contexts):
     return h
 
 
+def _hang_up(h) -> None:
+    """Shut a handle down whose server may have dropped it already."""
+    try:
+        h.shutdown()
+    except nbd.Error:
+        pass
+
+
+def _always_worker_server(tmp_path, image):
+    """blockexport-nbd with one worker that takes every connection."""
+    return start_server("blockexport-nbd", image, ["-e", "4"], tmp_path=tmp_path,
+                        env=_env(BLOCKEXPORT_NBD_WORKERS=1, BLOCKEXPORT_NBD_WORKER_POLICY="always"))
+
+
 def _extents(h, length, offset=0, context="base:allocation"):
     got = []
 
@@ -87,8 +83,7 @@ def shm_image(shm_dir):
 
 
 def test_connection_served_by_a_worker(tmp_path, shm_image):
-    srv = start_server("blockexport-nbd", shm_image, ["-e", "4"], tmp_path=tmp_path,
-                       env=_env(BLOCKEXPORT_NBD_WORKERS=1, BLOCKEXPORT_NBD_WORKER_POLICY="always"))
+    srv = _always_worker_server(tmp_path, shm_image)
     try:
         assert _children(srv.proc.pid) == []          # spawned on first use
         h = _connect(srv.uri(), "base:allocation")
@@ -188,51 +183,30 @@ def test_worker_killed_drops_only_its_clients(tmp_path, shm_image):
         a.shutdown()
         if c is not None:
             c.shutdown()
-        try:
-            b.shutdown()
-        except nbd.Error:
-            pass
+        _hang_up(b)
         srv.stop()
 
 
-def test_stop_ends_workers_and_their_clients(tmp_path, shm_image):
-    srv = start_server("blockexport-nbd", shm_image, ["-e", "4"], tmp_path=tmp_path,
-                       env=_env(BLOCKEXPORT_NBD_WORKERS=1, BLOCKEXPORT_NBD_WORKER_POLICY="always"))
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_server_gone_ends_workers_and_their_clients(tmp_path, shm_image, how):
+    """SIGTERM: the server stops (flushing), its worker exits.  SIGKILL: the worker finds its
+    main process gone (its channel reads EOF), drops its clients and exits."""
+    srv = _always_worker_server(tmp_path, shm_image)
     h = _connect(srv.uri())
     try:
         h.pwrite(b"\x77" * 4096, 0)
         worker, = _children(srv.proc.pid)
-        srv.proc.send_signal(signal.SIGTERM)
-        assert srv.proc.wait(timeout=20) == 0
+        srv.proc.send_signal(getattr(signal, how))
+        status = srv.proc.wait(timeout=20)
+        assert status == (0 if how == "SIGTERM" else -signal.SIGKILL)
         wait_pid_gone(worker, 10)
         with pytest.raises(nbd.Error):
             h.pread(4096, 0)
-        with open(shm_image, "rb") as f:
-            assert f.read(4096) == b"\x77" * 4096     # flushed at stop
+        if how == "SIGTERM":
+            with open(shm_image, "rb") as f:
+                assert f.read(4096) == b"\x77" * 4096     # flushed at stop
     finally:
-        try:
-            h.shutdown()
-        except nbd.Error:
-            pass
-        srv.stop()
-
-
-def test_main_process_killed_worker_exits(tmp_path, shm_image):
-    srv = start_server("blockexport-nbd", shm_image, ["-e", "4"], tmp_path=tmp_path,
-                       env=_env(BLOCKEXPORT_NBD_WORKERS=1, BLOCKEXPORT_NBD_WORKER_POLICY="always"))
-    h = _connect(srv.uri())
-    try:
-        worker, = _children(srv.proc.pid)
-        srv.proc.kill()
-        srv.proc.wait(timeout=10)
-        wait_pid_gone(worker, 10)
-        with pytest.raises(nbd.Error):
-            h.pread(4096, 0)
-    finally:
-        try:
-            h.shutdown()
-        except nbd.Error:
-            pass
+        _hang_up(h)
         srv.stop()
 
 
@@ -289,12 +263,9 @@ def test_bitmap_added_later_sees_worker_writes(worker_daemon):
         r = _connect(nbd_uri(sock, "f2"), "qemu:dirty-bitmap:b")
         try:
             ext = _extents(r, 4 * MiB, 0, "qemu:dirty-bitmap:b")
-            dirty = []
-            pos = 0
-            for i in range(0, len(ext), 2):
-                if ext[i + 1]:
-                    dirty.append((pos, ext[i]))
-                pos += ext[i]
+            lengths, flags = ext[0::2], ext[1::2]
+            starts = [0, *itertools.accumulate(lengths)]
+            dirty = [(starts[i], n) for i, (n, f) in enumerate(zip(lengths, flags)) if f]
             assert dirty == [(1 * MiB, 64 * KiB), (2 * MiB, 128 * KiB), (3 * MiB, 64 * KiB)]
         finally:
             r.shutdown()
@@ -320,8 +291,5 @@ def test_export_removal_reaches_worker_clients(worker_daemon):
         with pytest.raises(nbd.Error):
             h.pread(4096, 0)
     finally:
-        try:
-            h.shutdown()
-        except nbd.Error:
-            pass
+        _hang_up(h)
     assert d.alive()

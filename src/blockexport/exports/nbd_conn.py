@@ -660,6 +660,10 @@ class NbdConnection:
         handle = self._handle
         read_parts = self._read_parts
         batch_read_max = OFFLOAD_READ_MIN if inline else -1
+        # writes served inline (as _may_block decides), whose payload the receive buffer
+        # already holds: no copy into a request buffer
+        inline_write_max = RBUF_SIZE if inline and not self.export.writethrough else -1
+        ok_reply = tx.ok_reply
         # spliced writes: a plain socket (not TLS), inline I/O, a node that offers it
         splice_min = SPLICE_WRITE_MIN
         if (_SPLICE is None or type(self.sock) is not socket.socket or not inline
@@ -683,6 +687,27 @@ class NbdConnection:
                     raise _Drop("invalid request magic 0x%x" % magic)
                 if cmd == CMD_DISC:
                     break
+                if (cmd == CMD_WRITE and length <= self._rend - self._rpos
+                        and length <= inline_write_max and not flags & FLAG_FUA):
+                    # the common small write, its payload already received: written from
+                    # the receive buffer itself, its reply batched
+                    pos = self._rpos
+                    self._rpos = pos + length
+                    err = tx.check(flags, cmd, offset, length)
+                    if err is not None:
+                        pending.append(tx.error_reply(cookie, EINVAL, err))
+                        continue
+                    try:
+                        node.write(offset, self._rmv[pos:pos + length])
+                    except Exception as exc:
+                        pending.append(self._failure(tx, cookie, cmd, exc))
+                    else:
+                        pending.append(ok_reply(cookie))
+                    if len(pending) >= BATCH_PARTS:
+                        send(pending)
+                        pending = []
+                        apos = 0
+                    continue
                 if cmd == CMD_READ and length < batch_read_max and not flags & FLAG_FUA:
                     # the common small read: served here, its reply batched
                     err = tx.check(flags, cmd, offset, length)

@@ -1,6 +1,6 @@
-"""The NBD connection's socket-buffer knob (BLOCKEXPORT_NBD_SOCKET_BUFFER, a measurement
-lever for issue 13; off by default): both buffers get at least the asked size, past the
-sysctl maximum where the process may (CAP_NET_ADMIN)."""
+"""The NBD connection's socket buffers (issue 13): 2 MiB on unix sockets by default, the
+kernel's autotuning on TCP, BLOCKEXPORT_NBD_SOCKET_BUFFER for any socket; both buffers get at
+least the asked size, past the sysctl maximum where the process may (CAP_NET_ADMIN)."""
 from __future__ import annotations
 
 import os
@@ -9,8 +9,18 @@ import socket
 from blockexport.exports import nbd_conn
 
 
-def test_default_is_the_kernels():
-    assert nbd_conn.SOCKET_BUFFER == int(os.environ.get("BLOCKEXPORT_NBD_SOCKET_BUFFER", 0))
+def test_default_sizes():
+    assert nbd_conn.SOCKET_BUFFER == int(os.environ.get("BLOCKEXPORT_NBD_SOCKET_BUFFER", -1))
+    u = socket.socket(socket.AF_UNIX)
+    t = socket.socket(socket.AF_INET)
+    try:
+        assert nbd_conn.socket_buffer_size(u, -1) == 2 * 1024 * 1024
+        assert nbd_conn.socket_buffer_size(t, -1) == 0          # TCP: autotuning
+        assert nbd_conn.socket_buffer_size(t, 1 << 20) == 1 << 20
+        assert nbd_conn.socket_buffer_size(u, 0) == 0           # the knob turns it off
+    finally:
+        u.close()
+        t.close()
 
 
 def test_set_socket_buffers_on_a_unix_socket():

@@ -212,7 +212,7 @@ class WorkerPool:
     # --- serving ------------------------------------------------------------------------------
     def serve(self, conn) -> bool:
         """Called by the connection thread once the connection is in transmission: serve it
-        in a worker (blocking until it is over; True) or leave it here (False)."""
+        here or in a worker, until it is over (True)."""
         export = conn.export
         if type(conn.sock) is not socket.socket:
             chain = None      # TLS: the session lives in this process
@@ -250,7 +250,10 @@ class WorkerPool:
         ctl, ctl_there = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
         def bitmaps_changed():
-            flag[0] = 1 if any(n._recording for n in chain) else 0
+            try:
+                flag[0] = 1 if any(n._recording for n in chain) else 0
+            except ValueError:   # the connection just ended (its page is unmapped)
+                pass
 
         for n in chain:
             n.bitmap_listeners.append(bitmaps_changed)
@@ -270,7 +273,7 @@ class WorkerPool:
             fds = [conn.sock.fileno(), ctl_there.fileno(), chain[-1].fd, flag_fd,
                    chain[-1].share_state()]
             if not self._send(worker, json.dumps(params).encode(), fds):
-                return False
+                return self._serve_here(conn)    # no worker to be had: served here
             ctl_there.close()
             ctl_there = None
             self._relay(ctl, chain)

@@ -192,3 +192,12 @@ def pytest_sessionfinish(session, exitstatus):
         reporter.write_line("CI=true: %d test(s) skipped; every test must run in CI"
                             % len(skipped), red=True)
         session.exitstatus = 1
+
+
+@pytest.fixture
+def graph():
+    """A block graph of its own (the unit tests' nodes), every node closed at the end."""
+    from blockexport.block.graph import BlockGraph
+    g = BlockGraph()
+    yield g
+    g.close()

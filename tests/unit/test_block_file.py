@@ -10,7 +10,6 @@ import tempfile
 
 import pytest
 
-from blockexport.block.graph import BlockGraph
 from blockexport.block.node import BS_ALLOCATED, BS_DATA, BS_ZERO
 from blockexport.errors import Error
 
@@ -30,13 +29,6 @@ def workdir(request, tmp_path):
         yield __import__("pathlib").Path(d)
     finally:
         shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def graph():
-    g = BlockGraph()
-    yield g
-    g.close()
 
 
 def make_image(path, size, chunks=()):

@@ -12,13 +12,6 @@ from blockexport.errors import Error
 
 
 @pytest.fixture
-def graph():
-    g = BlockGraph()
-    yield g
-    g.close()
-
-
-@pytest.fixture
 def img(tmp_path):
     p = tmp_path / "img"
     with open(p, "wb") as f:

@@ -10,7 +10,6 @@ import subprocess
 import pytest
 
 from blockexport.block import locking
-from blockexport.block.graph import BlockGraph
 from blockexport.block.node import PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE
 from blockexport.errors import Error
 
@@ -21,13 +20,6 @@ EXPORT_SHARED = PERM_ALL & ~PERM_RESIZE
 pytestmark = pytest.mark.skipif(not locking.has_ofd_locks(), reason="no OFD locks")
 needs_qemu = pytest.mark.skipif(not (shutil.which("qemu-io") and shutil.which("qemu-nbd")),
                                 reason="QEMU tools not installed")
-
-
-@pytest.fixture
-def graph():
-    g = BlockGraph()
-    yield g
-    g.close()
 
 
 @pytest.fixture

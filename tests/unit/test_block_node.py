@@ -14,13 +14,6 @@ RW = PERM_CONSISTENT_READ | PERM_WRITE
 EXPORT_SHARED = PERM_ALL & ~PERM_RESIZE  # what an NBD export shares
 
 
-@pytest.fixture
-def graph():
-    g = BlockGraph()
-    yield g
-    g.close()
-
-
 def null(graph, name="n", **opts):
     o = {"driver": "null-co", "node-name": name}
     o.update(opts)

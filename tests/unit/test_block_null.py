@@ -7,16 +7,8 @@ import time
 
 import pytest
 
-from blockexport.block.graph import BlockGraph
 from blockexport.block.node import BS_ALLOCATED, BS_ZERO
 from blockexport.errors import Error
-
-
-@pytest.fixture
-def graph():
-    g = BlockGraph()
-    yield g
-    g.close()
 
 
 def qemu_img(*args):

@@ -8,18 +8,10 @@ import subprocess
 
 import pytest
 
-from blockexport.block.graph import BlockGraph
 from blockexport.block.node import BS_ALLOCATED, BS_DATA, BS_ZERO
 from blockexport.errors import Error
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def graph():
-    g = BlockGraph()
-    yield g
-    g.close()
 
 
 @pytest.fixture

@@ -9,17 +9,9 @@ import random
 import pytest
 
 from blockexport.block import dirty_bitmap
-from blockexport.block.graph import BlockGraph
 
 MiB = 1 << 20
 KiB = 1 << 10
-
-
-@pytest.fixture
-def graph():
-    g = BlockGraph()
-    yield g
-    g.close()
 
 
 @pytest.fixture

@@ -522,6 +522,12 @@ class NbdConnection:
             got += n
 
     # --- sending -----------------------------------------------------------------------------
+    def _flush_batch(self, pending: list) -> int:
+        """Send the reader's batch of replies and empty it; 0, the arena's new fill."""
+        self._send(pending)
+        pending.clear()
+        return 0
+
     def _send(self, parts) -> None:
         """Send a list of buffers completely, under the write lock (in slices of at most
         IOV_MAX buffers: one reply may have thousands of chunks)."""
@@ -670,6 +676,7 @@ class NbdConnection:
         apos = 0
         pending = []
         send = self._send
+        flush = self._flush_batch
         tx = self.tx
         handle = self._handle
         read_parts = self._read_parts
@@ -691,9 +698,7 @@ class NbdConnection:
             while not self.closing:
                 if self._rend - self._rpos < REQ_SIZE:
                     if pending:
-                        send(pending)
-                        pending = []
-                        apos = 0
+                        apos = flush(pending)
                     self._fill(REQ_SIZE)
                 pos = self._rpos
                 magic, flags, cmd, cookie, offset, length = REQ_UNPACK(self._rbuf, pos)
@@ -722,9 +727,7 @@ class NbdConnection:
                     else:
                         pending.append(ok_reply(cookie))
                     if len(pending) >= BATCH_PARTS:
-                        send(pending)
-                        pending = []
-                        apos = 0
+                        apos = flush(pending)
                     continue
                 if cmd == CMD_READ and length < batch_read_max and not flags & FLAG_FUA:
                     # the common small read: served here, its reply batched
@@ -733,9 +736,7 @@ class NbdConnection:
                         pending.append(tx.error_reply(cookie, EINVAL, err))
                         continue
                     if apos + length > SMALL_BUFFER or len(pending) >= BATCH_PARTS:
-                        send(pending)
-                        pending = []
-                        apos = 0
+                        apos = flush(pending)
                     if amv is None:
                         abuf = self._take_buffer()
                         amv = memoryview(abuf)
@@ -759,9 +760,7 @@ class NbdConnection:
                 else:
                     if length > SMALL_BUFFER and (cmd == CMD_WRITE or cmd == CMD_READ):
                         if pending:    # the budget may make us wait
-                            send(pending)
-                            pending = []
-                            apos = 0
+                            apos = flush(pending)
                         if cmd == CMD_WRITE:
                             buf, charged = self._large_buffer(length)
                             mv = memoryview(buf)
@@ -769,9 +768,7 @@ class NbdConnection:
                             buf = mv = None
                     if cmd == CMD_WRITE:
                         if pending and length > self._rend - self._rpos:
-                            send(pending)   # the payload is still on its way
-                            pending = []
-                            apos = 0
+                            apos = flush(pending)   # the payload is still on its way
                         if (length <= SMALL_BUFFER
                                 and length - (self._rend - self._rpos) >= splice_min
                                 and not flags & FLAG_FUA and self._splice_ok()
@@ -793,9 +790,7 @@ class NbdConnection:
                         self._release(buf, charged)
                 elif self._may_block(cmd, flags, offset, length):
                     if pending:
-                        send(pending)
-                        pending = []
-                        apos = 0
+                        apos = flush(pending)
                     own = buf is not sbuf
                     if not own and (cmd == CMD_WRITE or cmd == CMD_READ):
                         sbuf = self._take_buffer()     # the request keeps the old one
@@ -812,9 +807,7 @@ class NbdConnection:
                             mv.release()
                             self._release(buf, charged)
                     if len(pending) >= BATCH_PARTS:
-                        send(pending)
-                        pending = []
-                        apos = 0
+                        apos = flush(pending)
         except _EOF:
             pass
         except (_Drop, OSError) as exc:

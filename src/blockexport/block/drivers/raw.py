@@ -148,9 +148,12 @@ class RawNode(BlockNode):
             self.write = self._detect_zeroes_write(write_data)
         else:
             self.write = write_data
+        # the child's vectored and spliced writes serve ours when no write of ours has
+        # work of its own to do (read-only refusal, zero detection, sector 0, blkdebug)
+        passthrough = not (self.read_only or self.detect_zeroes != "off" or self.probed
+                           or debug is not None)
         splice_write = child.splice_write
-        if splice_write is None or self.read_only or self.detect_zeroes != "off" \
-                or self.probed or debug is not None:
+        if splice_write is None or not passthrough:
             splice_write = None
         elif off or self.has_size:
             child_splice = splice_write
@@ -162,8 +165,7 @@ class RawNode(BlockNode):
                 return child_splice(offset + off, pipe_fd, n)
         self.splice_write = splice_write
         writev = child.writev
-        if writev is None or self.read_only or self.detect_zeroes != "off" \
-                or self.probed or debug is not None:
+        if writev is None or not passthrough:
             writev = None
         elif off or self.has_size:
             child_writev = writev

@@ -61,6 +61,7 @@ reply (and a log entry with the traceback); one that happens mid-reply drops tha
 Whatever happens, the connection reaches :meth:`NbdConnection._finish` exactly once, so the
 server and its exports never count a dead connection.
 """
+import errno
 import fcntl
 import logging
 import mmap
@@ -124,6 +125,16 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 #: Past net.core.[rw]mem_max only where allowed (CAP_NET_ADMIN: the FORCE options).
 SOCKET_BUFFER = int(os.environ.get("BLOCKEXPORT_NBD_SOCKET_BUFFER", -1))
 UNIX_SOCKET_BUFFER = 2 * 1024 * 1024
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+#: Large reads over TCP whose bytes are in the page cache are served inline
+#: (``_read_cached``): copied into a buffer and sent while this process serves at least this
+#: many connections, else header + sendfile; BLOCKEXPORT_NBD_TCP_COPY_READS (0: never
+#: inline, header + sendfile from the pool as on unix sockets).  Measured in BENCHMARKS.md
+#: (issue 13, "Large reads over TCP").
+TCP_COPY_READS = int(os.environ.get("BLOCKEXPORT_NBD_TCP_COPY_READS", 2))
+#: connections of this process in transmission (``_serve``): [count], under its lock
+_serving = [0]
+_serving_lock = threading.Lock()
 
 
 def socket_buffer_size(sock, configured: int | None = None) -> int:
@@ -235,6 +246,7 @@ class NbdConnection:
         self._budget = getattr(server, "buffer_budget", None) or BufferBudget()
         self._finished = False
         self._inline_io = True
+        self._nowait = _RWF_NOWAIT     # preadv2 flag of _read_cached (0: file system lacks it)
         self._pipe = None            # (read fd, write fd, capacity) for spliced writes
         self._rbuf = mmap.mmap(-1, RBUF_SIZE)   # pages committed only as bytes arrive
         self._rmv = memoryview(self._rbuf)
@@ -681,6 +693,14 @@ class NbdConnection:
         handle = self._handle
         read_parts = self._read_parts
         batch_read_max = OFFLOAD_READ_MIN if inline else -1
+        # large reads over TCP served inline when in the page cache (see _read_cached)
+        copy_read_max = -1
+        if (inline and TCP_COPY_READS and type(self.sock) is socket.socket
+                and self.sock.family != socket.AF_UNIX):
+            copy_read_max = SMALL_BUFFER
+        serving = _serving
+        with _serving_lock:
+            serving[0] += 1
         # writes served inline (as _may_block decides), whose payload the receive buffer
         # already holds: no copy into a request buffer
         inline_write_max = RBUF_SIZE if inline and not self.export.writethrough else -1
@@ -748,6 +768,17 @@ class NbdConnection:
                         pending.append(self._failure(tx, cookie, cmd, exc))
                     apos += length
                     continue
+                if (cmd == CMD_READ and length <= copy_read_max and not flags & FLAG_FUA
+                        and tx.check(flags, cmd, offset, length) is None):
+                    if pending:
+                        apos = flush(pending)
+                    parts = self._read_cached(tx, node, smv, flags, cookie, offset, length,
+                                              serving[0] >= TCP_COPY_READS)
+                    if parts is not None:
+                        if parts:
+                            send(parts)    # before smv is reused
+                        continue
+                    # not all of it in the page cache, or holes: the usual way
                 # The request's buffer: the reader's small one, or a large one of its own
                 # (for reads allocated only if the reply needs it: sendfile does not).
                 buf, mv, charged = sbuf, smv, 0
@@ -817,6 +848,8 @@ class NbdConnection:
             log.exception("client %s: dropped after an unexpected error", self.peer)
             self.shutdown(hard=True)
         finally:
+            with _serving_lock:
+                serving[0] -= 1
             self.closing = True
             with self._idle_lock:
                 self._reader_bufs = ()
@@ -1123,6 +1156,74 @@ class NbdConnection:
             return False
         self._send_file(header, rng[0], rng[1], length)
         return True
+
+    def _read_cached(self, tx, node, smv, flags, cookie, offset, length, copy):
+        """A large read (at most SMALL_BUFFER) of file bytes over TCP, served inline if its
+        bytes are in the page cache.  ``copy``: read into ``smv`` with preadv2(RWF_NOWAIT)
+        (all or nothing) and return the reply's buffers for the caller to send.  Else
+        header + sendfile now, if a preadv2(RWF_NOWAIT) of the first and of the last byte
+        finds their pages cached (a probe, not a guarantee: a read served inline that waits
+        on the disk stalls only this connection, as small reads may); returns [] then.
+        None (nothing sent) when the range has holes (the pool sends the sparse reply),
+        isn't cached, or a read fails (the pool reads again and reports the error).  On a
+        file system without RWF_NOWAIT (tmpfs: its pages are memory) plain reads.
+
+        Why a copy while the process serves several connections, and sendfile when it
+        serves one: over TCP loopback sendfile's skbs point at the page cache, so the
+        receiver's copy reads cold memory.  With several connections the client is the
+        bottleneck and the copy here measured x1.08 of nbdkit against x0.75 by sendfile from
+        the pool (seqread/4c); with one connection the server is, and the copy done in line
+        with the send measured x0.72-0.80 against x0.99 by sendfile inline (seqread/1c;
+        BENCHMARKS.md)."""
+        if tx.structured:
+            if not flags & FLAG_DF:
+                n, st = node.block_status(offset, length)
+                if n < length or st & BS_ZERO:
+                    return None
+            header = T.data_chunk_header(cookie, offset, length, True)
+        else:
+            header = T.simple_reply(cookie)
+        rng = node.file_range(offset, length)
+        if rng is None:
+            return None
+        fd, pos = rng
+        if not copy:
+            probe = smv[:1]
+            if not (self._cached(fd, pos, probe) and self._cached(fd, pos + length - 1, probe)):
+                return None
+            self._send_file(header, fd, pos, length)
+            return []
+        data = smv[:length]
+        try:
+            n = os.preadv(fd, (data,), pos, self._nowait)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP or not self._nowait:
+                return None
+            self._nowait = 0
+            try:
+                n = os.preadv(fd, (data,), pos)
+            except OSError:
+                return None
+        if n != length:
+            return None
+        return [header, data]
+
+    def _cached(self, fd, pos, byte) -> bool:
+        """Whether the page of ``pos`` is in the page cache (a one-byte preadv2 RWF_NOWAIT
+        into ``byte``; True on a file system without the flag)."""
+        if not self._nowait:
+            return True
+        try:
+            return os.preadv(fd, (byte,), pos, self._nowait) == 1
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                return False
+            self._nowait = 0
+            return True
 
     def _read_buffered(self, tx, node, mv, flags, cookie, offset, length) -> None:
         self._send(self._read_parts(tx, node, mv[:length], flags, cookie, offset, length))

@@ -45,7 +45,7 @@ def image(request, tmp_path, shm_dir):
 def server(tmp_path, image):
     env = dict(os.environ, BLOCKEXPORT_NBD_WORKERS="0")
     env.pop("BLOCKEXPORT_NBD_TCP_COPY_READS", None)
-    s = start_server("blockexport-nbd", image[0], ["-e", "4"], tmp_path=tmp_path,
+    s = start_server("blockexport-nbd", image[0], ["-e", "16"], tmp_path=tmp_path,
                      transport="tcp4", env=env)
     yield s
     s.stop()
@@ -89,20 +89,24 @@ def test_large_reads(server, image, connections):
             h.shutdown()
 
 
+# small reads, served inline only when cached (read_cached: RWF_NOWAIT), else by the pool
+SMALL = [(12 * KiB, 4 * KiB), (5 * MiB + 4096, 8 * KiB), (HOLE[0] - 4096, 16 * KiB)]
+
+
 @pytest.mark.parametrize("connections", [1, 2])
 def test_reads_after_the_page_cache_dropped(tmp_path, connections):
     """Pages not cached (dropped with POSIX_FADV_DONTNEED, on ext4): the RWF_NOWAIT read or
-    probe misses and the pool serves the read; the bytes are the same."""
+    probe misses and the pool serves the read, large or small; the bytes are the same."""
     path, want = _image(tmp_path / "cold.img")
     env = dict(os.environ, BLOCKEXPORT_NBD_WORKERS="0")
-    s = start_server("blockexport-nbd", path, ["-e", "4"], tmp_path=tmp_path,
+    s = start_server("blockexport-nbd", path, ["-e", "16"], tmp_path=tmp_path,
                      transport="tcp4", env=env)
     handles = []
     try:
         handles = [_handle(s.uri()) for _ in range(connections)]
         fd = os.open(path, os.O_RDONLY)
         try:
-            for offset, length in RANGES:
+            for offset, length in RANGES + SMALL:
                 os.fsync(fd)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 for h in handles:

@@ -316,6 +316,13 @@ class BlockNode:
     def file_range(self, offset: int, length: int):
         return None
 
+    #: ``read_cached(offset, buf) -> None`` or None: ``read_into`` that won't wait on the
+    #: disk: it raises BlockingIOError when the bytes are not all in the page cache (a
+    #: preadv2 RWF_NOWAIT; on a file system without the flag, tmpfs, a plain read), and may
+    #: have filled part of ``buf`` then.  Offered by a buffered plain file and raw over one;
+    #: the NBD data path serves small reads inline with it and hands misses to its pool.
+    read_cached = None
+
     #: ``splice_write(offset, pipe_fd, n) -> int`` or None.  When a driver offers it, it
     #: moves up to ``n`` bytes (all of them already in the pipe) from the pipe into the node
     #: at ``offset`` with ``os.splice`` (no copy through user space), as a plain ``write`` of

@@ -692,6 +692,9 @@ class NbdConnection:
         tx = self.tx
         handle = self._handle
         read_parts = self._read_parts
+        # small reads inline only from the page cache where the node can tell (misses go
+        # to the pool); elsewhere (qcow2, null) a plain read: memory copies by memory_io()
+        read_small = node.read_cached or node.read_into
         batch_read_max = OFFLOAD_READ_MIN if inline else -1
         # large reads over TCP served inline when in the page cache (see _read_cached)
         copy_read_max = -1
@@ -763,7 +766,15 @@ class NbdConnection:
                         self._reader_bufs = (sbuf, abuf)
                     try:
                         pending += read_parts(tx, node, amv[apos:apos + length], flags,
-                                              cookie, offset, length)
+                                              cookie, offset, length, read_small)
+                    except BlockingIOError:
+                        # not in the page cache: the pool reads it, in a buffer of its own
+                        if pending:
+                            apos = flush(pending)
+                        buf = self._take_buffer()
+                        self._offload(buf, 0, (tx, memoryview(buf), flags, cmd, cookie,
+                                               offset, length))
+                        continue
                     except Exception as exc:
                         pending.append(self._failure(tx, cookie, cmd, exc))
                     apos += length
@@ -1229,16 +1240,18 @@ class NbdConnection:
         self._send(self._read_parts(tx, node, mv[:length], flags, cookie, offset, length))
 
     @staticmethod
-    def _read_parts(tx, node, data, flags, cookie, offset, length) -> list:
+    def _read_parts(tx, node, data, flags, cookie, offset, length, read_into=None) -> list:
         """Read ``length`` bytes at ``offset`` into ``data`` (exactly that long) and return
-        the reply's buffers."""
+        the reply's buffers; ``read_into``: the node's (default) or its ``read_cached``."""
+        if read_into is None:
+            read_into = node.read_into
         if not tx.structured:
-            node.read_into(offset, data)
+            read_into(offset, data)
             return [T.simple_reply(cookie), data]
         if not length:
             return [T.none_chunk(cookie)]
         if flags & FLAG_DF:
-            node.read_into(offset, data)
+            read_into(offset, data)
             return [T.data_chunk_header(cookie, offset, length, True), data]
         # Sparse read: one chunk per extent, holes as OFFSET_HOLE (QEMU's sparse read).
         block_status = node.block_status
@@ -1247,7 +1260,7 @@ class NbdConnection:
         if offset < node_len:
             n, st = block_status(offset, min(end, node_len) - offset)
             if n == length and not st & BS_ZERO:     # the common case: all data
-                node.read_into(offset, data)
+                read_into(offset, data)
                 return [T.data_chunk_header(cookie, offset, length, True), data]
         parts = []
         pos = offset
@@ -1262,7 +1275,7 @@ class NbdConnection:
                 parts.append(T.hole_chunk(cookie, pos, n, final))
             else:
                 chunk = data[pos - offset:pos - offset + n]
-                node.read_into(pos, chunk)
+                read_into(pos, chunk)
                 parts.append(T.data_chunk_header(cookie, pos, n, final))
                 parts.append(chunk)
             pos += n

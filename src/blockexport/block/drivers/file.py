@@ -41,6 +41,7 @@ except (OSError, AttributeError):  # pragma: no cover - non-glibc platforms
     _c_fallocate = None
 
 
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _splice = getattr(os, "splice", None)
 #: the most buffers one pwritev takes
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
@@ -263,6 +264,25 @@ class FileNode(BlockNode):
                 if offset + length <= node._size:
                     return fd, offset
                 return None
+
+            nowait = [_RWF_NOWAIT]
+
+            def read_cached(offset, buf):
+                flag = nowait[0]
+                if flag:
+                    try:
+                        n = preadv(fd, (buf,), offset, flag)
+                    except OSError as exc:
+                        if exc.errno != errno.EOPNOTSUPP:
+                            raise
+                        nowait[0] = 0     # e.g. tmpfs: its pages are memory
+                    else:
+                        if n != len(buf):   # partly cached, or past the end: read_into
+                            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+                        return
+                read_into(offset, buf)
+
+            self.read_cached = read_cached
 
             self.file_range = file_range
             self._dsync_flag = dsync

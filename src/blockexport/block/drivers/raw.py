@@ -93,6 +93,7 @@ class RawNode(BlockNode):
         # raw passes block status down one layer (BDRV_BLOCK_RAW), not along the chain
         child_status = getattr(child, "layer_status", None) or child.block_status
         child_range = child.file_range
+        child_cached = child.read_cached
         child_cache = child.cache
         self.flush = child.flush
         if off == 0 and not self.has_size:
@@ -100,6 +101,7 @@ class RawNode(BlockNode):
             write_data = child_write
             self.block_status = child_status
             self.file_range = child_range
+            self.read_cached = child_cached
             self.cache = child_cache
         else:
             has_size = self.has_size
@@ -125,12 +127,20 @@ class RawNode(BlockNode):
             def file_range(offset, length):
                 return child_range(offset + off, length)
 
+            read_cached = None
+            if child_cached is not None:
+                def read_cached(offset, buf):
+                    if has_size and offset + len(buf) > size:
+                        raise _einval()
+                    child_cached(offset + off, buf)
+
             def cache(offset, length):
                 child_cache(offset + off, length)
 
             self.read_into = read_into
             self.block_status = block_status
             self.file_range = file_range
+            self.read_cached = read_cached
             self.cache = cache
         debug = getattr(child, "debug_event", None)
         self._debug = debug
@@ -138,6 +148,7 @@ class RawNode(BlockNode):
             read_into, write_data = self._debug_io(debug, self.read_into, write_data)
             self.read_into = read_into
             self.file_range = _no_file_range
+            self.read_cached = None
         self._write_data_unlocked = write_data
         if self.probed:
             write_data = self._probed_write(write_data)

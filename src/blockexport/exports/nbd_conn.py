@@ -61,7 +61,6 @@ reply (and a log entry with the traceback); one that happens mid-reply drops tha
 Whatever happens, the connection reaches :meth:`NbdConnection._finish` exactly once, so the
 server and its exports never count a dead connection.
 """
-import errno
 import fcntl
 import logging
 import mmap
@@ -125,7 +124,6 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 #: Past net.core.[rw]mem_max only where allowed (CAP_NET_ADMIN: the FORCE options).
 SOCKET_BUFFER = int(os.environ.get("BLOCKEXPORT_NBD_SOCKET_BUFFER", -1))
 UNIX_SOCKET_BUFFER = 2 * 1024 * 1024
-_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 #: Large reads over TCP whose bytes are in the page cache are served inline
 #: (``_read_cached``): copied into a buffer and sent while this process serves at least this
 #: many connections, else header + sendfile; BLOCKEXPORT_NBD_TCP_COPY_READS (0: never
@@ -246,7 +244,6 @@ class NbdConnection:
         self._budget = getattr(server, "buffer_budget", None) or BufferBudget()
         self._finished = False
         self._inline_io = True
-        self._nowait = _RWF_NOWAIT     # preadv2 flag of _read_cached (0: file system lacks it)
         self._pipe = None            # (read fd, write fd, capacity) for spliced writes
         self._rbuf = mmap.mmap(-1, RBUF_SIZE)   # pages committed only as bytes arrive
         self._rmv = memoryview(self._rbuf)
@@ -699,7 +696,7 @@ class NbdConnection:
         # large reads over TCP served inline when in the page cache (see _read_cached)
         copy_read_max = -1
         if (inline and TCP_COPY_READS and type(self.sock) is socket.socket
-                and self.sock.family != socket.AF_UNIX):
+                and self.sock.family != socket.AF_UNIX and node.read_cached is not None):
             copy_read_max = SMALL_BUFFER
         serving = _serving
         with _serving_lock:
@@ -1152,16 +1149,24 @@ class NbdConnection:
             return
         self._read_buffered(tx, node, mv, flags, cookie, offset, length)
 
+    @staticmethod
+    def _whole_reply_header(tx, node, flags, cookie, offset, length):
+        """The header of a read reply that is one run of data (a structured reply's single
+        data chunk, or a simple reply); None when a structured reply must be sparse (holes
+        in the range)."""
+        if not tx.structured:
+            return T.simple_reply(cookie)
+        if not flags & FLAG_DF:
+            n, st = node.block_status(offset, length)
+            if n < length or st & BS_ZERO:
+                return None
+        return T.data_chunk_header(cookie, offset, length, True)
+
     def _read_by_sendfile(self, tx, node, flags, cookie, offset, length) -> bool:
         """A read whose whole reply is one run of file bytes: header + sendfile."""
-        if tx.structured:
-            if not flags & FLAG_DF:
-                n, st = node.block_status(offset, length)
-                if n < length or st & BS_ZERO:
-                    return False   # holes: a sparse reply
-            header = T.data_chunk_header(cookie, offset, length, True)
-        else:
-            header = T.simple_reply(cookie)
+        header = self._whole_reply_header(tx, node, flags, cookie, offset, length)
+        if header is None:
+            return False   # holes: a sparse reply
         rng = node.file_range(offset, length)
         if rng is None:
             return False
@@ -1170,14 +1175,13 @@ class NbdConnection:
 
     def _read_cached(self, tx, node, smv, flags, cookie, offset, length, copy):
         """A large read (at most SMALL_BUFFER) of file bytes over TCP, served inline if its
-        bytes are in the page cache.  ``copy``: read into ``smv`` with preadv2(RWF_NOWAIT)
-        (all or nothing) and return the reply's buffers for the caller to send.  Else
-        header + sendfile now, if a preadv2(RWF_NOWAIT) of the first and of the last byte
-        finds their pages cached (a probe, not a guarantee: a read served inline that waits
-        on the disk stalls only this connection, as small reads may); returns [] then.
+        bytes are in the page cache (the node's ``read_cached``: preadv2 RWF_NOWAIT, plain
+        reads on tmpfs).  ``copy``: read into ``smv`` (all or nothing) and return the
+        reply's buffers for the caller to send.  Else header + sendfile now, if reading the
+        first and the last byte finds their pages cached (a probe, not a guarantee: a read
+        served inline that waits on the disk stalls only this connection); returns [] then.
         None (nothing sent) when the range has holes (the pool sends the sparse reply),
-        isn't cached, or a read fails (the pool reads again and reports the error).  On a
-        file system without RWF_NOWAIT (tmpfs: its pages are memory) plain reads.
+        isn't cached, or a read fails (the pool reads again and reports the error).
 
         Why a copy while the process serves several connections, and sendfile when it
         serves one: over TCP loopback sendfile's skbs point at the page cache, so the
@@ -1186,55 +1190,25 @@ class NbdConnection:
         the pool (seqread/4c); with one connection the server is, and the copy done in line
         with the send measured x0.72-0.80 against x0.99 by sendfile inline (seqread/1c;
         BENCHMARKS.md)."""
-        if tx.structured:
-            if not flags & FLAG_DF:
-                n, st = node.block_status(offset, length)
-                if n < length or st & BS_ZERO:
-                    return None
-            header = T.data_chunk_header(cookie, offset, length, True)
-        else:
-            header = T.simple_reply(cookie)
-        rng = node.file_range(offset, length)
-        if rng is None:
+        header = self._whole_reply_header(tx, node, flags, cookie, offset, length)
+        if header is None:
             return None
-        fd, pos = rng
-        if not copy:
+        read_cached = node.read_cached
+        try:
+            if copy:
+                data = smv[:length]
+                read_cached(offset, data)
+                return [header, data]
+            rng = node.file_range(offset, length)
+            if rng is None:
+                return None
             probe = smv[:1]
-            if not (self._cached(fd, pos, probe) and self._cached(fd, pos + length - 1, probe)):
-                return None
-            self._send_file(header, fd, pos, length)
-            return []
-        data = smv[:length]
-        try:
-            n = os.preadv(fd, (data,), pos, self._nowait)
-        except BlockingIOError:
+            read_cached(offset, probe)
+            read_cached(offset + length - 1, probe)
+        except OSError:      # BlockingIOError: not cached
             return None
-        except OSError as exc:
-            if exc.errno != errno.EOPNOTSUPP or not self._nowait:
-                return None
-            self._nowait = 0
-            try:
-                n = os.preadv(fd, (data,), pos)
-            except OSError:
-                return None
-        if n != length:
-            return None
-        return [header, data]
-
-    def _cached(self, fd, pos, byte) -> bool:
-        """Whether the page of ``pos`` is in the page cache (a one-byte preadv2 RWF_NOWAIT
-        into ``byte``; True on a file system without the flag)."""
-        if not self._nowait:
-            return True
-        try:
-            return os.preadv(fd, (byte,), pos, self._nowait) == 1
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            if exc.errno != errno.EOPNOTSUPP:
-                return False
-            self._nowait = 0
-            return True
+        self._send_file(header, rng[0], rng[1], length)
+        return []
 
     def _read_buffered(self, tx, node, mv, flags, cookie, offset, length) -> None:
         self._send(self._read_parts(tx, node, mv[:length], flags, cookie, offset, length))

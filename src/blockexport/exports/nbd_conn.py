@@ -699,8 +699,6 @@ class NbdConnection:
                 and self.sock.family != socket.AF_UNIX and node.read_cached is not None):
             copy_read_max = SMALL_BUFFER
         serving = _serving
-        with _serving_lock:
-            serving[0] += 1
         # writes served inline (as _may_block decides), whose payload the receive buffer
         # already holds: no copy into a request buffer
         inline_write_max = RBUF_SIZE if inline and not self.export.writethrough else -1
@@ -714,6 +712,8 @@ class NbdConnection:
                 or self.sock.family != socket.AF_UNIX
                 or self.export.writethrough or not self.export.writable):
             splice_min = 1 << 62
+        with _serving_lock:
+            serving[0] += 1
         try:
             while not self.closing:
                 if self._rend - self._rpos < REQ_SIZE:

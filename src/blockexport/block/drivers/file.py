@@ -555,7 +555,7 @@ class FileNode(BlockNode):
                 raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
             os.ftruncate(fd, length)
             self._size = length
-        self._bsc, self._bsm = (0, 0), ((), ())
+        self._invalidate_status()
 
     def allocated_size(self) -> int:
         try:
@@ -569,7 +569,7 @@ class FileNode(BlockNode):
         if not self._has_punch:
             return
         me = self._serialise(offset, length, False) if self.cache_direct else None
-        self._bsc, self._bsm = (0, 0), ((), ())
+        self._invalidate_status()
         try:
             fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as e:
@@ -580,7 +580,7 @@ class FileNode(BlockNode):
             raise
         finally:
             # also drop what a concurrent block_status cached meanwhile
-            self._bsc, self._bsm = (0, 0), ((), ())
+            self._invalidate_status()
             if me is not None:
                 self._overlaps.end(me)
 
@@ -595,11 +595,11 @@ class FileNode(BlockNode):
             # unaligned: the zero buffers written as a fallback are read-modify-writes
             a = self.request_alignment
             me = self._serialise(offset, length, bool(offset % a or length % a))
-        self._bsc, self._bsm = (0, 0), ((), ())
+        self._invalidate_status()
         try:
             self._write_zeroes(offset, length, may_unmap, fast, fua)
         finally:
-            self._bsc, self._bsm = (0, 0), ((), ())
+            self._invalidate_status()
             if me is not None:
                 self._overlaps.end(me)
 

@@ -130,10 +130,23 @@ def test_qemu_storage_daemon_as_client(tls_kind, tls_servers, tls_files, sparse_
         assert f.read(65536) == b"\x77" * 65536
 
 
-# Slow tier: in two of four parallel (pytest -n 2) full runs QSD's blockdev-add hung past 60 s
-# against our server after our server had refused the certificate and closed the
-# connection (its log says so); alone, and with -n 2 on tests/tls_interop, it passes.  Not
-# understood yet (docs/testing.md); the refusal itself is covered by the libnbd TLS tests.
+def _socket_count(pid: int) -> int:
+    """How many sockets process ``pid`` has open (/proc/PID/fd)."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass     # closed meanwhile
+    return n
+
+
+# Slow tier: qemu-storage-daemon 7.2 sometimes deadlocks in this blockdev-add (2 in 27 runs
+# under load, 2026-12-05): its NBD connect thread waits in g_main_loop_run for the default
+# GMainContext, which its main thread holds while it waits in aio_poll for that thread.  Our
+# server had refused the certificate, sent the alert and closed the connection by then (the
+# 24 unread bytes in QSD's socket, its peer gone).  So a timeout is checked for exactly that
+# and counted as QSD's (xfail); docs/testing.md has the stacks.
 @pytest.mark.slow
 def test_qemu_storage_daemon_client_refused(tls_kind, tls_servers, tls_files, sparse_image,
                                             tmp_path, daemons):
@@ -144,10 +157,21 @@ def test_qemu_storage_daemon_client_refused(tls_kind, tls_servers, tls_files, sp
     q = d.qmp()
     q.cmd("object-add", {"qom-type": "tls-creds-x509", "id": "tls0", "endpoint": "client",
                          "dir": str(tls_files.intruder_dir), "sanity-check": False})
-    r = q.result("blockdev-add", {"driver": "nbd", "node-name": "n", "export": "",
-                                  "server": {"type": "unix", "path": srv.socket_path},
-                                  "tls-creds": "tls0", "tls-hostname": "localhost"},
-                 timeout=60)    # QSD's client is synchronous: slow when the machine is busy
+    idle_sockets = _socket_count(srv.proc.pid)
+    try:
+        # (under the launchers' watchdog, so a deadlocked QSD is told apart below)
+        r = q.result("blockdev-add", {"driver": "nbd", "node-name": "n", "export": "",
+                                      "server": {"type": "unix", "path": srv.socket_path},
+                                      "tls-creds": "tls0", "tls-hostname": "localhost"},
+                     timeout=10)
+    except TimeoutError:
+        # QSD's deadlock, if the server refused and holds no connection to it any more
+        if tls_kind == "blockexport-nbd":
+            wait_logged(srv, "TLS handshake failed: certificate verify failed")
+        assert srv.alive()
+        assert _socket_count(srv.proc.pid) == idle_sockets
+        d.proc.kill()
+        pytest.xfail("qemu-storage-daemon 7.2 deadlocked in blockdev-add after the refusal")
     assert "error" in r, r
     assert srv.alive()
 

@@ -15,7 +15,7 @@ the same lock).  When the pool is full the reader stops reading the socket: that
 backpressure.
 
 Large writes (at least ``SPLICE_WRITE_MIN`` payload bytes still in the socket, not FUA, on a
-plain socket, to a node offering ``splice_write``: a buffered file, raw over one, a qcow2
+plain unix socket, to a node offering ``splice_write``: a buffered file, raw over one, a qcow2
 cluster run that is overwritten in place) are moved with splice(2), socket -> the
 connection's pipe (1 MiB) -> file, so the payload is copied once, by the kernel, instead of
 recv into a buffer then pwrite.  Measured (one thread, 1 MiB writes over a unix socketpair
@@ -24,7 +24,8 @@ into tmpfs): 5.1 GiB/s spliced against 1.9-2.9 GiB/s recv_into + pwrite; nbd-ben
 directly (an allocating qcow2 write) the rest of the payload is received into the reader's
 buffer and written as before.  A client that vanishes mid-payload may leave part of that
 (unacknowledged) write on the node; QEMU writes nothing before the whole payload arrived,
-and the NBD spec leaves such a range unspecified.
+and the NBD spec leaves such a range unspecified.  Over TCP payloads are received, then
+written (receiving measured faster than splice over TCP loopback; see ``_serve``).
 
 Memory: requests up to ``SMALL_BUFFER`` (1 MiB) use the connection's small buffers (mmaps
 committed lazily, at most MAX_REQUESTS + 1 of them, trimmed to ``KEEP_BUFFERS`` whenever the
@@ -130,13 +131,6 @@ UNIX_SOCKET_BUFFER = 2 * 1024 * 1024
 #: inline, header + sendfile from the pool as on unix sockets).  Measured in BENCHMARKS.md
 #: (issue 13, "Large reads over TCP").
 TCP_COPY_READS = int(os.environ.get("BLOCKEXPORT_NBD_TCP_COPY_READS", 2))
-#: While a write's payload still to receive over TCP is at least this many bytes, the socket's
-#: SO_RCVLOWAT is raised to it (then to what is left), so the reader wakes once per this
-#: many bytes, not once per segment; BLOCKEXPORT_NBD_PAYLOAD_LOWAT (0: never).  Measured:
-#: without it, seqwrite/1c over TCP fell into a mode where the reader blocked about 10 times
-#: per 1 MiB payload and ran at 1.5-2 GiB/s instead of 4-5 (BENCHMARKS.md, issue 13).
-#: Not on unix sockets (spliced) nor with fixed socket buffers (the low mark must fit).
-PAYLOAD_LOWAT = int(os.environ.get("BLOCKEXPORT_NBD_PAYLOAD_LOWAT", 256 * 1024))
 #: connections of this process in transmission (``_serve``): [count], under its lock
 _serving = [0]
 _serving_lock = threading.Lock()
@@ -251,7 +245,6 @@ class NbdConnection:
         self._budget = getattr(server, "buffer_budget", None) or BufferBudget()
         self._finished = False
         self._inline_io = True
-        self._lowat = 0              # PAYLOAD_LOWAT on a plain TCP socket (set by _serve)
         self._pipe = None            # (read fd, write fd, capacity) for spliced writes
         self._rbuf = mmap.mmap(-1, RBUF_SIZE)   # pages committed only as bytes arrive
         self._rmv = memoryview(self._rbuf)
@@ -532,39 +525,11 @@ class NbdConnection:
         self._rpos = self._rend = 0
         recv_into = self.sock.recv_into
         got = have
-        if self._lowat and want - have >= self._lowat:
-            self._recv_low(dest, got)
-            return
         while got < want:
             n = recv_into(dest[got:])
             if not n:
                 raise _Drop("EOF in payload")
             got += n
-
-    def _recv_low(self, dest, got: int) -> None:
-        """The rest of a large payload over TCP with SO_RCVLOWAT raised (``PAYLOAD_LOWAT``,
-        then what is left), so each recv waits for that much; back to 1 afterwards, whatever
-        happens (the next request header is 28 bytes)."""
-        sock = self.sock
-        recv_into = sock.recv_into
-        setsockopt = sock.setsockopt
-        want = len(dest)
-        mark = self._lowat
-        setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
-        try:
-            while got < want:
-                if want - got < mark:
-                    mark = want - got
-                    setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
-                n = recv_into(dest[got:])
-                if not n:
-                    raise _Drop("EOF in payload")
-                got += n
-        finally:
-            try:
-                setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-            except OSError:
-                pass
 
     # --- sending -----------------------------------------------------------------------------
     def _flush_batch(self, pending: list) -> int:
@@ -735,9 +700,6 @@ class NbdConnection:
                 and self.sock.family != socket.AF_UNIX and node.read_cached is not None):
             copy_read_max = SMALL_BUFFER
         serving = _serving
-        if (PAYLOAD_LOWAT > 0 and type(self.sock) is socket.socket
-                and self.sock.family != socket.AF_UNIX and not socket_buffer_size(self.sock)):
-            self._lowat = PAYLOAD_LOWAT
         # writes served inline (as _may_block decides), whose payload the receive buffer
         # already holds: no copy into a request buffer
         inline_write_max = RBUF_SIZE if inline and not self.export.writethrough else -1

@@ -1186,11 +1186,11 @@ class NbdConnection:
 
         Why a copy while the process serves several connections, and sendfile when it
         serves one: over TCP loopback sendfile's skbs point at the page cache, so (our
-        reading of the numbers, not profiled) the receiver's copy reads cold memory.  With several connections the client is the
-        bottleneck and the copy here measured x1.08 of nbdkit against x0.75 by sendfile from
-        the pool (seqread/4c); with one connection the server is, and the copy done in line
-        with the send measured x0.72-0.80 against x0.99 by sendfile inline (seqread/1c;
-        BENCHMARKS.md)."""
+        reading of the numbers, not profiled) the receiver's copy reads cold memory.  With
+        several connections the client is the bottleneck and the copy here measured x1.08
+        of nbdkit against x0.75 by sendfile from the pool (seqread/4c); with one connection
+        the server is, and the copy done in line with the send measured x0.72-0.80 against
+        x0.99 by sendfile inline (seqread/1c; BENCHMARKS.md)."""
         header = self._whole_reply_header(tx, node, flags, cookie, offset, length)
         if header is None:
             return None

@@ -13,6 +13,7 @@ import os
 import shutil
 import struct
 import subprocess
+import tempfile
 
 from helpers.procs import oracle_missing  # noqa: F401 (tests use Q.oracle_missing)
 
@@ -85,10 +86,24 @@ def qemu_dirty_map(path, name) -> list[tuple[int, int]]:
 
 
 def qemu_nbd_error(path, name) -> str:
-    p = run("nbdinfo", "--map=qemu:dirty-bitmap:" + name, "--",
-            "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name, path, "]", check=False)
-    assert p.returncode != 0
-    return p.stderr
+    """What the real ``qemu-nbd -r -f qcow2 -B NAME`` says refusing to export the image.
+
+    Run directly, not under nbdinfo's socket activation: when the server fails, nbdinfo exits
+    without closing its handle and libnbd leaves its /tmp/libnbdXXXXXX directory behind.
+    """
+    with tempfile.TemporaryDirectory(prefix="qemu-nbd-") as d:
+        p = subprocess.Popen(["qemu-nbd", "-r", "-f", "qcow2", "-B", name,
+                              "-k", os.path.join(d, "sock"), str(path)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            _, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            raise AssertionError("qemu-nbd exported %s with bitmap %r instead of refusing"
+                                 % (path, name)) from None
+    assert p.returncode != 0, err
+    return err
 
 
 def merge(ranges) -> list[tuple[int, int]]:

@@ -1,6 +1,7 @@
 /* A tiny FUSE file system for tests: it shows the files of a backing directory, and every
  * fsync/fdatasync fails with EIO while a file named "FAIL_FSYNC" exists in that directory
- * (a disk losing writes under the page cache, without root or device mapper).
+ * (a disk losing writes under the page cache, without root or device mapper); every read
+ * and write fails with EIO while a file named "FAIL_IO" exists there (a failing disk).
  *
  *   failfsync_fuse BACKING_DIR MOUNTPOINT [FUSE options]   (returns once mounted)
  */
@@ -66,19 +67,34 @@ static int fs_open(const char *path, struct fuse_file_info *fi)
     return 0;
 }
 
+static int failing_io(void)
+{
+    char p[PATH_MAX];
+    real_path(p, "/FAIL_IO");
+    return access(p, F_OK) == 0;
+}
+
 static int fs_read(const char *path, char *buf, size_t size, off_t off,
                    struct fuse_file_info *fi)
 {
-    ssize_t n = pread(fi->fh, buf, size, off);
+    ssize_t n;
     (void)path;
+    if (failing_io()) {
+        return -EIO;
+    }
+    n = pread(fi->fh, buf, size, off);
     return n == -1 ? -errno : (int)n;
 }
 
 static int fs_write(const char *path, const char *buf, size_t size, off_t off,
                     struct fuse_file_info *fi)
 {
-    ssize_t n = pwrite(fi->fh, buf, size, off);
+    ssize_t n;
     (void)path;
+    if (failing_io()) {
+        return -EIO;
+    }
+    n = pwrite(fi->fh, buf, size, off);
     return n == -1 ? -errno : (int)n;
 }
 

@@ -5,46 +5,16 @@ qemu-nbd 7.2 and blockexport-nbd alike.
 The failing disk is a tiny FUSE file system (tests/helpers/failfsync_fuse.c, built here with
 the installed fuse3): its fsync fails with EIO while a marker file exists in the backing
 directory, so the real kernel path is exercised (the write-back error is the FUSE server's
-answer to FSYNC), without root-only device-mapper tricks."""
+answer to FSYNC), without root-only device-mapper tricks (its fixtures: helpers/failfs.py)."""
 from __future__ import annotations
 
 import errno
 import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import nbd
 import pytest
 
-HELPER = Path(__file__).resolve().parents[1] / "helpers" / "failfsync_fuse.c"
-
-
-@pytest.fixture(scope="session")
-def failfs_binary(tmp_path_factory):
-    out = tmp_path_factory.mktemp("failfs") / "failfsync_fuse"
-    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], check=True,
-                           capture_output=True, text=True).stdout.split()
-    subprocess.run(["gcc", "-O2", "-o", str(out), str(HELPER), *flags], check=True)
-    return out
-
-
-@pytest.fixture
-def failing_disk(failfs_binary, tmp_path):
-    """(backing dir, mount point): mnt/disk.img is backing/disk.img; touching
-    backing/FAIL_FSYNC makes fsync fail."""
-    backing = tmp_path / "backing"
-    mnt = tmp_path / "mnt"
-    backing.mkdir()
-    mnt.mkdir()
-    (backing / "disk.img").write_bytes(b"\x11" * (1 << 20))
-    # without -f the FUSE server returns once the file system is mounted
-    subprocess.run([str(failfs_binary), str(backing), str(mnt)], check=True, timeout=30)
-    try:
-        assert os.path.ismount(mnt)
-        yield backing, mnt
-    finally:
-        subprocess.run([shutil.which("fusermount3"), "-u", "-z", str(mnt)], timeout=30)
+from helpers.failfs import failfs_binary, failing_disk  # noqa: F401 (fixtures)
 
 
 def nbd_errno(fn, *args) -> int:

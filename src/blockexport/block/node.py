@@ -212,7 +212,7 @@ def _refresh(node: "BlockNode", undo: list) -> None:
             _refresh(att.node, undo)
 
 
-_WRITE_METHODS = ("write", "write_zeroes", "discard", "splice_write", "writev")
+_WRITE_METHODS = ("write", "write_zeroes", "discard", "splice_write", "writev", "direct_io")
 
 
 def _closed(*args, **kwargs):
@@ -341,6 +341,20 @@ class BlockNode:
     #: requests spread over several guest buffers.
     writev = None
 
+    #: ``direct_io(offset, buf, write) -> (fd, file_offset, done) | None``, or None.  When a
+    #: driver offers it, the bytes of ``offset`` .. ``offset + len(buf)`` of the node are
+    #: bytes ``file_offset`` .. of the O_DIRECT file ``fd`` as they are, and the caller may
+    #: move them with its own asynchronous read or write of ``buf`` (native AIO, which takes
+    #: ``buf`` as it is: it must stay alive and unchanged until then), then calls ``done()``
+    #: once it finished (whether it succeeded or not) and before it tells anyone.  None (for
+    #: this request): use ``read_into``/``write``.  Offered for O_DIRECT files and raw over
+    #: one; writes only where ``write`` would be a plain write of the bytes (as for
+    #: ``splice_write``) and only for requests and buffers aligned as O_DIRECT needs.  The
+    #: dirty-bitmap wrappers mark a write in its ``done``; the file's own ``done`` ends the
+    #: write's place among overlapping requests.  The NBD data path uses it
+    #: (exports/nbd_conn.py).
+    direct_io = None
+
     def memory_io(self) -> bool:
         """Whether reads and writes are memory copies (page cache, no waiting on a device or
         the network), so a data path may serve them inline instead of handing them to a
@@ -365,6 +379,7 @@ class BlockNode:
             setattr(self, name, _closed)
         self.file_range = lambda offset, length: None
         self.splice_write = None
+        self.direct_io = None
 
     def _close(self) -> None:
         """Driver hook: release fds etc."""
@@ -405,6 +420,7 @@ class BlockNode:
         discard_data = unhooked["discard"][0]
         splice_data = unhooked["splice_write"][0]
         writev_data = unhooked["writev"][0]
+        direct_data = unhooked["direct_io"][0]
 
         def mark(offset, length):
             # The request as the driver performs it: padded to the alignment (QEMU marks the
@@ -466,7 +482,25 @@ class BlockNode:
         else:
             writev = None
 
-        self._wrappers = (write, write_zeroes, discard, splice_write, writev)
+        if direct_data is not None:
+            def direct_io(offset, buf, write):
+                target = direct_data(offset, buf, write)
+                if target is None or not write:
+                    return target
+                fd, file_offset, inner_done = target
+                n = len(buf)
+
+                def done():
+                    try:
+                        inner_done()
+                    finally:
+                        if node._recording:
+                            mark(offset, n)
+                return fd, file_offset, done
+        else:
+            direct_io = None
+
+        self._wrappers = (write, write_zeroes, discard, splice_write, writev, direct_io)
         self.write = write
         self.write_zeroes = write_zeroes
         self.discard = discard
@@ -474,6 +508,8 @@ class BlockNode:
             self.splice_write = splice_write
         if writev is not None:
             self.writev = writev
+        if direct_io is not None:
+            self.direct_io = direct_io
         self._unhooked = unhooked
 
     def _unhook_writes(self) -> None:

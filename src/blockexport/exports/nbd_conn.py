@@ -62,6 +62,7 @@ reply (and a log entry with the traceback); one that happens mid-reply drops tha
 Whatever happens, the connection reaches :meth:`NbdConnection._finish` exactly once, so the
 server and its exports never count a dead connection.
 """
+import errno
 import fcntl
 import logging
 import mmap
@@ -83,6 +84,7 @@ from blockexport.nbd import wire
 from blockexport.nbd.common import NEED_DATA
 from blockexport.nbd.errors import ProtocolError, exception_to_nbd
 from blockexport.nbd.handshake import Closed, Negotiated, ServerHandshake, StartTLS
+from blockexport.util import linux_aio
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +248,13 @@ class NbdConnection:
         self._finished = False
         self._inline_io = True
         self._pipe = None            # (read fd, write fd, capacity) for spliced writes
+        # native AIO for O_DIRECT nodes (_aio_start): the context (None until first used,
+        # False if the kernel refused one), its completion thread, requests by slot
+        self._aio = None
+        self._aio_thread = None
+        self._aio_reqs = []
+        self._aio_free = []
+        self._aio_inflight = 0
         self._rbuf = mmap.mmap(-1, RBUF_SIZE)   # pages committed only as bytes arrive
         self._rmv = memoryview(self._rbuf)
         self._rpos = 0
@@ -837,6 +846,11 @@ class NbdConnection:
                         smv = memoryview(sbuf)
                         own = True
                         self._reader_bufs = (sbuf,) if abuf is None else (sbuf, abuf)
+                    if ((cmd == CMD_READ or cmd == CMD_WRITE) and not flags & FLAG_FUA
+                            and self._aio is not False and node.direct_io is not None
+                            and self._aio_start(buf, charged, tx, mv, flags, cmd, cookie,
+                                                offset, length)):
+                        continue
                     self._offload(buf if own else None, charged,
                                   (tx, mv, flags, cmd, cookie, offset, length))
                 else:
@@ -873,6 +887,7 @@ class NbdConnection:
                 self._release(abuf, 0)
             smv.release()
             self._release(sbuf, 0)
+            self._aio_stop()
             self._stop_pool()
             if self._pipe:
                 os.close(self._pipe[0])
@@ -996,6 +1011,185 @@ class NbdConnection:
                     return
             except BlockingIOError:
                 return
+
+    # --- native AIO for O_DIRECT nodes ------------------------------------------------------------
+    # A read or write of an O_DIRECT file (or raw over one) that the node's ``direct_io``
+    # takes is submitted by the reader with io_submit and completed by one thread per
+    # connection, which collects completions in batches and sends their replies in one
+    # sendmsg.  The same requests through the pool (one thread blocking in preadv each)
+    # cost several GIL hand-offs and context switches apiece: random 4 KiB reads at queue
+    # depth 32 on this project's 2-core VM (virtio disk, ext4) measured 10-12k IOPS at about
+    # 110 us of server CPU each, qemu-nbd 30k (BENCHMARKS.md has the numbers with AIO).
+    # FUA, sparse structured reads (holes), unaligned requests and anything the node
+    # declines still go to the pool.
+
+    def _aio_start(self, buf, charged, tx, mv, flags, cmd, cookie, offset, length) -> bool:
+        """Submit a read or write to the node's file with native AIO; False (nothing
+        started, ``buf`` still the caller's) if the node or the kernel declines it."""
+        node = self.export.node
+        header = None
+        if cmd == CMD_READ:
+            header = self._whole_reply_header(tx, node, flags, cookie, offset, length)
+            if header is None:
+                return False      # holes: the pool sends the sparse reply
+        large = mv is None        # a large read: a buffer of its own, allocated here
+        if large:
+            buf, charged = self._large_buffer(length)
+            mv = memoryview(buf)
+        data = mv[:length]
+        write = cmd == CMD_WRITE
+        target = None
+        try:
+            dio = node.direct_io
+            if dio is not None:
+                target = dio(offset, data, write)
+            if target is not None:
+                ctx = self._aio or self._aio_setup()
+                if ctx is None:
+                    target[2]()
+                    target = None
+        finally:
+            if target is None:
+                data.release()
+                if large:
+                    mv.release()
+                    self._release(buf, charged)
+        if target is None:
+            return False
+        fd, file_offset, done = target
+        self._slots.acquire()          # at most MAX_REQUESTS in flight: backpressure
+        slot = self._aio_free.pop()
+        self._aio_reqs[slot] = (buf, charged, mv, data, header, done, cmd, cookie, tx, fd,
+                                file_offset)
+        with self._state_lock:
+            self._aio_inflight += 1
+        try:
+            ctx.submit(slot, linux_aio.IOCB_CMD_PWRITE if write else linux_aio.IOCB_CMD_PREAD,
+                       fd, linux_aio.buffer_address(buf), length, file_offset)
+        except OSError as exc:
+            self._aio_reqs[slot] = None
+            self._aio_free.append(slot)
+            with self._state_lock:
+                self._aio_inflight -= 1
+            self._slots.release()
+            done()
+            data.release()
+            if large:
+                mv.release()
+                self._release(buf, charged)
+            log.debug("client %s: io_submit failed (%s): the pool serves it", self.peer, exc)
+            return False
+        return True
+
+    def _aio_setup(self):
+        """The connection's AIO context and completion thread; None (and never again for
+        this connection) if the kernel gives no context (e.g. fs.aio-max-nr reached)."""
+        try:
+            ctx = linux_aio.AioContext(C.MAX_REQUESTS)
+        except OSError as exc:
+            log.debug("client %s: no AIO context (%s): the pool serves O_DIRECT I/O",
+                      self.peer, exc)
+            self._aio = False
+            return None
+        try:
+            ctx.arm_wake()
+            self._aio_reqs = [None] * C.MAX_REQUESTS
+            self._aio_free = list(range(C.MAX_REQUESTS))
+            t = threading.Thread(target=self._aio_loop, args=(ctx,), name="nbd-aio",
+                                 daemon=True)
+            t.start()
+        except (OSError, RuntimeError) as exc:
+            ctx.close()
+            log.debug("client %s: no AIO thread (%s): the pool serves O_DIRECT I/O",
+                      self.peer, exc)
+            self._aio = False
+            return None
+        self._aio_thread = t
+        self._aio = ctx
+        return ctx
+
+    def _aio_loop(self, ctx) -> None:
+        """The completion thread: finish each completed request (the node's ``done``, then
+        its reply), one sendmsg per batch; ends after the stop poll once nothing is in
+        flight."""
+        reqs = self._aio_reqs
+        free = self._aio_free
+        stopping = False
+        while True:
+            try:
+                events = ctx.getevents()
+            except OSError:          # pragma: no cover (EFAULT/EINVAL: a bug)
+                log.exception("client %s: io_getevents failed", self.peer)
+                raise
+            parts = []
+            finished = []
+            for slot, res in events:
+                if slot == ctx.STOP:
+                    stopping = True
+                    continue
+                req = reqs[slot]
+                reqs[slot] = None
+                finished.append((slot, req))
+                buf, charged, mv, data, header, done, cmd, cookie, tx, fd, file_offset = req
+                n = len(data)
+                err = None
+                try:
+                    if res < 0:
+                        err = OSError(-res, os.strerror(-res))
+                    elif res < n:
+                        if cmd == CMD_WRITE:     # short: the rest written here (rare)
+                            while res < n:
+                                k = os.pwritev(fd, (data[res:],), file_offset + res)
+                                if k <= 0:
+                                    raise OSError(errno.EIO, os.strerror(errno.EIO))
+                                res += k
+                        else:                    # the file ended: zeroes, as read_into
+                            data[res:] = bytes(n - res)
+                except OSError as exc:
+                    err = exc
+                try:
+                    done()
+                except Exception as exc:     # pragma: no cover (a bug below us)
+                    log.exception("client %s: finishing an AIO request failed", self.peer)
+                    err = err or exc
+                if err is not None:
+                    parts.append(self._failure(tx, cookie, cmd, err))
+                elif cmd == CMD_READ:
+                    parts.append(header)
+                    parts.append(data)
+                else:
+                    parts.append(tx.ok_reply(cookie))
+            if parts:
+                try:
+                    self._send(parts)
+                except _Drop as exc:
+                    log.debug("client %s: %s", self.peer, exc)
+                    self.shutdown(hard=True)
+            parts = None
+            for slot, req in finished:
+                buf, charged, mv, data = req[:4]
+                data.release()
+                mv.release()
+                self._release(buf, charged)
+                free.append(slot)
+                with self._state_lock:
+                    self._aio_inflight -= 1
+                self._slots.release()
+            if stopping:
+                with self._state_lock:
+                    if not self._aio_inflight:
+                        return
+
+    def _aio_stop(self) -> None:
+        """After the reader's last request: let AIO requests in flight finish and reply,
+        then end the completion thread and the context."""
+        ctx = self._aio
+        if not ctx:
+            return
+        ctx.wake()
+        self._aio_thread.join()
+        ctx.close()
+        self._aio = None
 
     # --- the pool for requests that may block ---------------------------------------------------
     def _offload(self, buf, charged, args) -> None:

@@ -24,6 +24,7 @@ from blockexport.block.node import (
     BS_ALLOCATED, BS_DATA, BS_ZERO, SECTOR_SIZE, ZERO_PAGES, BlockNode, zero_fill,
 )
 from blockexport.errors import Error
+from blockexport.util import linux_aio
 from blockexport.util.cutils import round_up
 
 # ---- fallocate(2) via libc (Python only has posix_fallocate) ---------------------------------
@@ -321,6 +322,39 @@ class FileNode(BlockNode):
                 if offset + total > node._size:
                     grow(offset + total)
         self.writev = writev
+        self.direct_io = self._direct_io_fn() if self.cache_direct else None
+
+    def _direct_io_fn(self):
+        """The node's ``direct_io`` (see BlockNode): aligned requests and buffers of an
+        O_DIRECT file, if the kernel has native AIO; writes while the node writes plainly."""
+        if not linux_aio.available():
+            return None
+        fd = self._fd
+        node = self
+        a = self.request_alignment
+        aligned_buf = self._aligned_buf
+        overlaps = self._overlaps
+        writes = not self.read_only and self.detect_zeroes == "off"
+
+        def nothing():
+            pass
+
+        def direct_io(offset, buf, write):
+            n = len(buf)
+            if offset % a or n % a or not n or not aligned_buf(buf):
+                return None
+            if not write:
+                return fd, offset, nothing
+            if not writes:
+                return None
+            me = overlaps.begin(offset, offset + n, False)
+
+            def done():
+                overlaps.end(me)
+                if offset + n > node._size:
+                    node._grow(offset + n)
+            return fd, offset, done
+        return direct_io
 
     def _read_rest(self, offset: int, buf, n: int) -> None:
         """Finish a short read: read on until EOF, then zero-fill the rest."""

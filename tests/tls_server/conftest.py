@@ -79,14 +79,16 @@ IMAGE_SIZE = 8 * 1024 * 1024
 
 
 @pytest.fixture
-def raw_graph(tmp_path):
-    """A block graph with an 8 MiB sparse raw image: file node "f", raw node "r"."""
+def raw_graph(tmp_path, request):
+    """A block graph with an 8 MiB sparse raw image: file node "f", raw node "r"; the file
+    opened with O_DIRECT if the test parametrizes this fixture (indirect) with "direct"."""
     from blockexport.block.graph import BlockGraph
     img = tmp_path / "disk.img"
     with open(img, "wb") as f:
         f.truncate(IMAGE_SIZE)
     g = BlockGraph()
-    g.blockdev_add({"driver": "file", "node-name": "f", "filename": str(img)})
+    opts = {"cache": {"direct": True}} if getattr(request, "param", None) == "direct" else {}
+    g.blockdev_add({"driver": "file", "node-name": "f", "filename": str(img), **opts})
     g.blockdev_add({"driver": "raw", "node-name": "r", "file": "f"})
     try:
         yield g

@@ -424,9 +424,11 @@ def test_authz_ignored_with_verify_peer_off(tls_server, certs):
 
 
 # --- the data path over TLS ------------------------------------------------------------------
-def test_data_integrity_over_tls(tls_server, certs):
+@pytest.mark.parametrize("raw_graph", ["buffered", "direct"], indirect=True)
+def test_data_integrity_over_tls(tls_server, certs, raw_graph):
     """Writes and reads of every size class (inline, pool, large buffers, several TLS records
-    and send pieces), structured reads with holes, block status — all over TLS."""
+    and send pieces), structured reads with holes, block status — all over TLS; also on an
+    O_DIRECT file (replies from the native AIO completion thread)."""
     srv = tls_server()
     h = libnbd_connect(srv, certs)
     try:
@@ -471,9 +473,10 @@ def test_data_integrity_over_tls(tls_server, certs):
         h.shutdown()
 
 
-def test_concurrent_requests_over_tls(tls_server, certs):
+@pytest.mark.parametrize("raw_graph", ["buffered", "direct"], indirect=True)
+def test_concurrent_requests_over_tls(tls_server, certs, raw_graph):
     """Many requests in flight on one connection: the reader decrypts while pool threads
-    encrypt replies (the TLS channel's locking)."""
+    (or, O_DIRECT, the AIO completion thread) encrypt replies (the TLS channel's locking)."""
     srv = tls_server()
     h = libnbd_connect(srv, certs)
     try:

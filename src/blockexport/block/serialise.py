@@ -32,6 +32,17 @@ class Overlaps:
                 self._cond.wait()
             return me
 
+    def try_begin(self, start: int, end: int) -> list | None:
+        """:meth:`begin` for a non-serialising request that must not wait: None (nothing
+        begun) if an overlapping read-modify-write is in flight."""
+        with self._cond:
+            if any(r[3] and r[1] < end and start < r[2] for r in self._inflight):
+                return None
+            self._seq += 1
+            me = [self._seq, start, end, False]
+            self._inflight.append(me)
+            return me
+
     def end(self, me: list) -> None:
         with self._cond:
             self._inflight.remove(me)

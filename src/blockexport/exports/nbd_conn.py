@@ -101,6 +101,9 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 if IOV_MAX <= 0:  # pragma: no cover - indeterminate
     IOV_MAX = 1024
 SMALL_BUFFER = 1024 * 1024
+#: Reads and writes of O_DIRECT nodes by native AIO (``_aio_start``);
+#: BLOCKEXPORT_NBD_AIO=0 leaves them to the pool (for comparison, or a kernel that misbehaves).
+NATIVE_AIO = os.environ.get("BLOCKEXPORT_NBD_AIO", "1") != "0"
 #: A batch of inline replies leaves once it holds this many buffers (a small read's reply
 #: is two: header and data)
 BATCH_PARTS = 128
@@ -250,10 +253,11 @@ class NbdConnection:
         self._pipe = None            # (read fd, write fd, capacity) for spliced writes
         # native AIO for O_DIRECT nodes (_aio_start): the context (None until first used,
         # False if the kernel refused one), its completion thread, requests by slot
-        self._aio = None
+        self._aio = None if NATIVE_AIO else False
         self._aio_thread = None
         self._aio_reqs = []
         self._aio_free = []
+        self._aio_batch = []         # slots prepared by the reader, not yet submitted
         self._aio_inflight = 0
         self._rbuf = mmap.mmap(-1, RBUF_SIZE)   # pages committed only as bytes arrive
         self._rmv = memoryview(self._rbuf)
@@ -729,6 +733,8 @@ class NbdConnection:
                 if self._rend - self._rpos < REQ_SIZE:
                     if pending:
                         apos = flush(pending)
+                    if self._aio_batch:
+                        self._aio_flush()
                     self._fill(REQ_SIZE)
                 pos = self._rpos
                 magic, flags, cmd, cookie, offset, length = REQ_UNPACK(self._rbuf, pos)
@@ -810,14 +816,19 @@ class NbdConnection:
                     if length > SMALL_BUFFER and (cmd == CMD_WRITE or cmd == CMD_READ):
                         if pending:    # the budget may make us wait
                             apos = flush(pending)
+                        if self._aio_batch:
+                            self._aio_flush()
                         if cmd == CMD_WRITE:
                             buf, charged = self._large_buffer(length)
                             mv = memoryview(buf)
                         else:
                             buf = mv = None
                     if cmd == CMD_WRITE:
-                        if pending and length > self._rend - self._rpos:
-                            apos = flush(pending)   # the payload is still on its way
+                        if length > self._rend - self._rpos:    # the payload is on its way
+                            if pending:
+                                apos = flush(pending)
+                            if self._aio_batch:
+                                self._aio_flush()
                         if (length <= SMALL_BUFFER
                                 and length - (self._rend - self._rpos) >= splice_min
                                 and not flags & FLAG_FUA and self._splice_ok()
@@ -887,6 +898,8 @@ class NbdConnection:
                 self._release(abuf, 0)
             smv.release()
             self._release(sbuf, 0)
+            if self._aio_batch:
+                self._aio_flush()
             self._aio_stop()
             self._stop_pool()
             if self._pipe:
@@ -1014,7 +1027,9 @@ class NbdConnection:
 
     # --- native AIO for O_DIRECT nodes ------------------------------------------------------------
     # A read or write of an O_DIRECT file (or raw over one) that the node's ``direct_io``
-    # takes is submitted by the reader with io_submit and completed by one thread per
+    # takes is prepared by the reader, submitted with the others parsed from the same
+    # receive in one io_submit (when the reader would wait: no complete request left, a
+    # payload on its way, a budget or a slot to wait for), and completed by one thread per
     # connection, which collects completions in batches and sends their replies in one
     # sendmsg.  The same requests through the pool (one thread blocking in preadv each)
     # cost several GIL hand-offs and context switches apiece: random 4 KiB reads at queue
@@ -1057,29 +1072,51 @@ class NbdConnection:
         if target is None:
             return False
         fd, file_offset, done = target
-        self._slots.acquire()          # at most MAX_REQUESTS in flight: backpressure
+        if not self._slots.acquire(False):   # at most MAX_REQUESTS in flight: backpressure
+            if self._aio_batch:
+                self._aio_flush()
+            self._slots.acquire()
         slot = self._aio_free.pop()
         self._aio_reqs[slot] = (buf, charged, mv, data, header, done, cmd, cookie, tx, fd,
                                 file_offset)
         with self._state_lock:
             self._aio_inflight += 1
-        try:
-            ctx.submit(slot, linux_aio.IOCB_CMD_PWRITE if write else linux_aio.IOCB_CMD_PREAD,
-                       fd, linux_aio.buffer_address(buf), length, file_offset)
-        except OSError as exc:
-            self._aio_reqs[slot] = None
-            self._aio_free.append(slot)
-            with self._state_lock:
-                self._aio_inflight -= 1
-            self._slots.release()
-            done()
-            data.release()
-            if large:
-                mv.release()
-                self._release(buf, charged)
-            log.debug("client %s: io_submit failed (%s): the pool serves it", self.peer, exc)
-            return False
+        ctx.prepare(slot, linux_aio.IOCB_CMD_PWRITE if write else linux_aio.IOCB_CMD_PREAD,
+                    fd, linux_aio.buffer_address(buf), length, file_offset)
+        self._aio_batch.append(slot)
         return True
+
+    def _aio_flush(self) -> None:
+        """Submit the reader's batch with one io_submit.  A request the kernel refuses (it
+        should not: EAGAIN, ENOMEM) is done here synchronously and answered."""
+        batch = self._aio_batch
+        ctx = self._aio
+        i = 0
+        while i < len(batch):
+            try:
+                i += ctx.submit_batch(batch, i)
+            except OSError as exc:
+                log.debug("client %s: io_submit failed (%s): served synchronously",
+                          self.peer, exc)
+                self._aio_sync(batch[i])
+                i += 1
+        batch.clear()
+
+    def _aio_sync(self, slot: int) -> None:
+        """Do a prepared request with preadv/pwritev here, then finish it as a completion."""
+        req = self._aio_reqs[slot]
+        data, cmd, fd, file_offset = req[3], req[6], req[9], req[10]
+        try:
+            if cmd == CMD_WRITE:
+                res = os.pwritev(fd, (data,), file_offset)
+            else:
+                res = os.preadv(fd, (data,), file_offset)
+        except OSError as exc:
+            res = -(exc.errno or errno.EIO)
+        parts = []
+        finished = [(slot, self._aio_complete(slot, res, parts))]
+        self._aio_reply(parts)
+        self._aio_release(finished)
 
     def _aio_setup(self):
         """The connection's AIO context and completion thread; None (and never again for
@@ -1112,8 +1149,7 @@ class NbdConnection:
         """The completion thread: finish each completed request (the node's ``done``, then
         its reply), one sendmsg per batch; ends after the stop poll once nothing is in
         flight."""
-        reqs = self._aio_reqs
-        free = self._aio_free
+        complete = self._aio_complete
         stopping = False
         while True:
             try:
@@ -1127,58 +1163,72 @@ class NbdConnection:
                 if slot == ctx.STOP:
                     stopping = True
                     continue
-                req = reqs[slot]
-                reqs[slot] = None
-                finished.append((slot, req))
-                buf, charged, mv, data, header, done, cmd, cookie, tx, fd, file_offset = req
-                n = len(data)
-                err = None
-                try:
-                    if res < 0:
-                        err = OSError(-res, os.strerror(-res))
-                    elif res < n:
-                        if cmd == CMD_WRITE:     # short: the rest written here (rare)
-                            while res < n:
-                                k = os.pwritev(fd, (data[res:],), file_offset + res)
-                                if k <= 0:
-                                    raise OSError(errno.EIO, os.strerror(errno.EIO))
-                                res += k
-                        else:                    # the file ended: zeroes, as read_into
-                            data[res:] = bytes(n - res)
-                except OSError as exc:
-                    err = exc
-                try:
-                    done()
-                except Exception as exc:     # pragma: no cover (a bug below us)
-                    log.exception("client %s: finishing an AIO request failed", self.peer)
-                    err = err or exc
-                if err is not None:
-                    parts.append(self._failure(tx, cookie, cmd, err))
-                elif cmd == CMD_READ:
-                    parts.append(header)
-                    parts.append(data)
-                else:
-                    parts.append(tx.ok_reply(cookie))
-            if parts:
-                try:
-                    self._send(parts)
-                except _Drop as exc:
-                    log.debug("client %s: %s", self.peer, exc)
-                    self.shutdown(hard=True)
+                finished.append((slot, complete(slot, res, parts)))
+            self._aio_reply(parts)
             parts = None
-            for slot, req in finished:
-                buf, charged, mv, data = req[:4]
-                data.release()
-                mv.release()
-                self._release(buf, charged)
-                free.append(slot)
-                with self._state_lock:
-                    self._aio_inflight -= 1
-                self._slots.release()
+            self._aio_release(finished)
             if stopping:
                 with self._state_lock:
                     if not self._aio_inflight:
                         return
+
+    def _aio_complete(self, slot: int, res: int, parts: list):
+        """Finish the request of ``slot`` whose I/O returned ``res`` (bytes or -errno): the
+        rest of a short write, zeroes past a short read, the node's ``done``; its reply
+        appended to ``parts``.  Returns the request (for _aio_release)."""
+        req = self._aio_reqs[slot]
+        self._aio_reqs[slot] = None
+        buf, charged, mv, data, header, done, cmd, cookie, tx, fd, file_offset = req
+        n = len(data)
+        err = None
+        try:
+            if res < 0:
+                err = OSError(-res, os.strerror(-res))
+            elif res < n:
+                if cmd == CMD_WRITE:     # short: the rest written here (rare)
+                    while res < n:
+                        k = os.pwritev(fd, (data[res:],), file_offset + res)
+                        if k <= 0:
+                            raise OSError(errno.EIO, os.strerror(errno.EIO))
+                        res += k
+                else:                    # the file ended: zeroes, as read_into
+                    data[res:] = bytes(n - res)
+        except OSError as exc:
+            err = exc
+        try:
+            done()
+        except Exception as exc:     # pragma: no cover (a bug below us)
+            log.exception("client %s: finishing an AIO request failed", self.peer)
+            err = err or exc
+        if err is not None:
+            parts.append(self._failure(tx, cookie, cmd, err))
+        elif cmd == CMD_READ:
+            parts.append(header)
+            parts.append(data)
+        else:
+            parts.append(tx.ok_reply(cookie))
+        return req
+
+    def _aio_reply(self, parts: list) -> None:
+        if parts:
+            try:
+                self._send(parts)
+            except _Drop as exc:
+                log.debug("client %s: %s", self.peer, exc)
+                self.shutdown(hard=True)
+
+    def _aio_release(self, finished) -> None:
+        """Give back the buffers and slots of finished requests ``[(slot, req)]``."""
+        free = self._aio_free
+        for slot, req in finished:
+            buf, charged, mv, data = req[:4]
+            data.release()
+            mv.release()
+            self._release(buf, charged)
+            free.append(slot)
+            with self._state_lock:
+                self._aio_inflight -= 1
+            self._slots.release()
 
     def _aio_stop(self) -> None:
         """After the reader's last request: let AIO requests in flight finish and reply,
@@ -1193,6 +1243,8 @@ class NbdConnection:
 
     # --- the pool for requests that may block ---------------------------------------------------
     def _offload(self, buf, charged, args) -> None:
+        if self._aio_batch:
+            self._aio_flush()
         self._slots.acquire()          # at most MAX_REQUESTS in flight: backpressure
         with self._state_lock:
             self._busy += 1

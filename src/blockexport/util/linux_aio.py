@@ -97,7 +97,8 @@ class AioContext:
     """An AIO context with ``slots`` control blocks, plus one for the stop poll.
 
     ``submit(slot, ...)`` starts one request on control block ``slot`` (0 <= slot < slots;
-    the caller hands each slot to one request at a time); ``getevents()`` waits for at least
+    the caller hands each slot to one request at a time), ``prepare()`` then
+    ``submit_batch()`` several with one system call; ``getevents()`` waits for at least
     one completion and returns ``[(slot, res), ...]``, ``res`` the byte count or ``-errno``;
     slot ``STOP`` reports :meth:`wake`.  Thread-safe as the kernel calls are: one thread may
     submit while another waits."""
@@ -119,20 +120,46 @@ class AioContext:
         for i in range(slots + 1):
             self._ptrs[i] = ctypes.pointer(self._cbs[i])
             self._cbs[i].data = i
+        self._batch = (ctypes.POINTER(_Iocb) * (slots + 1))()
         self._events = (_Event * (slots + 1))()
         self._wake_r = self._wake_w = -1
         self._polling = False
 
-    def submit(self, slot: int, opcode: int, fd: int, addr: int, nbytes: int,
-               offset: int) -> None:
-        """Start one read or write; OSError if the kernel refused it (nothing started)."""
+    def prepare(self, slot: int, opcode: int, fd: int, addr: int, nbytes: int,
+                offset: int) -> None:
+        """Fill control block ``slot`` for a read or write (started by submit_batch())."""
         cb = self._cbs[slot]
         cb.opcode = opcode
         cb.fildes = fd
         cb.buf = addr
         cb.nbytes = nbytes
         cb.offset = offset
+
+    def submit(self, slot: int, opcode: int, fd: int, addr: int, nbytes: int,
+               offset: int) -> None:
+        """Start one read or write; OSError if the kernel refused it (nothing started)."""
+        self.prepare(slot, opcode, fd, addr, nbytes, offset)
         self._submit(slot)
+
+    def submit_batch(self, slots, start: int = 0) -> int:
+        """Start the prepared requests ``slots[start:]`` with one io_submit (the kernel then
+        plugs the queue once for all of them); returns how many it started (at least one),
+        in order; OSError if it refused the first (that one not started)."""
+        count = len(slots) - start
+        if count == 1:
+            self._submit(slots[start])
+            return 1
+        batch = self._batch
+        ptrs = self._ptrs
+        for i in range(count):
+            batch[i] = ptrs[slots[start + i]]
+        while True:
+            n = self._syscall(self._nr_submit, self._ctx, count, batch)
+            if n > 0:
+                return n
+            e = ctypes.get_errno() if n < 0 else errno.EAGAIN
+            if e != errno.EINTR:
+                raise OSError(e, "io_submit: " + os.strerror(e))
 
     def _submit(self, slot: int) -> None:
         while True:

@@ -347,7 +347,11 @@ class FileNode(BlockNode):
                 return fd, offset, nothing
             if not writes:
                 return None
-            me = overlaps.begin(offset, offset + n, False)
+            # never waits (the caller's own requests may be what it would wait for):
+            # next to a read-modify-write in flight, the plain write() waits in a pool thread
+            me = overlaps.try_begin(offset, offset + n)
+            if me is None:
+                return None
 
             def done():
                 overlaps.end(me)

@@ -1032,9 +1032,10 @@ class NbdConnection:
     # payload on its way, a budget or a slot to wait for), and completed by one thread per
     # connection, which collects completions in batches and sends their replies in one
     # sendmsg.  The same requests through the pool (one thread blocking in preadv each)
-    # cost several GIL hand-offs and context switches apiece: random 4 KiB reads at queue
-    # depth 32 on this project's 2-core VM (virtio disk, ext4) measured 10-12k IOPS at about
-    # 110 us of server CPU each, qemu-nbd 30k (BENCHMARKS.md has the numbers with AIO).
+    # cost several GIL hand-offs and context switches apiece: random 4 KiB I/O at queue
+    # depth 32 on this project's 2-core VM (virtio disk, ext4) measured 0.24-0.38x of
+    # qemu-nbd that way, about 100 us of server CPU per request; by AIO x0.92-1.17 of
+    # qemu-nbd, 2.5-4.9x the pool (BENCHMARKS.md, "O_DIRECT exports").
     # FUA, sparse structured reads (holes), unaligned requests and anything the node
     # declines still go to the pool.
 

@@ -3,9 +3,10 @@
 For O_DIRECT files: a read or write submitted here runs on the device while the submitting
 thread goes on, and completions are collected in batches by one thread.  With Python threads
 doing the same (one blocking ``preadv`` per thread) each request costs several GIL hand-offs
-and context switches; on this project's 2-core VM, random 4 KiB O_DIRECT reads at queue depth
-32 measured about 10k IOPS at 120 µs of server CPU each through a thread pool, against 48k IOPS
-at 7 µs each submitted here (a standalone loop, BENCHMARKS.md).
+and context switches.  On this project's 2-core VM (virtio disk), random 4 KiB O_DIRECT reads
+at queue depth 32: about 10k IOPS at about 100 µs of server CPU each through the NBD server's
+thread pool; a standalone Python loop submitting them here, 48k IOPS at 7.4 µs each
+(BENCHMARKS.md, "O_DIRECT exports").
 
 Only what the NBD data path needs: preallocated control blocks addressed by slot number
 (no objects per request), ``IOCB_CMD_PREAD``/``PWRITE``, and ``IOCB_CMD_POLL`` on a pipe so

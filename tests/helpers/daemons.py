@@ -247,6 +247,28 @@ def file_node(path, name: str = "f", **extra) -> dict:
     return {"driver": "file", "node-name": name, "filename": str(path), **extra}
 
 
+def bitmap_count(q, node: str, name: str) -> int:
+    """The dirty count of bitmap ``name`` of ``node``, from query-named-block-nodes."""
+    for n in q.cmd("query-named-block-nodes"):
+        if n["node-name"] == node:
+            for bm in n.get("dirty-bitmaps", []):
+                if bm["name"] == name:
+                    return bm["count"]
+    raise KeyError((node, name))
+
+
+def serve_nbd(q, sock, node: str, name: str, writable: bool = True):
+    """nbd-server-start on unix socket ``sock``, export ``node`` as ``name`` (id "e"), and a
+    libnbd handle connected to it (the caller shuts it down)."""
+    import nbd
+    q.cmd("nbd-server-start", {"addr": unix_addr(sock)})
+    q.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": node, "name": name,
+                               "writable": writable})
+    h = nbd.NBD()
+    h.connect_uri(nbd_uri(sock, name))
+    return h
+
+
 def unix_addr(path) -> dict:
     """SocketAddressLegacy for nbd-server-start."""
     return {"type": "unix", "data": {"path": str(path)}}

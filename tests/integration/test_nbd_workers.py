@@ -19,7 +19,8 @@ import pytest
 
 nbd = pytest.importorskip("nbd")
 
-from helpers.daemons import QMP, file_node, nbd_uri, start_daemon, unix_addr  # noqa: E402
+from helpers.daemons import (QMP, bitmap_count, file_node, nbd_uri, start_daemon,  # noqa: E402
+                             unix_addr)
 from helpers.procs import nbd_workers_of as _children, wait_pid_gone  # noqa: E402
 from helpers.servers import start_server  # noqa: E402
 
@@ -231,12 +232,7 @@ def worker_daemon(tmp_path, shm_image, monkeypatch):
 
 
 def _count(q, name):
-    for n in q.cmd("query-named-block-nodes"):
-        if n["node-name"] == "f":
-            for bm in n.get("dirty-bitmaps", []):
-                if bm["name"] == name:
-                    return bm["count"]
-    raise KeyError(name)
+    return bitmap_count(q, "f", name)
 
 
 def test_bitmap_added_later_sees_worker_writes(worker_daemon):

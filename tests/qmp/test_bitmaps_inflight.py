@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from helpers.daemons import nbd_uri, unix_addr
+from helpers.daemons import bitmap_count as _count, serve_nbd
 from helpers.nbd_clients import wait_sent
 
 nbd = pytest.importorskip("nbd")
@@ -29,25 +29,11 @@ def _wait_done(h, cookie: int, timeout: float = 30.0) -> None:
         h.poll(1000)
 
 
-def _count(q, node: str, name: str) -> int:
-    for n in q.cmd("query-named-block-nodes"):
-        if n["node-name"] == node:
-            for bm in n.get("dirty-bitmaps", []):
-                if bm["name"] == name:
-                    return bm["count"]
-    raise KeyError((node, name))
-
-
 @pytest.fixture
 def slow_export(qmp, tmp_path):
     qmp.cmd("blockdev-add", {"driver": "null-co", "node-name": "n", "size": 64 * 1024 * KiB,
                              "latency-ns": LATENCY_NS})
-    sock = tmp_path / "nbd.sock"
-    qmp.cmd("nbd-server-start", {"addr": unix_addr(sock)})
-    qmp.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "n", "name": "n",
-                                 "writable": True})
-    h = nbd.NBD()
-    h.connect_uri(nbd_uri(sock, "n"))
+    h = serve_nbd(qmp, tmp_path / "nbd.sock", "n", "n")
     try:
         yield qmp, h
     finally:
@@ -101,12 +87,7 @@ def test_unaligned_write_marks_aligned_range(qmp, tmp_path, bitmap_node):
                              "align": 4096})
     qmp.cmd("blockdev-add", {"driver": "raw", "node-name": "fmt", "file": "dbg"})
     qmp.cmd("block-dirty-bitmap-add", {"node": bitmap_node, "name": "b", "granularity": 512})
-    sock = tmp_path / "nbd.sock"
-    qmp.cmd("nbd-server-start", {"addr": unix_addr(sock)})
-    qmp.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "fmt", "name": "d",
-                                 "writable": True})
-    h = nbd.NBD()
-    h.connect_uri(nbd_uri(sock, "d"))
+    h = serve_nbd(qmp, tmp_path / "nbd.sock", "fmt", "d")
     try:
         h.pwrite(b"\x77" * 512, 512)
         h.flush()

@@ -11,21 +11,12 @@ import time
 
 import pytest
 
-from helpers.daemons import nbd_uri, unix_addr
+from helpers.daemons import bitmap_count as _count, serve_nbd
 
 nbd = pytest.importorskip("nbd")
 
 KiB = 1024
 GRANULE = 64 * KiB
-
-
-def _count(q, node: str, name: str) -> int:
-    for n in q.cmd("query-named-block-nodes"):
-        if n["node-name"] == node:
-            for bm in n.get("dirty-bitmaps", []):
-                if bm["name"] == name:
-                    return bm["count"]
-    raise KeyError((node, name))
 
 
 def _aio_rings(pid: int) -> int:
@@ -43,12 +34,7 @@ def test_direct_writes_mark_bitmaps(daemon, tmp_path, aio):
                                     "cache": {"direct": True}, "aio": aio}})
     for node in ("fmt", "f"):
         q.cmd("block-dirty-bitmap-add", {"node": node, "name": "b", "granularity": GRANULE})
-    sock = tmp_path / "nbd.sock"
-    q.cmd("nbd-server-start", {"addr": unix_addr(sock)})
-    q.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "fmt", "name": "d",
-                               "writable": True})
-    h = nbd.NBD()
-    h.connect_uri(nbd_uri(sock, "d"))
+    h = serve_nbd(q, tmp_path / "nbd.sock", "fmt", "d")
     try:
         h.pwrite(b"\x11" * (128 * KiB), 1024 * KiB)            # aligned: two granules
         h.pwrite(b"\x22" * 100, 3 * 1024 * KiB + 7)             # unaligned: one granule

@@ -60,8 +60,13 @@ def vm_harness() -> str:
 
 
 @pytest.fixture
-def run_harness(vm_harness):
+def run_harness(vm_harness, tmp_path):
+    runs = []
+
     def run(*args) -> HarnessResult:
+        if "--log" not in args:      # the guest's serial log here, not in /tmp
+            runs.append(None)
+            args += ("--log", tmp_path / ("vubc-guest-%d.log" % len(runs)))
         proc = subprocess.run([vm_harness, *map(str, args)], capture_output=True, text=True,
                               timeout=RUN_TIMEOUT, preexec_fn=die_with_parent,
                               stdin=subprocess.DEVNULL)

@@ -75,7 +75,7 @@ import ssl
 import threading
 from time import monotonic
 
-from blockexport.block.node import BS_ZERO
+from blockexport.block.node import BS_ZERO, zero_fill
 from blockexport.errors import Error
 from blockexport.crypto.tls_channel import TlsChannel
 from blockexport.nbd import constants as C
@@ -1166,7 +1166,6 @@ class NbdConnection:
                     continue
                 finished.append((slot, complete(slot, res, parts)))
             self._aio_reply(parts)
-            parts = None
             self._aio_release(finished)
             if stopping:
                 with self._state_lock:
@@ -1193,7 +1192,7 @@ class NbdConnection:
                             raise OSError(errno.EIO, os.strerror(errno.EIO))
                         res += k
                 else:                    # the file ended: zeroes, as read_into
-                    data[res:] = bytes(n - res)
+                    zero_fill(data, res)
         except OSError as exc:
             err = exc
         try:

@@ -124,7 +124,6 @@ class AioContext:
         self._batch = (ctypes.POINTER(_Iocb) * (slots + 1))()
         self._events = (_Event * (slots + 1))()
         self._wake_r = self._wake_w = -1
-        self._polling = False
 
     def prepare(self, slot: int, opcode: int, fd: int, addr: int, nbytes: int,
                 offset: int) -> None:
@@ -140,34 +139,24 @@ class AioContext:
                offset: int) -> None:
         """Start one read or write; OSError if the kernel refused it (nothing started)."""
         self.prepare(slot, opcode, fd, addr, nbytes, offset)
-        self._submit(slot)
+        self.submit_batch((slot,))
 
     def submit_batch(self, slots, start: int = 0) -> int:
         """Start the prepared requests ``slots[start:]`` with one io_submit (the kernel then
         plugs the queue once for all of them); returns how many it started (at least one),
         in order; OSError if it refused the first (that one not started)."""
         count = len(slots) - start
-        if count == 1:
-            self._submit(slots[start])
-            return 1
-        batch = self._batch
-        ptrs = self._ptrs
-        for i in range(count):
-            batch[i] = ptrs[slots[start + i]]
+        if count == 1:       # its pointer where it is
+            array = ctypes.byref(self._ptrs, slots[start] * _PTR)
+        else:
+            array = self._batch
+            ptrs = self._ptrs
+            for i in range(count):
+                array[i] = ptrs[slots[start + i]]
         while True:
-            n = self._syscall(self._nr_submit, self._ctx, count, batch)
+            n = self._syscall(self._nr_submit, self._ctx, count, array)
             if n > 0:
                 return n
-            e = ctypes.get_errno() if n < 0 else errno.EAGAIN
-            if e != errno.EINTR:
-                raise OSError(e, "io_submit: " + os.strerror(e))
-
-    def _submit(self, slot: int) -> None:
-        while True:
-            n = self._syscall(self._nr_submit, self._ctx, 1,
-                              ctypes.byref(self._ptrs, slot * _PTR))
-            if n == 1:
-                return
             e = ctypes.get_errno() if n < 0 else errno.EAGAIN
             if e != errno.EINTR:
                 raise OSError(e, "io_submit: " + os.strerror(e))
@@ -181,8 +170,7 @@ class AioContext:
         cb.fildes = self._wake_r
         cb.buf = select.POLLIN
         cb.nbytes = cb.offset = 0
-        self._submit(self.STOP)
-        self._polling = True
+        self.submit_batch((self.STOP,))
 
     def wake(self) -> None:
         """Complete the stop slot (the thread in getevents() returns with it)."""
@@ -191,21 +179,16 @@ class AioContext:
         except BlockingIOError:
             pass
 
-    def getevents(self, max_nr: int = 0) -> list:
+    def getevents(self) -> list:
         events = self._events
-        n = max_nr or self.slots + 1
         while True:
-            got = self._syscall(self._nr_getevents, self._ctx, 1, n, events, None)
+            got = self._syscall(self._nr_getevents, self._ctx, 1, self.slots + 1, events, None)
             if got >= 0:
                 break
             e = ctypes.get_errno()
             if e != errno.EINTR:
                 raise OSError(e, "io_getevents: " + os.strerror(e))
-        out = [(events[i].data, events[i].res) for i in range(got)]
-        for slot, _ in out:
-            if slot == self.STOP:
-                self._polling = False
-        return out
+        return [(events[i].data, events[i].res) for i in range(got)]
 
     def close(self) -> None:
         """Destroy the context (waits for requests in flight: call when none are)."""

@@ -190,8 +190,8 @@ class RawNode(BlockNode):
         self.writev = writev
         # the child's asynchronous O_DIRECT access: reads unless blkdebug sits below (its
         # events), writes where the spliced ones pass
-        dio = child.direct_io
-        if dio is not None and debug is None and (off or self.has_size or not passthrough):
+        dio = child.direct_io if debug is None else None
+        if dio is not None and (off or self.has_size or not passthrough):
             child_dio = dio
             has_size, size = self.has_size, self.size
 
@@ -201,7 +201,7 @@ class RawNode(BlockNode):
                 if has_size and offset + len(buf) > size:
                     return None     # read_into()/write() give the error
                 return child_dio(offset + off, buf, write)
-        self.direct_io = dio if debug is None else None
+        self.direct_io = dio
 
     # ---- probed format: whole sectors, sector 0 protected ---------------------------------
 

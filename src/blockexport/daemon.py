@@ -151,11 +151,18 @@ class Daemon:
     def request_quit(self) -> None:
         self._quit.set()
 
-    async def serve(self) -> int:
-        """Run until ``quit`` or a signal, then shut down; returns the exit status."""
+    def catch_signals(self) -> None:
+        """SIGTERM, SIGINT and SIGHUP request a quit from now on.  Called before the command
+        line is applied (as QEMU sets its handlers up early): an export serves as soon as it
+        is added, so a signal may come before serve(); the quit then happens there."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.request_quit)
+
+    async def serve(self) -> int:
+        """Run until ``quit`` or a signal, then shut down; returns the exit status."""
+        loop = asyncio.get_running_loop()
+        self.catch_signals()
         for chardev in self.chardevs.values():
             chardev.machine_done()          # QEMU's main loop serves them from now on
         try:

@@ -347,6 +347,7 @@ async def _main_async(args, rep: Reporter, background) -> int:
     d = Daemon()
     d.daemonized = background is not None
     d.report_error = rep.error
+    d.catch_signals()
     pidfile = None
     pidfile_path = None
     try:

@@ -26,6 +26,9 @@ MiB = 1024 * 1024
 FIO = {"seqread": ("read", "1M", 8), "seqwrite": ("write", "1M", 8),
        "randread": ("randread", "4k", 32), "randwrite": ("randwrite", "4k", 32)}
 COPY = ("copy-read", "copy-write")
+#: cells run only when named (-w): random 4 KiB writes with NBD_CMD_FLAG_FUA, 16 in flight on
+#: one connection, by a python3-libnbd client (fio's nbd engine sends no FUA)
+EXTRA = ("randwrite-fua",)
 NBD_MAGIC = b"NBDMAGIC"
 
 
@@ -219,6 +222,7 @@ def stop_all(servers):
 # --- the cells -----------------------------------------------------------------------------------
 def add_common_args(ap, default_size="1G"):
     cells = ",".join(list(FIO) + list(COPY))
+    extra = ",".join(EXTRA)
     ours = REPO / ".venv" / "bin" / "blockexport-nbd"
     ap.add_argument("-r", "--reps", type=int, default=3, metavar="REPS",
                     help="repetitions (default 3)")
@@ -229,7 +233,8 @@ def add_common_args(ap, default_size="1G"):
     ap.add_argument("--image-dir", default="/dev/shm", metavar="DIR",
                     help="where the images live (default /dev/shm)")
     ap.add_argument("-w", "--workloads", default=cells, metavar="CELLS",
-                    help=f"cells, comma-separated (default: all of {cells})")
+                    help=f"cells, comma-separated (default: all of {cells}; "
+                         f"also {extra})")
     ap.add_argument("-j", "--jobs", default="1,4", metavar="N,N",
                     help="connections for the fio cells, comma-separated (default 1,4)")
     ap.add_argument("--ours", default=str(ours), metavar="PATH",
@@ -243,16 +248,18 @@ def add_common_args(ap, default_size="1G"):
 def parse_cells(ap, workloads: str, jobs: str):
     """[(workload, connections or None)], fio cells first."""
     wls = [w.strip() for w in workloads.split(",") if w.strip()]
+    known = list(FIO) + list(COPY) + list(EXTRA)
     for w in wls:
-        if w not in FIO and w not in COPY:
-            ap.error(f"unknown workload {w!r} (known: {', '.join(list(FIO) + list(COPY))})")
+        if w not in known:
+            ap.error(f"unknown workload {w!r} (known: {', '.join(known)})")
     try:
         js = [int(j) for j in jobs.split(",") if j.strip()]
     except ValueError:
         ap.error(f"-j wants numbers: {jobs!r}")
     if any(j < 1 for j in js) or (not js and any(w in FIO for w in wls)):
         ap.error(f"-j wants connections >= 1: {jobs!r}")
-    return [(w, j) for w in wls if w in FIO for j in js] + [(w, None) for w in wls if w in COPY]
+    return [(w, j) for w in wls if w in FIO for j in js] + \
+        [(w, None) for w in wls if w in COPY or w in EXTRA]
 
 
 def cell_key(cell, jobs) -> str:
@@ -304,6 +311,59 @@ def run_copy(srv, cell, src, size, runtime, uri=None):
     c1, t1 = srv.cpu(), time.monotonic()
     return {"iops": None, "mibs": copies * size / MiB / (t1 - t0),
             "srv_cores": (c1 - c0) / (t1 - t0)}
+
+
+_FUA_CLIENT = r"""
+import random, sys, time
+sys.path.append("/usr/lib/python3/dist-packages")
+import nbd
+uri, size, runtime = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+st = [0, 0, 0]                    # in flight, done, failed
+
+
+def done(err):
+    st[0] -= 1
+    st[1] += 1
+    st[2] += err.value != 0
+    return 1
+
+
+try:
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    blocks = min(size, h.get_size()) // 4096
+    buf = nbd.Buffer.from_bytearray(bytearray(random.randbytes(4096)))
+    rnd = random.Random()
+    t0 = time.monotonic()
+    end = t0 + runtime
+    while time.monotonic() < end:
+        while st[0] < 16:
+            h.aio_pwrite(buf, rnd.randrange(blocks) * 4096, completion=done,
+                         flags=nbd.CMD_FLAG_FUA)
+            st[0] += 1
+        h.poll(-1)
+    while st[0]:
+        h.poll(-1)
+    t1 = time.monotonic()
+    h.shutdown()
+except nbd.Error as e:
+    sys.exit(str(e))
+if st[2]:
+    sys.exit(f"{st[2]} of {st[1]} FUA writes failed")
+print(st[1] / (t1 - t0))
+"""
+
+
+def run_fua(srv, runtime, size, uri=None):
+    """The randwrite-fua cell: the python3-libnbd client above, in its own process."""
+    argv = [sys.executable, "-c", _FUA_CLIENT, uri or srv.uri(), str(size), str(runtime)]
+    c0, t0 = srv.cpu(), time.monotonic()
+    p = subprocess.run(argv, capture_output=True, text=True)
+    c1, t1 = srv.cpu(), time.monotonic()
+    if p.returncode != 0:
+        raise SystemExit(f"the FUA client failed on {srv.name}: {p.stderr[-1500:]}")
+    iops = float(p.stdout.split()[-1])
+    return {"iops": iops, "mibs": iops * 4096 / MiB, "srv_cores": (c1 - c0) / (t1 - t0)}
 
 
 def run_matrix(servers, cells, reps, run_cell):

@@ -88,6 +88,23 @@ def test_smoke_unix(tmp_path):
     assert "| randread/1c | x" in p.stdout and "| copy-read | x" in p.stdout
 
 
+def test_fua_cell(tmp_path):
+    """randwrite-fua (only when named): FUA writes by a python3-libnbd client; a server that
+    fails them (nbdkit's error filter) fails the run with the client's count, and every
+    server is stopped."""
+    need(S.QEMU_NBD, "nbdkit")
+    report, p = bench(tmp_path, "-w", "randwrite-fua", "-s", "qemu-nbd", "-s", "ours")
+    check_report(report, ["qemu-nbd", "ours"], ["randwrite-fua"])
+    assert "| randwrite-fua | x" in p.stdout
+    p = run(BENCH_NBD, tmp_path, "-r", "1", "-t", "1", "--size", "8M", "-w", "randwrite-fua",
+            "-s", "ours", "-S", "bad=exec nbdkit -f -U {socket} --filter=error file {image} "
+                                "error-pwrite=EIO error-pwrite-rate=100%")
+    assert p.returncode != 0
+    assert "the FUA client failed on bad: " in p.stderr, p.stderr
+    assert "FUA writes failed" in p.stderr and "Traceback" not in p.stderr
+    assert_clean(tmp_path)
+
+
 @pytest.mark.slow
 def test_smoke_tcp_with_nbdkit(tmp_path):
     need("fio", "nbdcopy", S.QEMU_NBD, "nbdkit")

@@ -1,8 +1,9 @@
 """O_DIRECT exports (``--cache=none``): aligned reads and writes go to the file by native AIO
-(exports/nbd_conn.py, ``_aio_start``); FUA, unaligned requests and sparse reads through the
-pool.  Whatever path a request takes, every byte lands where the client wrote it, sparse
-reads keep their holes, a failing disk gives errors and the connection lives on, and a client
-that vanishes with requests in flight leaves nothing behind.
+(exports/nbd_conn.py, ``_aio_start``; FUA writes then share an fdatasync); unaligned requests
+and sparse reads through the pool.  Whatever path a request takes, every byte lands where the
+client wrote it, FUA writes are answered once synced, sparse reads keep their holes, a
+failing disk gives errors and the connection lives on, and a client that vanishes with
+requests in flight leaves nothing behind.
 
 The same checks run on qemu-nbd 7.2 (the oracle) where they are about behaviour; the AIO
 context itself is checked on ours through /proc (its ring is a ``[aio]`` mapping).  Images
@@ -178,6 +179,56 @@ def test_failing_disk_gives_errors_then_recovers(failing_disk, tmp_path):
     disk = (backing / "disk.img").read_bytes()
     assert disk[64 * KiB:72 * KiB] == b"\xa5" * (8 * KiB)
     assert disk[:3] + disk[103:104] == b"\x11" * 4 and disk[3:103] == b"\x3c" * 100
+
+
+def test_fua_writes_are_durable_when_answered(start_server, server_kind, failing_disk):
+    """FUA writes (aligned ones by native AIO on ours, with RWF_DSYNC) are answered only
+    once synced: while the disk's fsync fails they get EIO, also 16 in flight, while plain
+    writes succeed; once it works again (O_DIRECT: no page cache lost, not sticky) FUA
+    writes succeed and are on the disk.  The same answers as qemu-nbd 7.2 (which writes,
+    then flushes)."""
+    backing, mnt = failing_disk                  # a 1 MiB disk.img
+    srv = start_server(mnt / "disk.img", ["--cache=none"])
+    h = nbd.NBD()
+    h.connect_uri(srv.uri())
+    try:
+        h.pwrite(b"\x21" * (64 * KiB), 128 * KiB, nbd.CMD_FLAG_FUA)
+        if server_kind != "qemu-nbd":
+            assert aio_rings(srv.proc.pid) == 1      # only FUA writes so far: by AIO
+        (backing / "FAIL_FSYNC").touch()
+        for data, off in ((b"\x22" * (4 * KiB), 0), (b"\x23" * (256 * KiB), 512 * KiB),
+                          (b"\x24" * 100, 5 * KiB + 3)):
+            with pytest.raises(nbd.Error) as e:
+                h.pwrite(data, off, nbd.CMD_FLAG_FUA)
+            assert e.value.errnum == errno.EIO, (len(data), off)
+        buf = nbd.Buffer.from_bytearray(bytearray(b"\x25" * (4 * KiB)))
+        cookies = [h.aio_pwrite(buf, 768 * KiB + i * 8 * KiB, flags=nbd.CMD_FLAG_FUA)
+                   for i in range(16)]
+        errors = []
+        end = time.monotonic() + DEADLINE
+        for c in cookies:
+            while True:
+                try:
+                    if h.aio_command_completed(c):
+                        errors.append(0)
+                        break
+                except nbd.Error as e:
+                    errors.append(e.errnum)
+                    break
+                assert time.monotonic() < end, "requests did not complete"
+                h.poll(100)
+        assert errors == [errno.EIO] * 16
+        h.pwrite(b"\x26" * (4 * KiB), 960 * KiB)   # no FUA: no sync asked for
+        (backing / "FAIL_FSYNC").unlink()
+        h.pwrite(b"\x27" * (8 * KiB), 256 * KiB, nbd.CMD_FLAG_FUA)
+        h.pwrite(b"\x28" * 512, MiB - 1024, nbd.CMD_FLAG_FUA)
+    finally:
+        h.shutdown()
+    disk = (backing / "disk.img").read_bytes()
+    assert disk[128 * KiB:192 * KiB] == b"\x21" * (64 * KiB)
+    assert disk[256 * KiB:264 * KiB] == b"\x27" * (8 * KiB)
+    assert disk[MiB - 1024:MiB - 512] == b"\x28" * 512
+    assert disk[960 * KiB:964 * KiB] == b"\x26" * (4 * KiB)
 
 
 def test_aio_context_per_connection_released(tmp_path):

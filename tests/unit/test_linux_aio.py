@@ -1,5 +1,5 @@
 """blockexport.util.linux_aio against the real kernel: O_DIRECT reads and writes, the end of
-the file, a refused submission, the stop poll waking a waiting thread."""
+the file, a refused submission, an fdatasync by AIO, the stop poll waking a waiting thread."""
 from __future__ import annotations
 
 import errno
@@ -79,3 +79,21 @@ def test_wake_ends_a_wait():
         assert [slot for slot, _ in got] == [ctx.STOP]
     finally:
         ctx.close()
+
+
+def test_fdsync_completes_after_the_writes_before_it(direct_file):
+    path, fd = direct_file
+    ctx = A.AioContext(2)
+    try:
+        b = mmap.mmap(-1, 4096)
+        b[:] = b"\x07" * 4096
+        ctx.submit(0, A.IOCB_CMD_PWRITE, fd, A.buffer_address(b), 4096, 4096)
+        assert ctx.getevents() == [(0, 4096)]
+        ctx.submit(1, A.IOCB_CMD_FDSYNC, fd, 0, 0, 0)
+        assert ctx.getevents() == [(1, 0)]
+        with pytest.raises(OSError) as e:       # not a file descriptor: refused at submission
+            ctx.submit(1, A.IOCB_CMD_FDSYNC, 987654, 0, 0, 0)
+        assert e.value.errno == errno.EBADF
+    finally:
+        ctx.close()
+    assert path.read_bytes()[4096:8192] == b"\x07" * 4096

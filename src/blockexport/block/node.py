@@ -341,18 +341,22 @@ class BlockNode:
     #: requests spread over several guest buffers.
     writev = None
 
-    #: ``direct_io(offset, buf, write) -> (fd, file_offset, done) | None``, or None.  When a
-    #: driver offers it, the bytes of ``offset`` .. ``offset + len(buf)`` of the node are
-    #: bytes ``file_offset`` .. of the O_DIRECT file ``fd`` as they are, and the caller may
-    #: move them with its own asynchronous read or write of ``buf`` (native AIO, which takes
-    #: ``buf`` as it is: it must stay alive and unchanged until then), then calls ``done()``
-    #: once it finished (whether it succeeded or not) and before it tells anyone.  It never
+    #: ``direct_io(offset, buf, write, fua=False) -> (fd, file_offset, done) | None``, or
+    #: None.  When a driver offers it, the bytes of ``offset`` .. ``offset + len(buf)`` of
+    #: the node are bytes ``file_offset`` .. of the O_DIRECT file ``fd`` as they are, and the
+    #: caller may move them with its own asynchronous read or write of ``buf`` (native AIO,
+    #: which takes ``buf`` as it is: it must stay alive and unchanged until then), then calls
+    #: ``done()`` once it finished (whether it succeeded or not) and before it tells anyone.
+    #: It never
     #: waits (a write next to a read-modify-write in flight is declined).  None (for this
     #: request): use ``read_into``/``write``.  Offered for O_DIRECT files and raw over
     #: one; writes only where ``write`` would be a plain write of the bytes (as for
     #: ``splice_write``) and only for requests and buffers aligned as O_DIRECT needs.  The
     #: dirty-bitmap wrappers mark a write in its ``done``; the file's own ``done`` ends the
-    #: write's place among overlapping requests.  The NBD data path uses it
+    #: write's place among overlapping requests.  A FUA write (``fua``) taken is the
+    #: caller's to make durable before it tells anyone: ``fdatasync(fd)`` after it finished
+    #: (one may cover several).  Not ``RWF_DSYNC`` on an asynchronous write: some file
+    #: systems ignore it there (FUSE, Linux 6.18).  The NBD data path uses it
     #: (exports/nbd_conn.py).
     direct_io = None
 
@@ -484,8 +488,8 @@ class BlockNode:
             writev = None
 
         if direct_data is not None:
-            def direct_io(offset, buf, write):
-                target = direct_data(offset, buf, write)
+            def direct_io(offset, buf, write, fua=False):
+                target = direct_data(offset, buf, write, fua)
                 if target is None or not write:
                     return target
                 fd, file_offset, inner_done = target

@@ -104,6 +104,9 @@ SMALL_BUFFER = 1024 * 1024
 #: Reads and writes of O_DIRECT nodes by native AIO (``_aio_start``);
 #: BLOCKEXPORT_NBD_AIO=0 leaves them to the pool (for comparison, or a kernel that misbehaves).
 NATIVE_AIO = os.environ.get("BLOCKEXPORT_NBD_AIO", "1") != "0"
+#: The AIO control block of a connection's fdatasync for its FUA writes (after the
+#: MAX_REQUESTS of the requests)
+SYNC_SLOT = C.MAX_REQUESTS
 #: A batch of inline replies leaves once it holds this many buffers (a small read's reply
 #: is two: header and data)
 BATCH_PARTS = 128
@@ -259,6 +262,8 @@ class NbdConnection:
         self._aio_free = []
         self._aio_batch = []         # slots prepared by the reader, not yet submitted
         self._aio_inflight = 0
+        self._aio_unsynced = []      # FUA writes done, waiting for the next sync: (slot, req)
+        self._aio_syncing = None     # those the sync in flight covers (list), or None
         self._rbuf = mmap.mmap(-1, RBUF_SIZE)   # pages committed only as bytes arrive
         self._rmv = memoryview(self._rbuf)
         self._rpos = 0
@@ -857,7 +862,7 @@ class NbdConnection:
                         smv = memoryview(sbuf)
                         own = True
                         self._reader_bufs = (sbuf,) if abuf is None else (sbuf, abuf)
-                    if ((cmd == CMD_READ or cmd == CMD_WRITE) and not flags & FLAG_FUA
+                    if ((cmd == CMD_READ or cmd == CMD_WRITE)
                             and self._aio is not False and node.direct_io is not None
                             and self._aio_start(buf, charged, tx, mv, flags, cmd, cookie,
                                                 offset, length)):
@@ -1055,10 +1060,11 @@ class NbdConnection:
         data = mv[:length]
         write = cmd == CMD_WRITE
         target = None
+        fua = write and bool(flags & FLAG_FUA)
         try:
             dio = node.direct_io
             if dio is not None:
-                target = dio(offset, data, write)
+                target = dio(offset, data, write, fua)
             if target is not None:
                 ctx = self._aio or self._aio_setup()
                 if ctx is None:
@@ -1079,7 +1085,7 @@ class NbdConnection:
             self._slots.acquire()
         slot = self._aio_free.pop()
         self._aio_reqs[slot] = (buf, charged, mv, data, header, done, cmd, cookie, tx, fd,
-                                file_offset)
+                                file_offset, fua)
         with self._state_lock:
             self._aio_inflight += 1
         ctx.prepare(slot, linux_aio.IOCB_CMD_PWRITE if write else linux_aio.IOCB_CMD_PREAD,
@@ -1106,7 +1112,7 @@ class NbdConnection:
     def _aio_sync(self, slot: int) -> None:
         """Do a prepared request with preadv/pwritev here, then finish it as a completion."""
         req = self._aio_reqs[slot]
-        data, cmd, fd, file_offset = req[3], req[6], req[9], req[10]
+        data, cmd, fd, file_offset, fua = req[3], req[6], req[9], req[10], req[11]
         try:
             if cmd == CMD_WRITE:
                 res = os.pwritev(fd, (data,), file_offset)
@@ -1115,7 +1121,7 @@ class NbdConnection:
         except OSError as exc:
             res = -(exc.errno or errno.EIO)
         parts = []
-        finished = [(slot, self._aio_complete(slot, res, parts))]
+        finished = [(slot, self._aio_complete(slot, res, parts, inline=True))]
         self._aio_reply(parts)
         self._aio_release(finished)
 
@@ -1123,7 +1129,7 @@ class NbdConnection:
         """The connection's AIO context and completion thread; None (and never again for
         this connection) if the kernel gives no context (e.g. fs.aio-max-nr reached)."""
         try:
-            ctx = linux_aio.AioContext(C.MAX_REQUESTS)
+            ctx = linux_aio.AioContext(C.MAX_REQUESTS + 1)    # the last: SYNC_SLOT
         except OSError as exc:
             log.debug("client %s: no AIO context (%s): the pool serves O_DIRECT I/O",
                       self.peer, exc)
@@ -1149,7 +1155,7 @@ class NbdConnection:
     def _aio_loop(self, ctx) -> None:
         """The completion thread: finish each completed request (the node's ``done``, then
         its reply), one sendmsg per batch; ends after the stop poll once nothing is in
-        flight."""
+        flight.  FUA writes wait for a sync (``_aio_sync_done``)."""
         complete = self._aio_complete
         stopping = False
         while True:
@@ -1161,10 +1167,17 @@ class NbdConnection:
             parts = []
             finished = []
             for slot, res in events:
-                if slot == ctx.STOP:
-                    stopping = True
+                if slot >= SYNC_SLOT:
+                    if slot == SYNC_SLOT:
+                        self._aio_sync_done(res, parts, finished)
+                    else:
+                        stopping = True
                     continue
-                finished.append((slot, complete(slot, res, parts)))
+                req = complete(slot, res, parts)
+                if req is not None:
+                    finished.append((slot, req))
+            if self._aio_unsynced and self._aio_syncing is None:
+                self._aio_start_sync(ctx, parts, finished)
             self._aio_reply(parts)
             self._aio_release(finished)
             if stopping:
@@ -1172,13 +1185,14 @@ class NbdConnection:
                     if not self._aio_inflight:
                         return
 
-    def _aio_complete(self, slot: int, res: int, parts: list):
+    def _aio_complete(self, slot: int, res: int, parts: list, inline: bool = False):
         """Finish the request of ``slot`` whose I/O returned ``res`` (bytes or -errno): the
         rest of a short write, zeroes past a short read, the node's ``done``; its reply
-        appended to ``parts``.  Returns the request (for _aio_release)."""
+        appended to ``parts``.  Returns the request (for _aio_release), or None for a FUA
+        write that now waits for the next sync (``inline``: synced here)."""
         req = self._aio_reqs[slot]
         self._aio_reqs[slot] = None
-        buf, charged, mv, data, header, done, cmd, cookie, tx, fd, file_offset = req
+        buf, charged, mv, data, header, done, cmd, cookie, tx, fd, file_offset, fua = req
         n = len(data)
         err = None
         try:
@@ -1193,6 +1207,8 @@ class NbdConnection:
                         res += k
                 else:                    # the file ended: zeroes, as read_into
                     zero_fill(data, res)
+            if fua and inline:
+                os.fdatasync(fd)
         except OSError as exc:
             err = exc
         try:
@@ -1205,9 +1221,46 @@ class NbdConnection:
         elif cmd == CMD_READ:
             parts.append(header)
             parts.append(data)
+        elif fua and not inline:
+            self._aio_unsynced.append((slot, req))
+            return None
         else:
             parts.append(tx.ok_reply(cookie))
         return req
+
+    def _aio_start_sync(self, ctx, parts: list, finished: list) -> None:
+        """One fdatasync by AIO for the FUA writes done so far (those of one file: the
+        others wait for the next).  Group commit, as QEMU's block layer runs one flush at a
+        time for all the requests that wait for one: at queue depth 16, about one sync per
+        completion batch instead of one per write.  A kernel that refuses it (older than
+        4.18) gets the fdatasync here."""
+        waiting = self._aio_unsynced
+        fd = waiting[0][1][9]
+        group = [w for w in waiting if w[1][9] == fd]
+        self._aio_unsynced = [w for w in waiting if w[1][9] != fd]
+        self._aio_syncing = group
+        try:     # one control block: safe beside the reader's submit_batch()
+            ctx.submit(SYNC_SLOT, linux_aio.IOCB_CMD_FDSYNC, fd, 0, 0, 0)
+        except OSError as exc:
+            log.debug("client %s: no AIO fdatasync (%s): synchronous", self.peer, exc)
+            try:
+                os.fdatasync(fd)
+                res = 0
+            except OSError as exc2:
+                res = -(exc2.errno or errno.EIO)
+            self._aio_sync_done(res, parts, finished)
+
+    def _aio_sync_done(self, res: int, parts: list, finished: list) -> None:
+        """The sync for the FUA writes of ``_aio_syncing`` returned ``res``: their
+        replies (all fail if it failed).  The caller starts the next sync if more wait."""
+        group = self._aio_syncing
+        self._aio_syncing = None
+        err = OSError(-res, os.strerror(-res)) if res < 0 else None
+        for slot, req in group:
+            tx, cookie = req[8], req[7]
+            parts.append(self._failure(tx, cookie, CMD_WRITE, err) if err is not None
+                         else tx.ok_reply(cookie))
+            finished.append((slot, req))
 
     def _aio_reply(self, parts: list) -> None:
         if parts:

@@ -9,9 +9,10 @@ thread pool; a standalone Python loop submitting them here, 48k IOPS at 7.4 µs 
 (BENCHMARKS.md, "O_DIRECT exports").
 
 Only what the NBD data path needs: preallocated control blocks addressed by slot number
-(no objects per request), ``IOCB_CMD_PREAD``/``PWRITE``, and ``IOCB_CMD_POLL`` on a pipe so
-that the thread waiting in :meth:`AioContext.getevents` can be woken to stop.  ctypes
-releases the GIL around each system call.
+(no objects per request), ``IOCB_CMD_PREAD``/``PWRITE``, ``IOCB_CMD_FDSYNC`` (an fdatasync
+the kernel runs, Linux 4.18 and newer), and ``IOCB_CMD_POLL`` on a pipe so that the thread
+waiting in :meth:`AioContext.getevents` can be woken to stop.  ctypes releases the GIL
+around each system call.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ _SYSCALLS = {
 
 IOCB_CMD_PREAD = 0
 IOCB_CMD_PWRITE = 1
+IOCB_CMD_FDSYNC = 3
 IOCB_CMD_POLL = 5
 
 
@@ -127,7 +129,8 @@ class AioContext:
 
     def prepare(self, slot: int, opcode: int, fd: int, addr: int, nbytes: int,
                 offset: int) -> None:
-        """Fill control block ``slot`` for a read or write (started by submit_batch())."""
+        """Fill control block ``slot`` for a request (started by submit_batch()); for
+        ``IOCB_CMD_FDSYNC`` only ``fd`` counts."""
         cb = self._cbs[slot]
         cb.opcode = opcode
         cb.fildes = fd
@@ -137,7 +140,7 @@ class AioContext:
 
     def submit(self, slot: int, opcode: int, fd: int, addr: int, nbytes: int,
                offset: int) -> None:
-        """Start one read or write; OSError if the kernel refused it (nothing started)."""
+        """Start one request; OSError if the kernel refused it (nothing started)."""
         self.prepare(slot, opcode, fd, addr, nbytes, offset)
         self.submit_batch((slot,))
 

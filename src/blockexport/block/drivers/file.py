@@ -335,17 +335,20 @@ class FileNode(BlockNode):
         aligned_buf = self._aligned_buf
         overlaps = self._overlaps
         writes = not self.read_only and self.detect_zeroes == "off"
+        # FUA made durable by the caller's fdatasync; with cache.no-flush=on FUA is a plain
+        # write, which the pool path does
+        fua_ok = not self.no_flush
 
         def nothing():
             pass
 
-        def direct_io(offset, buf, write):
+        def direct_io(offset, buf, write, fua=False):
             n = len(buf)
             if offset % a or n % a or not n or not aligned_buf(buf):
                 return None
             if not write:
                 return fd, offset, nothing
-            if not writes:
+            if not writes or (fua and not fua_ok):
                 return None
             # never waits (the caller's own requests may be what it would wait for):
             # next to a read-modify-write in flight, the plain write() waits in a pool thread

@@ -195,12 +195,12 @@ class RawNode(BlockNode):
             child_dio = dio
             has_size, size = self.has_size, self.size
 
-            def dio(offset, buf, write):
+            def dio(offset, buf, write, fua=False):
                 if write and not passthrough:
                     return None
                 if has_size and offset + len(buf) > size:
                     return None     # read_into()/write() give the error
-                return child_dio(offset + off, buf, write)
+                return child_dio(offset + off, buf, write, fua)
         self.direct_io = dio
 
     # ---- probed format: whole sectors, sector 0 protected ---------------------------------

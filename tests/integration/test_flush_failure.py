@@ -89,3 +89,27 @@ def test_direct_io_flush_failure_is_not_sticky(start_server, failing_disk):
         h.flush()
     finally:
         h.shutdown()
+
+
+def test_no_flush_ignores_a_failing_fsync(start_server, failing_disk):
+    """--cache=unsafe (cache.no-flush=on): FLUSH and FUA writes succeed while the disk's
+    fsync fails, as qemu-nbd 7.2 answers (ours serves them inline: a sync that is never
+    made waits on nothing), and the data is written."""
+    backing, mnt = failing_disk
+    srv = start_server(mnt / "disk.img", ["--cache=unsafe"])
+    h = nbd.NBD()
+    h.connect_uri(srv.uri())
+    try:
+        (backing / "FAIL_FSYNC").touch()
+        h.pwrite(b"\x61" * 4096, 0, nbd.CMD_FLAG_FUA)
+        h.pwrite(b"\x62" * 100, 5000, nbd.CMD_FLAG_FUA)
+        h.flush()
+        h.pwrite(b"\x63" * (256 * 1024), 512 * 1024, nbd.CMD_FLAG_FUA)
+        h.flush()
+        assert h.pread(4096, 0) == b"\x61" * 4096
+    finally:
+        h.shutdown()
+    assert srv.alive()
+    disk = (backing / "disk.img").read_bytes()
+    assert disk[:4096] == b"\x61" * 4096 and disk[5000:5100] == b"\x62" * 100
+    assert disk[512 * 1024:768 * 1024] == b"\x63" * (256 * 1024)

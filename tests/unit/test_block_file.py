@@ -554,3 +554,29 @@ def test_zeroes_are_written_from_page_aligned_memory(graph, tmp_path):
     assert sources and all(type(o) is mmap.mmap and o is ZERO_PAGES.obj for o in sources)
     assert read(node, 0, 4 << 20) == (b"\x55" * 4096 + bytes((2 << 20) + 512)
                                       + b"\x55" * ((4 << 20) - 4096 - (2 << 20) - 512))
+
+
+def test_memory_sync(graph, workdir, tmp_path):
+    """Where a sync waits on nothing (tmpfs; cache.no-flush=on anywhere) the node says so,
+    and raw over it; not on a disk file system, not under blkdebug, not for qcow2."""
+    on_shm = str(workdir).startswith("/dev/shm")
+    img = make_image(workdir / "a.img", MiB)
+    f = add_file(graph, img, "f")
+    assert f.memory_sync() is on_shm
+    raw = graph.blockdev_add({"driver": "raw", "node-name": "r", "file": "f"})
+    assert raw.memory_sync() is on_shm
+    nf = add_file(graph, make_image(workdir / "b.img", MiB), "nf",
+                  cache={"no-flush": True})
+    assert nf.memory_sync() is True
+    dbg = graph.blockdev_add({"driver": "raw", "node-name": "d", "file": {
+        "driver": "blkdebug", "image": {"driver": "file",
+                                        "filename": make_image(workdir / "c.img", MiB)}}})
+    assert dbg.memory_sync() is False
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(workdir / "q.qcow2"), "1M"],
+                   check=True)
+    q = graph.blockdev_add({"driver": "qcow2", "node-name": "q", "file": {
+        "driver": "file", "filename": str(workdir / "q.qcow2")}})
+    assert q.memory_sync() is False
+    assert graph.blockdev_add({"driver": "null-co", "node-name": "n0"}).memory_sync() is True
+    slow = graph.blockdev_add({"driver": "null-co", "node-name": "n1", "latency-ns": 1000})
+    assert slow.memory_sync() is False

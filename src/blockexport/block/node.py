@@ -366,6 +366,12 @@ class BlockNode:
         thread: true for a buffered plain file (one that offers ``file_range``)."""
         return self.file_range(0, 0) is not None
 
+    def memory_sync(self) -> bool:
+        """Whether ``flush`` and FUA writes wait on nothing (no device cache to empty: the
+        node's data lives in memory, or ``cache.no-flush=on``), so a data path may serve
+        them inline like memory copies.  False unless a driver knows better."""
+        return False
+
     # ---- lifetime ------------------------------------------------------------------------
 
     def close(self) -> None:

@@ -253,6 +253,7 @@ class NbdConnection:
         self._budget = getattr(server, "buffer_budget", None) or BufferBudget()
         self._finished = False
         self._inline_io = True
+        self._free_sync = False
         self._pipe = None            # (read fd, write fd, capacity) for spliced writes
         # native AIO for O_DIRECT nodes (_aio_start): the context (None until first used,
         # False if the kernel refused one), its completion thread, requests by slot
@@ -663,7 +664,7 @@ class NbdConnection:
         """Whether a request may wait on the disk (or is worth overlapping with the next
         receive), so it goes to the pool instead of inline."""
         if cmd == CMD_READ:
-            if not self._inline_io or flags & FLAG_FUA:
+            if not self._inline_io or (flags & FLAG_FUA and not self._free_sync):
                 return True
             if length < OFFLOAD_READ_MIN:
                 return False
@@ -678,10 +679,13 @@ class NbdConnection:
         if cmd == CMD_WRITE:
             # (large writes too: handing 1 MiB writes to the pool measured slower on raw and
             # on allocating qcow2, 0.6x and 0.4x of inline; BENCHMARKS.md, issue 9)
-            return not self._inline_io or flags & FLAG_FUA or self.export.writethrough
+            return not self._inline_io or (
+                (flags & FLAG_FUA or self.export.writethrough) and not self._free_sync)
         if cmd == CMD_BLOCK_STATUS or cmd == CMD_CACHE:
             return False
-        return True   # FLUSH, TRIM, WRITE_ZEROES, unknown
+        if cmd == CMD_FLUSH:
+            return not self._free_sync
+        return True   # TRIM, WRITE_ZEROES, unknown
 
     def _serve(self) -> None:
         """The connection's reader thread: parse requests, serve cheap ones inline.
@@ -697,6 +701,10 @@ class NbdConnection:
         # latency: reads and writes are memory copies, cheaper inline than any hand-off
         # (shared/spec/performance.md).
         self._inline_io = inline = node.memory_io()
+        # ... and where a sync waits on nothing (tmpfs, cache.no-flush=on), so are FLUSH and
+        # FUA writes: random 4 KiB FUA writes on tmpfs ran at 16-23k IOPS through the pool,
+        # about 100k inline (qemu-nbd about 30k; BENCHMARKS.md)
+        self._free_sync = node.memory_sync()
         sbuf = self._take_buffer()       # the reader's small buffer
         smv = memoryview(sbuf)
         abuf = amv = None                # the arena: data of batched reads (lazily)
@@ -720,7 +728,11 @@ class NbdConnection:
         serving = _serving
         # writes served inline (as _may_block decides), whose payload the receive buffer
         # already holds: no copy into a request buffer
-        inline_write_max = RBUF_SIZE if inline and not self.export.writethrough else -1
+        # (FUA ones too, and writethrough, where a sync waits on nothing)
+        writethrough = self.export.writethrough
+        fua_inline = self._free_sync
+        inline_write_max = RBUF_SIZE if inline and (fua_inline or not writethrough) else -1
+        fua_mask = FLAG_FUA if not fua_inline else 0
         ok_reply = tx.ok_reply
         # spliced writes: a plain socket (not TLS), inline I/O, a node that offers it
         splice_min = SPLICE_WRITE_MIN
@@ -752,7 +764,7 @@ class NbdConnection:
                 if cmd == CMD_DISC:
                     break
                 if (cmd == CMD_WRITE and length <= self._rend - self._rpos
-                        and length <= inline_write_max and not flags & FLAG_FUA):
+                        and length <= inline_write_max and not flags & fua_mask):
                     # the common small write, its payload already received: written from
                     # the receive buffer itself, its reply batched
                     pos = self._rpos
@@ -762,7 +774,8 @@ class NbdConnection:
                         pending.append(tx.error_reply(cookie, EINVAL, err))
                         continue
                     try:
-                        node.write(offset, self._rmv[pos:pos + length])
+                        node.write(offset, self._rmv[pos:pos + length],
+                                   flags & FLAG_FUA or writethrough)
                     except Exception as exc:
                         pending.append(self._failure(tx, cookie, cmd, exc))
                     else:

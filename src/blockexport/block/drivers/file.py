@@ -24,7 +24,7 @@ from blockexport.block.node import (
     BS_ALLOCATED, BS_DATA, BS_ZERO, SECTOR_SIZE, ZERO_PAGES, BlockNode, zero_fill,
 )
 from blockexport.errors import Error
-from blockexport.util import linux_aio
+from blockexport.util import linux_aio, statfs
 from blockexport.util.cutils import round_up
 
 # ---- fallocate(2) via libc (Python only has posix_fallocate) ---------------------------------
@@ -581,6 +581,11 @@ class FileNode(BlockNode):
     def flush(self) -> None:
         if not self.no_flush:
             self._sync()
+
+    def memory_sync(self) -> bool:
+        """cache.no-flush=on (flush is nothing, FUA a plain write), or a file on tmpfs or
+        ramfs (fdatasync returns at once)."""
+        return self.no_flush or statfs.memory_fs(self._fd)
 
     def truncate(self, length: int, prealloc: str = "off", zero_write: bool = True) -> None:
         if self.read_only:

@@ -75,6 +75,9 @@ class NullNode(BlockNode):
     def memory_io(self) -> bool:
         return not self.latency_ns
 
+    def memory_sync(self) -> bool:
+        return not self._delay
+
     def length(self) -> int:
         return round_up(self.size, SECTOR_SIZE)
 

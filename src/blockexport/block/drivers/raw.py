@@ -85,6 +85,9 @@ class RawNode(BlockNode):
     def memory_io(self) -> bool:
         return self._debug is None and self.file.memory_io()
 
+    def memory_sync(self) -> bool:
+        return self._debug is None and self.file.memory_sync()
+
     def _bind(self, child: BlockNode) -> None:
         off = self.offset
         child_read = child.read_into

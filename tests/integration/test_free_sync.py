@@ -1,13 +1,15 @@
-"""FLUSH and FUA writes where a sync waits on nothing (an image on tmpfs; cache.no-flush=on):
-ours serves them inline like any memory copy (exports/nbd_conn.py, ``_free_sync``), with
-no hand-off to the connection's pool; on a disk file system they still go to the pool.
-Seen from outside: the server's thread count (/proc/PID/task) stays put through 48 FUA
-writes and flushes in flight on tmpfs, and grows on the disk.  The bytes land either way."""
+"""FLUSH and FUA writes where a sync waits on nothing (a raw or qcow2 image on tmpfs;
+cache.no-flush=on): ours serves them inline like any memory copy (exports/nbd_conn.py,
+``_free_sync``), with no hand-off to the connection's pool; on a disk file system they
+still go to the pool.  Seen from outside: the server's thread count (/proc/PID/task) stays
+put through 48 FUA writes and flushes in flight on tmpfs, and grows on the disk.  The bytes
+land either way (qcow2: qemu-img check, then convert as the oracle)."""
 from __future__ import annotations
 
 import os
 import random
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -27,9 +29,9 @@ def threads(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
-@pytest.fixture(params=["shm", "disk", "disk-unsafe"])
+@pytest.fixture(params=["shm", "shm-qcow2", "disk", "disk-unsafe"])
 def where(request, tmp_path):
-    if request.param == "shm":
+    if request.param.startswith("shm"):
         d = Path(tempfile.mkdtemp(prefix="blockexport-test-", dir="/dev/shm"))
         try:
             yield request.param, d
@@ -42,12 +44,19 @@ def where(request, tmp_path):
 def test_fua_and_flush_inline_where_sync_is_free(where, tmp_path):
     kind, d = where
     image = d / "d.img"
-    model = bytearray(random.Random(5).randbytes(8 * MiB))
-    image.write_bytes(model)
+    fmt = "raw"
+    if kind == "shm-qcow2":      # empty: the FUA writes allocate, their flush writes metadata
+        fmt = "qcow2"
+        model = bytearray(8 * MiB)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"],
+                       check=True)
+    else:
+        model = bytearray(random.Random(5).randbytes(8 * MiB))
+        image.write_bytes(model)
     cache = "--cache=unsafe" if kind == "disk-unsafe" else "--cache=writeback"
     # idle pool threads would exit after 2 s: keep them for the count
     env = dict(os.environ, BLOCKEXPORT_NBD_IDLE_SECONDS="600")
-    srv = start_server("blockexport-nbd", image, [cache], tmp_path=tmp_path, env=env)
+    srv = start_server("blockexport-nbd", image, [cache], tmp_path=tmp_path, env=env, fmt=fmt)
     try:
         h = nbd.NBD()
         h.connect_uri(srv.uri())
@@ -84,4 +93,11 @@ def test_fua_and_flush_inline_where_sync_is_free(where, tmp_path):
         assert after > before       # FUA writes and flushes went to the pool
     else:
         assert after == before      # served inline
-    assert image.read_bytes() == model
+    if fmt == "raw":
+        assert image.read_bytes() == model
+    else:
+        subprocess.run(["qemu-img", "check", "-q", str(image)], check=True)
+        raw = tmp_path / "back.raw"
+        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image),
+                        str(raw)], check=True)
+        assert raw.read_bytes() == model

@@ -1189,7 +1189,8 @@ class NbdConnection:
                 req = complete(slot, res, parts)
                 if req is not None:
                     finished.append((slot, req))
-            if self._aio_unsynced and self._aio_syncing is None:
+            # (a loop: a sync the kernel refused is done at once, and the next may wait)
+            while self._aio_unsynced and self._aio_syncing is None:
                 self._aio_start_sync(ctx, parts, finished)
             self._aio_reply(parts)
             self._aio_release(finished)

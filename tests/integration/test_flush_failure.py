@@ -8,6 +8,7 @@ directory, so the real kernel path is exercised (the write-back error is the FUS
 answer to FSYNC), without root-only device-mapper tricks (its fixtures: helpers/failfs.py)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 
@@ -75,41 +76,43 @@ def _check_failed_flush_stays_failed(srv, backing, connected=None):
     assert srv.alive()
 
 
-def test_direct_io_flush_failure_is_not_sticky(start_server, failing_disk):
-    """With O_DIRECT (cache=none) there is no page cache to lose: QEMU retries."""
+@contextlib.contextmanager
+def failing_fsync(start_server, failing_disk, cache: str):
+    """A client of the failing disk served with ``cache``, its fsync failing until the
+    body unlinks the returned marker; yields (handle, server, marker)."""
     backing, mnt = failing_disk
-    srv = start_server(mnt / "disk.img", ["--cache=none"])
+    srv = start_server(mnt / "disk.img", [cache])
     h = nbd.NBD()
     h.connect_uri(srv.uri())
     try:
-        (backing / "FAIL_FSYNC").touch()
-        h.pwrite(b"\x33" * 4096, 0)
-        assert nbd_errno(h.flush) == errno.EIO
-        (backing / "FAIL_FSYNC").unlink()
-        h.flush()
+        marker = backing / "FAIL_FSYNC"
+        marker.touch()
+        yield h, srv, marker
     finally:
         h.shutdown()
+
+
+def test_direct_io_flush_failure_is_not_sticky(start_server, failing_disk):
+    """With O_DIRECT (cache=none) there is no page cache to lose: QEMU retries."""
+    with failing_fsync(start_server, failing_disk, "--cache=none") as (h, _, marker):
+        h.pwrite(b"\x33" * 4096, 0)
+        assert nbd_errno(h.flush) == errno.EIO
+        marker.unlink()
+        h.flush()
 
 
 def test_no_flush_ignores_a_failing_fsync(start_server, failing_disk):
     """--cache=unsafe (cache.no-flush=on): FLUSH and FUA writes succeed while the disk's
     fsync fails, as qemu-nbd 7.2 answers (ours serves them inline: a sync that is never
     made waits on nothing), and the data is written."""
-    backing, mnt = failing_disk
-    srv = start_server(mnt / "disk.img", ["--cache=unsafe"])
-    h = nbd.NBD()
-    h.connect_uri(srv.uri())
-    try:
-        (backing / "FAIL_FSYNC").touch()
+    with failing_fsync(start_server, failing_disk, "--cache=unsafe") as (h, srv, marker):
         h.pwrite(b"\x61" * 4096, 0, nbd.CMD_FLAG_FUA)
         h.pwrite(b"\x62" * 100, 5000, nbd.CMD_FLAG_FUA)
         h.flush()
         h.pwrite(b"\x63" * (256 * 1024), 512 * 1024, nbd.CMD_FLAG_FUA)
         h.flush()
         assert h.pread(4096, 0) == b"\x61" * 4096
-    finally:
-        h.shutdown()
     assert srv.alive()
-    disk = (backing / "disk.img").read_bytes()
+    disk = (marker.parent / "disk.img").read_bytes()
     assert disk[:4096] == b"\x61" * 4096 and disk[5000:5100] == b"\x62" * 100
     assert disk[512 * 1024:768 * 1024] == b"\x63" * (256 * 1024)

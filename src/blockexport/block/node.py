@@ -347,10 +347,9 @@ class BlockNode:
     #: caller may move them with its own asynchronous read or write of ``buf`` (native AIO,
     #: which takes ``buf`` as it is: it must stay alive and unchanged until then), then calls
     #: ``done()`` once it finished (whether it succeeded or not) and before it tells anyone.
-    #: It never
-    #: waits (a write next to a read-modify-write in flight is declined).  None (for this
-    #: request): use ``read_into``/``write``.  Offered for O_DIRECT files and raw over
-    #: one; writes only where ``write`` would be a plain write of the bytes (as for
+    #: It never waits (a write next to a read-modify-write in flight is declined).  None
+    #: (for this request): use ``read_into``/``write``.  Offered for O_DIRECT files and raw
+    #: over one; writes only where ``write`` would be a plain write of the bytes (as for
     #: ``splice_write``) and only for requests and buffers aligned as O_DIRECT needs.  The
     #: dirty-bitmap wrappers mark a write in its ``done``; the file's own ``done`` ends the
     #: write's place among overlapping requests.  A FUA write (``fua``) taken is the

@@ -21,7 +21,6 @@ Design (see docs/fuse.md for the measurements behind it):
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -45,6 +44,7 @@ from blockexport.fuse.wire import (
     WRITE_IN, WRITE_OUT, negotiate_init, pack_attr, pack_error, pack_lseek, pack_open,
     pack_statfs, parse_body, parse_header,
 )
+from blockexport.util.libc import libc
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ _mountpoints: set = set()
 def _c():
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc = libc()
         _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
                                 ctypes.c_ulong, ctypes.c_char_p)
         _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)

@@ -1054,8 +1054,9 @@ class NbdConnection:
     # depth 32 on this project's 2-core VM (virtio disk, ext4) measured 0.24-0.38x of
     # qemu-nbd that way, about 100 us of server CPU per request; by AIO x0.92-1.17 of
     # qemu-nbd, 2.5-4.9x the pool (BENCHMARKS.md, "O_DIRECT exports").
-    # FUA, sparse structured reads (holes), unaligned requests and anything the node
-    # declines still go to the pool.
+    # FUA writes are answered after an fdatasync shared by all those done so far
+    # (``_aio_start_sync``).  Sparse structured reads (holes), unaligned requests and
+    # anything the node declines still go to the pool.
 
     def _aio_start(self, buf, charged, tx, mv, flags, cmd, cookie, offset, length) -> bool:
         """Submit a read or write to the node's file with native AIO; False (nothing
@@ -1125,7 +1126,7 @@ class NbdConnection:
     def _aio_sync(self, slot: int) -> None:
         """Do a prepared request with preadv/pwritev here, then finish it as a completion."""
         req = self._aio_reqs[slot]
-        data, cmd, fd, file_offset, fua = req[3], req[6], req[9], req[10], req[11]
+        data, cmd, fd, file_offset = req[3], req[6], req[9], req[10]
         try:
             if cmd == CMD_WRITE:
                 res = os.pwritev(fd, (data,), file_offset)
@@ -1189,8 +1190,7 @@ class NbdConnection:
                 req = complete(slot, res, parts)
                 if req is not None:
                     finished.append((slot, req))
-            # (a loop: a sync the kernel refused is done at once, and the next may wait)
-            while self._aio_unsynced and self._aio_syncing is None:
+            if self._aio_unsynced and self._aio_syncing is None:
                 self._aio_start_sync(ctx, parts, finished)
             self._aio_reply(parts)
             self._aio_release(finished)
@@ -1243,15 +1243,14 @@ class NbdConnection:
         return req
 
     def _aio_start_sync(self, ctx, parts: list, finished: list) -> None:
-        """One fdatasync by AIO for the FUA writes done so far (those of one file: the
-        others wait for the next).  Group commit, as QEMU's block layer runs one flush at a
+        """One fdatasync by AIO for the FUA writes done so far (all of one file: the
+        export's node gives one).  Group commit, as QEMU's block layer runs one flush at a
         time for all the requests that wait for one: at queue depth 16, about one sync per
         completion batch instead of one per write.  A kernel that refuses it (older than
         4.18) gets the fdatasync here."""
-        waiting = self._aio_unsynced
-        fd = waiting[0][1][9]
-        group = [w for w in waiting if w[1][9] == fd]
-        self._aio_unsynced = [w for w in waiting if w[1][9] != fd]
+        group = self._aio_unsynced
+        fd = group[0][1][9]
+        self._aio_unsynced = []
         self._aio_syncing = group
         try:     # one control block: safe beside the reader's submit_batch()
             ctx.submit(SYNC_SLOT, linux_aio.IOCB_CMD_FDSYNC, fd, 0, 0, 0)

@@ -22,6 +22,8 @@ import os
 import platform
 import select
 
+from blockexport.util.libc import libc
+
 # (io_setup, io_destroy, io_getevents, io_submit) by machine
 _SYSCALLS = {
     "x86_64": (206, 207, 208, 209),
@@ -66,9 +68,9 @@ def _load():
             _lib = False
             return False
         try:
-            lib = ctypes.CDLL(None, use_errno=True)
+            lib = libc()
             lib.syscall.restype = ctypes.c_long
-        except (OSError, AttributeError):
+        except AttributeError:      # no C library, or no syscall() in it
             _lib = False
             return False
         _nrs = nrs

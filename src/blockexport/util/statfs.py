@@ -7,8 +7,9 @@ returns at once, so a FLUSH or a FUA write may be served inline like any memory 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
+
+from blockexport.util.libc import libc
 
 #: f_type values of <linux/magic.h> for file systems whose data lives only in memory
 TMPFS_MAGIC = 0x01021994
@@ -22,19 +23,22 @@ def _load():
     global _fstatfs
     if _fstatfs is None:
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            fn = libc.fstatfs
+            fn = libc().fstatfs
             fn.argtypes = (ctypes.c_int, ctypes.c_void_p)
             fn.restype = ctypes.c_int
             _fstatfs = fn
-        except (OSError, AttributeError):
+        except AttributeError:      # no C library, or no fstatfs in it
             _fstatfs = False
     return _fstatfs
 
 
+_LINUX = os.uname().sysname == "Linux"
+
+
 def fs_magic(fd: int):
-    """The file system type of ``fd`` (``f_type``), or None where it can't be read."""
-    fn = _load()
+    """The file system type of ``fd`` (``f_type``), or None where it can't be read (also
+    off Linux: struct statfs is laid out differently there)."""
+    fn = _load() if _LINUX else None
     if not fn:
         return None
     # struct statfs begins with f_type, a machine word on Linux; 256 bytes hold all of it
@@ -46,4 +50,4 @@ def fs_magic(fd: int):
 
 def memory_fs(fd: int) -> bool:
     """Whether ``fd`` is a file on a file system that keeps data only in memory."""
-    return os.uname().sysname == "Linux" and fs_magic(fd) in MEMORY_FS
+    return fs_magic(fd) in MEMORY_FS

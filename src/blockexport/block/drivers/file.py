@@ -25,6 +25,7 @@ from blockexport.block.node import (
 )
 from blockexport.errors import Error
 from blockexport.util import linux_aio, statfs
+from blockexport.util.libc import libc
 from blockexport.util.cutils import round_up
 
 # ---- fallocate(2) via libc (Python only has posix_fallocate) ---------------------------------
@@ -34,11 +35,10 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _c_fallocate = _libc.fallocate
+    _c_fallocate = libc().fallocate
     _c_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong)
     _c_fallocate.restype = ctypes.c_int
-except (OSError, AttributeError):  # pragma: no cover - non-glibc platforms
+except AttributeError:  # pragma: no cover - non-glibc platforms
     _c_fallocate = None
 
 

@@ -182,18 +182,36 @@ def test_failing_disk_gives_errors_then_recovers(failing_disk, tmp_path):
 
 
 def test_fua_writes_are_durable_when_answered(start_server, server_kind, failing_disk):
-    """FUA writes (aligned ones by native AIO on ours, with RWF_DSYNC) are answered only
-    once synced: while the disk's fsync fails they get EIO, also 16 in flight, while plain
-    writes succeed; once it works again (O_DIRECT: no page cache lost, not sticky) FUA
-    writes succeed and are on the disk.  The same answers as qemu-nbd 7.2 (which writes,
-    then flushes)."""
+    """FUA writes (aligned ones on ours by native AIO, then one fdatasync by AIO for all
+    that wait) are answered only once synced: while the disk's fsync fails they get EIO,
+    also 16 in flight, while plain writes succeed; once it works again (O_DIRECT: no page
+    cache lost, not sticky) FUA writes succeed and are on the disk.  The same answers as
+    qemu-nbd 7.2 (which writes, then flushes)."""
     backing, mnt = failing_disk                  # a 1 MiB disk.img
     srv = start_server(mnt / "disk.img", ["--cache=none"])
+    check_fua_durable(srv, backing, by_aio=server_kind != "qemu-nbd")
+
+
+def test_fua_writes_durable_with_a_synchronous_fdatasync(failing_disk, tmp_path):
+    """Ours, as on a kernel that refuses ``IOCB_CMD_FDSYNC`` (older than 4.18):
+    BLOCKEXPORT_NBD_AIO_FDSYNC=0 takes the same fallback, a plain fdatasync in the
+    completion thread.  The writes still go by AIO, and the answers are those above."""
+    backing, mnt = failing_disk
+    srv = start_one("blockexport-nbd", mnt / "disk.img", ["--cache=none"], tmp_path=tmp_path,
+                    env=dict(os.environ, BLOCKEXPORT_NBD_AIO_FDSYNC="0"))
+    try:
+        check_fua_durable(srv, backing, by_aio=True)
+    finally:
+        srv.stop()
+    assert b"Traceback" not in srv.stderr_path.read_bytes()
+
+
+def check_fua_durable(srv, backing, by_aio: bool) -> None:
     h = nbd.NBD()
     h.connect_uri(srv.uri())
     try:
         h.pwrite(b"\x21" * (64 * KiB), 128 * KiB, nbd.CMD_FLAG_FUA)
-        if server_kind != "qemu-nbd":
+        if by_aio:
             assert aio_rings(srv.proc.pid) == 1      # only FUA writes so far: by AIO
         (backing / "FAIL_FSYNC").touch()
         for data, off in ((b"\x22" * (4 * KiB), 0), (b"\x23" * (256 * KiB), 512 * KiB),

@@ -107,6 +107,9 @@ NATIVE_AIO = os.environ.get("BLOCKEXPORT_NBD_AIO", "1") != "0"
 #: The AIO control block of a connection's fdatasync for its FUA writes (after the
 #: MAX_REQUESTS of the requests)
 SYNC_SLOT = C.MAX_REQUESTS
+#: That fdatasync by AIO (``IOCB_CMD_FDSYNC``, Linux 4.18+); BLOCKEXPORT_NBD_AIO_FDSYNC=0
+#: makes it a plain fdatasync in the completion thread, as on a kernel that refuses it.
+AIO_FDSYNC = os.environ.get("BLOCKEXPORT_NBD_AIO_FDSYNC", "1") != "0"
 #: A batch of inline replies leaves once it holds this many buffers (a small read's reply
 #: is two: header and data)
 BATCH_PARTS = 128
@@ -265,6 +268,7 @@ class NbdConnection:
         self._aio_inflight = 0
         self._aio_unsynced = []      # FUA writes done, waiting for the next sync: (slot, req)
         self._aio_syncing = None     # those the sync in flight covers (list), or None
+        self._aio_fdsync = AIO_FDSYNC    # False once the kernel refused IOCB_CMD_FDSYNC
         self._rbuf = mmap.mmap(-1, RBUF_SIZE)   # pages committed only as bytes arrive
         self._rmv = memoryview(self._rbuf)
         self._rpos = 0
@@ -1247,21 +1251,26 @@ class NbdConnection:
         export's node gives one).  Group commit, as QEMU's block layer runs one flush at a
         time for all the requests that wait for one: at queue depth 16, about one sync per
         completion batch instead of one per write.  A kernel that refuses it (older than
-        4.18) gets the fdatasync here."""
+        4.18) gets the fdatasync here, this time and from then on (so does
+        BLOCKEXPORT_NBD_AIO_FDSYNC=0)."""
         group = self._aio_unsynced
         fd = group[0][1][9]
         self._aio_unsynced = []
         self._aio_syncing = group
-        try:     # one control block: safe beside the reader's submit_batch()
-            ctx.submit(SYNC_SLOT, linux_aio.IOCB_CMD_FDSYNC, fd, 0, 0, 0)
+        if self._aio_fdsync:
+            try:     # one control block: safe beside the reader's submit_batch()
+                ctx.submit(SYNC_SLOT, linux_aio.IOCB_CMD_FDSYNC, fd, 0, 0, 0)
+                return
+            except OSError as exc:
+                log.debug("client %s: no AIO fdatasync (%s): synchronous from now on",
+                          self.peer, exc)
+                self._aio_fdsync = False
+        try:
+            os.fdatasync(fd)
+            res = 0
         except OSError as exc:
-            log.debug("client %s: no AIO fdatasync (%s): synchronous", self.peer, exc)
-            try:
-                os.fdatasync(fd)
-                res = 0
-            except OSError as exc2:
-                res = -(exc2.errno or errno.EIO)
-            self._aio_sync_done(res, parts, finished)
+            res = -(exc.errno or errno.EIO)
+        self._aio_sync_done(res, parts, finished)
 
     def _aio_sync_done(self, res: int, parts: list, finished: list) -> None:
         """The sync for the FUA writes of ``_aio_syncing`` returned ``res``: their

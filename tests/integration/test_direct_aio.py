@@ -207,6 +207,8 @@ def test_fua_writes_durable_with_a_synchronous_fdatasync(failing_disk, tmp_path)
 
 
 def check_fua_durable(srv, backing, by_aio: bool) -> None:
+    """The FUA checks above against ``srv``, serving the failing disk's disk.img with
+    --cache=none (``by_aio``: it is ours, and its first FUA write made an AIO context)."""
     h = nbd.NBD()
     h.connect_uri(srv.uri())
     try:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import errno
 import os
 import random
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -203,6 +205,120 @@ def test_fua_writes_durable_with_a_synchronous_fdatasync(failing_disk, tmp_path)
         check_fua_durable(srv, backing, by_aio=True)
     finally:
         srv.stop()
+    assert b"Traceback" not in srv.stderr_path.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def refuse_submit_shim(tmp_path_factory):
+    """tests/helpers/refuse_io_submit.c built: LD_PRELOAD it to make io_submit refuse the
+    control blocks of chosen opcodes (BX_REFUSE_AIO_OPCODES), as a kernel may (EAGAIN,
+    ENOMEM), logging each refusal's opcode to BX_REFUSE_AIO_LOG."""
+    src = Path(__file__).resolve().parent.parent / "helpers" / "refuse_io_submit.c"
+    out = tmp_path_factory.mktemp("aio-shim") / "refuse_io_submit.so"
+    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(out), str(src), "-ldl"],
+                   check=True)
+    return out
+
+
+def refusing_env(shim, opcodes: str, log) -> dict:
+    return dict(os.environ, LD_PRELOAD=str(shim), BX_REFUSE_AIO_OPCODES=opcodes,
+                BX_REFUSE_AIO_LOG=str(log))
+
+
+def test_refused_submissions_served_synchronously(refuse_submit_shim, tmp_path):
+    """Ours, with every read and write io_submit refused (the shim): each prepared request
+    is done with preadv/pwritev by the reader instead, FUA ones synced there; pipelined
+    writes and reads of every shape on two connections land and read back exactly, the
+    file holds them, and the server serves on without a traceback."""
+    image = tmp_path / "d.img"
+    model = make_image(image, seed=5)
+    log = tmp_path / "refusals"
+    srv = start_one("blockexport-nbd", image, ["--cache=none", "-e", "2"], tmp_path=tmp_path,
+                    env=refusing_env(refuse_submit_shim, "0,1", log))
+    rnd = random.Random(11)
+    try:
+        a, b = nbd.NBD(), nbd.NBD()
+        a.connect_uri(srv.uri())
+        b.connect_uri(srv.uri())
+        try:
+            slot = SIZE // 8
+            for _ in range(6):
+                cookies = {a: [], b: []}
+                for i in range(8):
+                    h = a if i % 2 else b
+                    length, align = rnd.choice(SHAPES)
+                    length = min(length, slot)
+                    off = i * slot + rnd.randrange(0, slot - length + 1) // align * align
+                    data = rnd.randbytes(length)
+                    flags = nbd.CMD_FLAG_FUA if rnd.random() < 0.3 else 0
+                    cookies[h].append(h.aio_pwrite(data, off, flags=flags))
+                    model[off:off + length] = data
+                for h, cs in cookies.items():
+                    wait_all(h, cs)
+            assert aio_rings(srv.proc.pid) == 2      # one context per connection, made
+            reads = []
+            for _ in range(48):
+                length, align = rnd.choice(SHAPES)
+                off = rnd.randrange(0, SIZE - length + 1) // align * align
+                h = rnd.choice((a, b))
+                buf = nbd.Buffer(length)
+                reads.append((h, h.aio_pread(buf, off), buf, off, length))
+            for h, cookie, buf, off, length in reads:
+                wait_all(h, [cookie])
+                assert buf.to_bytearray() == model[off:off + length], (off, length)
+        finally:
+            a.shutdown()
+            b.shutdown()
+    finally:
+        srv.stop()
+    refusals = log.read_text()
+    assert "0" in refusals and "1" in refusals     # both kinds went the synchronous way
+    assert b"Traceback" not in srv.stderr_path.read_bytes()
+    assert image.read_bytes() == model
+
+
+def test_refused_submissions_on_a_failing_disk(refuse_submit_shim, failing_disk, tmp_path):
+    """Ours, read and write submissions refused: the synchronous reads and writes that
+    replace them fail with EIO while the disk fails, and the connection lives on; FUA
+    writes are answered only once synced (the checks above: EIO while fsync fails)."""
+    backing, mnt = failing_disk
+    log = tmp_path / "refusals"
+    srv = start_one("blockexport-nbd", mnt / "disk.img", ["--cache=none"], tmp_path=tmp_path,
+                    env=refusing_env(refuse_submit_shim, "0,1", log))
+    try:
+        h = nbd.NBD()
+        h.connect_uri(srv.uri())
+        try:
+            (backing / "FAIL_IO").touch()
+            for fn, args in ((h.pwrite, (b"\x5a" * (4 * KiB), 64 * KiB)),
+                             (h.pread, (4 * KiB, 128 * KiB))):
+                with pytest.raises(nbd.Error) as e:
+                    fn(*args)
+                assert e.value.errnum == errno.EIO, (fn, args)
+            (backing / "FAIL_IO").unlink()
+            assert h.pread(4 * KiB, 128 * KiB) == b"\x11" * (4 * KiB)
+        finally:
+            h.shutdown()
+        check_fua_durable(srv, backing, by_aio=True)
+    finally:
+        srv.stop()
+    assert set(log.read_text()) == {"0", "1"}
+    assert b"Traceback" not in srv.stderr_path.read_bytes()
+
+
+def test_refused_fdsync_remembered(refuse_submit_shim, failing_disk, tmp_path):
+    """Ours, the kernel refusing ``IOCB_CMD_FDSYNC`` for real (the shim), not by the knob:
+    the FUA writes' sync falls back to fdatasync in the completion thread, with the same
+    answers, and the connection asks the kernel once only (it remembers the refusal)."""
+    backing, mnt = failing_disk
+    log = tmp_path / "refusals"
+    srv = start_one("blockexport-nbd", mnt / "disk.img", ["--cache=none"], tmp_path=tmp_path,
+                    env=refusing_env(refuse_submit_shim, "3", log))
+    try:
+        check_fua_durable(srv, backing, by_aio=True)
+    finally:
+        srv.stop()
+    assert log.read_text() == "3"
     assert b"Traceback" not in srv.stderr_path.read_bytes()
 
 

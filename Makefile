@@ -8,7 +8,7 @@ VENV313 := .venv-py313
 DEMO_DIR := demo
 DEMO_IMG := $(DEMO_DIR)/disk.img
 DEBIAN_RUN := qemu-utils libnbd-bin fuse3
-DEBIAN_TEST := qemu-utils libnbd-bin python3-libnbd nbdkit fio fuse3 libfuse3-dev pkg-config openssl qemu-system-common
+DEBIAN_TEST := qemu-utils libnbd-bin python3-libnbd nbdkit fio fuse3 libfuse3-dev pkg-config openssl qemu-system-common iproute2
 
 .PHONY: run test test-slow venv venv-py313 deps-run deps-test vm-harness demo-image clean
 

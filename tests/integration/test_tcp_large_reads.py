@@ -1,5 +1,7 @@
 """Large reads over TCP (issue 13): bytes in the page cache are served inline, copied into a
-buffer while the process serves several connections, header + sendfile when it serves one;
+buffer while the process serves several connections on BBR, header + sendfile when it serves
+one or the connection does not pace (CUBIC: loopback connections get it by default, so each
+server runs with BLOCKEXPORT_NBD_LOOPBACK_CC=bbr and =cubic, checked with ss);
 misses (preadv2 RWF_NOWAIT; tmpfs lacks it and is read plainly) and holes go to the pool as
 before.  Whatever the path, the client must get the file's bytes, holes as holes in
 structured replies, the same with DF and with simple replies, and a write on one
@@ -12,6 +14,7 @@ connections share one process (what decides copy or sendfile).
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -41,12 +44,16 @@ def image(request, tmp_path, shm_dir):
     return _image(base / "big.img")
 
 
-@pytest.fixture
-def server(tmp_path, image):
-    env = dict(os.environ, BLOCKEXPORT_NBD_WORKERS="0")
+@pytest.fixture(params=["bbr", "cubic"])
+def server(request, tmp_path, image):
+    """Ours over TCP with its loopback connections on BBR (large cached reads copied from
+    two connections on) or CUBIC (sent by sendfile)."""
+    env = dict(os.environ, BLOCKEXPORT_NBD_WORKERS="0",
+               BLOCKEXPORT_NBD_LOOPBACK_CC=request.param)
     env.pop("BLOCKEXPORT_NBD_TCP_COPY_READS", None)
     s = start_server("blockexport-nbd", image[0], ["-e", "16"], tmp_path=tmp_path,
                      transport="tcp4", env=env)
+    s.cc = request.param
     yield s
     s.stop()
 
@@ -56,6 +63,16 @@ def _handle(uri, structured=True):
     h.set_request_structured_replies(structured)
     h.connect_uri(uri)
     return h
+
+
+def _server_ccs(port) -> list[str]:
+    """The congestion control of each established connection of the server on ``port``."""
+    with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
+        known = set(f.read().split())
+    out = subprocess.run(["ss", "-tinH", "state", "established", "( sport = :%d )" % port],
+                         check=True, capture_output=True, text=True, timeout=30).stdout
+    return [line_ccs[0] for line_ccs in ([t for t in chunk.split() if t in known]
+                                         for chunk in out.split("\n")) if line_ccs]
 
 
 RANGES = [
@@ -75,6 +92,7 @@ def test_large_reads(server, image, connections):
     handles = [_handle(server.uri()) for _ in range(connections)]
     try:
         assert handles[0].can_df()
+        assert _server_ccs(server.port) == [server.cc] * connections
         for offset, length in RANGES:
             for h in handles:
                 assert h.pread(length, offset) == want[offset:offset + length], \

@@ -64,6 +64,7 @@ server and its exports never count a dead connection.
 """
 import errno
 import fcntl
+import ipaddress
 import logging
 import mmap
 import os
@@ -138,10 +139,18 @@ SOCKET_BUFFER = int(os.environ.get("BLOCKEXPORT_NBD_SOCKET_BUFFER", -1))
 UNIX_SOCKET_BUFFER = 2 * 1024 * 1024
 #: Large reads over TCP whose bytes are in the page cache are served inline
 #: (``_read_cached``): copied into a buffer and sent while this process serves at least this
-#: many connections, else header + sendfile; BLOCKEXPORT_NBD_TCP_COPY_READS (0: never
-#: inline, header + sendfile from the pool as on unix sockets).  Measured in BENCHMARKS.md
-#: (issue 13, "Large reads over TCP").
+#: many connections and the connection's congestion control is BBR, else header + sendfile;
+#: BLOCKEXPORT_NBD_TCP_COPY_READS (0: never inline, header + sendfile from the pool as on
+#: unix sockets).  Measured in BENCHMARKS.md (issue 13, "Large reads over TCP" and
+#: "congestion control on loopback").
 TCP_COPY_READS = int(os.environ.get("BLOCKEXPORT_NBD_TCP_COPY_READS", 2))
+#: The congestion control of TCP connections whose peer is on this host
+#: (``loopback_congestion_control``), BLOCKEXPORT_NBD_LOOPBACK_CC: "auto" (the default)
+#: CUBIC where the system gave BBR, any other kept; a name, that one; empty, the system's.
+#: BBR paces every segment by a timer; over loopback there is no link to pace for, and the
+#: timers cost: seqread/1c over TCP went from x1.05 of nbdkit to x1.42 (BENCHMARKS.md,
+#: issue 13, "congestion control on loopback").
+LOOPBACK_CC = os.environ.get("BLOCKEXPORT_NBD_LOOPBACK_CC", "auto")
 #: connections of this process in transmission (``_serve``): [count], under its lock
 _serving = [0]
 _serving_lock = threading.Lock()
@@ -167,6 +176,54 @@ def _set_socket_buffers(sock, size: int) -> None:
                 sock.setsockopt(socket.SOL_SOCKET, plain, size)
             except OSError:
                 pass
+
+def _peer_on_this_host(sock) -> bool:
+    """Whether a TCP connection's peer is on this host: a loopback address, or our own
+    address of the connection (traffic to it goes over loopback too)."""
+    try:
+        local = sock.getsockname()[0]
+        peer = sock.getpeername()[0]
+    except (OSError, IndexError, TypeError):
+        return False
+    if local == peer:
+        return True
+    try:
+        addr = ipaddress.ip_address(peer.partition("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return addr.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def congestion_control(sock) -> str | None:
+    """A TCP socket's congestion control (None: not TCP, or unknown)."""
+    if getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        name = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
+    except (OSError, AttributeError):
+        return None
+    return name.split(b"\0", 1)[0].decode("ascii", "replace")
+
+
+def loopback_congestion_control(sock, cc: str | None = None) -> str | None:
+    """Give a TCP connection whose peer is on this host the congestion control ``cc``
+    (default LOOPBACK_CC; "auto": CUBIC in place of BBR); returns the one it has now (None:
+    not TCP, or unknown).  One the system does not allow (net.ipv4.
+    tcp_allowed_congestion_control) leaves the system's."""
+    cc = LOOPBACK_CC if cc is None else cc
+    now = congestion_control(sock)
+    if now is None or not cc or not _peer_on_this_host(sock):
+        return now
+    want = ("cubic" if now.startswith("bbr") else now) if cc == "auto" else cc
+    if want != now:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, want.encode())
+            now = want
+        except OSError:
+            pass
+    return now
+
 
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH = C.CMD_READ, C.CMD_WRITE, C.CMD_DISC, C.CMD_FLUSH
 CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES = C.CMD_TRIM, C.CMD_CACHE, C.CMD_WRITE_ZEROES
@@ -401,6 +458,7 @@ class NbdConnection:
         size = socket_buffer_size(sock)
         if size:
             _set_socket_buffers(sock, size)
+        loopback_congestion_control(getattr(sock, "sock", sock))   # (a TlsChannel's socket)
         return True
 
     def enter_transmission(self, size: int, flags: int, structured: bool, contexts,
@@ -726,9 +784,14 @@ class NbdConnection:
         batch_read_max = OFFLOAD_READ_MIN if inline else -1
         # large reads over TCP served inline when in the page cache (see _read_cached)
         copy_read_max = -1
+        copy_min = 1 << 62          # (copied while serving this many connections)
         if (inline and TCP_COPY_READS and type(self.sock) is socket.socket
                 and self.sock.family != socket.AF_UNIX and node.read_cached is not None):
             copy_read_max = SMALL_BUFFER
+            # copied only where the connection paces (BBR): without pacing sendfile
+            # measured faster with any number of connections
+            if (congestion_control(self.sock) or "").startswith("bbr"):
+                copy_min = TCP_COPY_READS
         serving = _serving
         # writes served inline (as _may_block decides), whose payload the receive buffer
         # already holds: no copy into a request buffer
@@ -819,7 +882,7 @@ class NbdConnection:
                     if pending:
                         apos = flush(pending)
                     parts = self._read_cached(tx, node, smv, flags, cookie, offset, length,
-                                              serving[0] >= TCP_COPY_READS)
+                                              serving[0] >= copy_min)
                     if parts is not None:
                         if parts:
                             send(parts)    # before smv is reused
@@ -1506,12 +1569,15 @@ class NbdConnection:
         isn't cached, or a read fails (the pool reads again and reports the error).
 
         Why a copy while the process serves several connections, and sendfile when it
-        serves one: over TCP loopback sendfile's skbs point at the page cache, so (our
-        reading of the numbers, not profiled) the receiver's copy reads cold memory.  With
-        several connections the client is the bottleneck and the copy here measured x1.08
-        of nbdkit against x0.75 by sendfile from the pool (seqread/4c); with one connection
-        the server is, and the copy done in line with the send measured x0.72-0.80 against
-        x0.99 by sendfile inline (seqread/1c; BENCHMARKS.md)."""
+        serves one, on a connection with BBR: over TCP loopback sendfile's skbs point at the
+        page cache, so (our reading of the numbers, not profiled) the receiver's copy reads
+        cold memory.  With several connections the client is the bottleneck and the copy
+        here measured x1.08 of nbdkit against x0.75 by sendfile from the pool (seqread/4c);
+        with one connection the server is, and the copy done in line with the send measured
+        x0.72-0.80 against x0.99 by sendfile inline (seqread/1c; BENCHMARKS.md).  Without
+        BBR's pacing (CUBIC, as loopback connections get by default) sendfile costs the
+        sender less than half as much, and won at four connections too: x1.60 of nbdkit
+        against x1.30 copied (seqread/4c)."""
         header = self._whole_reply_header(tx, node, flags, cookie, offset, length)
         if header is None:
             return None

@@ -64,6 +64,41 @@ SHAPES = [(4 * KiB, 4 * KiB), (64 * KiB, 4 * KiB), (1 * MiB, 4 * KiB), (2 * MiB 
           (512, 512), (4 * KiB, 512), (1000, 1), (7, 1), (65 * KiB + 3, 1)]
 
 
+def write_rounds(a, b, model, rnd, rounds: int, per_round: int, fua: float) -> None:
+    """Rounds of concurrent writes of SHAPES from connections ``a`` and ``b``, one per slot
+    of the image (so none overlap within a round), a share ``fua`` of them FUA; ``model``
+    gets what each writes."""
+    slot = len(model) // per_round
+    for _ in range(rounds):
+        cookies = {a: [], b: []}
+        for i in range(per_round):
+            h = a if i % 2 else b
+            length, align = rnd.choice(SHAPES)
+            length = min(length, slot)
+            off = i * slot + rnd.randrange(0, slot - length + 1) // align * align
+            data = rnd.randbytes(length)
+            flags = nbd.CMD_FLAG_FUA if rnd.random() < fua else 0
+            cookies[h].append(h.aio_pwrite(data, off, flags=flags))
+            model[off:off + length] = data
+        for h, cs in cookies.items():
+            wait_all(h, cs)
+
+
+def check_reads(a, b, model, rnd, count: int) -> None:
+    """``count`` concurrent reads of SHAPES at random places from ``a`` and ``b``, each
+    compared with ``model``."""
+    reads = []
+    for _ in range(count):
+        length, align = rnd.choice(SHAPES)
+        off = rnd.randrange(0, len(model) - length + 1) // align * align
+        h = rnd.choice((a, b))
+        buf = nbd.Buffer(length)
+        reads.append((h, h.aio_pread(buf, off), buf, off, length))
+    for h, cookie, buf, off, length in reads:
+        wait_all(h, [cookie])
+        assert buf.to_bytearray() == model[off:off + length], (off, length)
+
+
 @pytest.mark.parametrize("offset", [0, 64 * KiB, 512], ids=["whole", "offset-64k", "offset-512"])
 def test_mixed_requests_land_where_written(start_server, tmp_path, offset):
     """Rounds of concurrent writes (aligned, unaligned, FUA; never overlapping within a
@@ -81,32 +116,9 @@ def test_mixed_requests_land_where_written(start_server, tmp_path, offset):
     a.connect_uri(srv.uri())
     b.connect_uri(srv.uri())
     try:
-        size = len(model)
-        slot = size // 4        # one request per slot and connection in a round
-        for _ in range(12):
-            cookies = {a: [], b: []}
-            for i in range(4):
-                h = a if i % 2 else b
-                length, align = rnd.choice(SHAPES)
-                length = min(length, slot)
-                off = i * slot + rnd.randrange(0, slot - length + 1) // align * align
-                data = rnd.randbytes(length)
-                flags = nbd.CMD_FLAG_FUA if rnd.random() < 0.2 else 0
-                cookies[h].append(h.aio_pwrite(data, off, flags=flags))
-                model[off:off + length] = data
-            for h, cs in cookies.items():
-                wait_all(h, cs)
+        write_rounds(a, b, model, rnd, rounds=12, per_round=4, fua=0.2)
         a.flush()
-        reads = []
-        for _ in range(64):
-            length, align = rnd.choice(SHAPES)
-            off = rnd.randrange(0, size - length + 1) // align * align
-            h = rnd.choice((a, b))
-            buf = nbd.Buffer(length)
-            reads.append((h, h.aio_pread(buf, off), buf, off, length))
-        for h, cookie, buf, off, length in reads:
-            wait_all(h, [cookie])
-            assert buf.to_bytearray() == model[off:off + length], (off, length)
+        check_reads(a, b, model, rnd, 64)
     finally:
         a.shutdown()
         b.shutdown()
@@ -241,31 +253,9 @@ def test_refused_submissions_served_synchronously(refuse_submit_shim, tmp_path):
         a.connect_uri(srv.uri())
         b.connect_uri(srv.uri())
         try:
-            slot = SIZE // 8
-            for _ in range(6):
-                cookies = {a: [], b: []}
-                for i in range(8):
-                    h = a if i % 2 else b
-                    length, align = rnd.choice(SHAPES)
-                    length = min(length, slot)
-                    off = i * slot + rnd.randrange(0, slot - length + 1) // align * align
-                    data = rnd.randbytes(length)
-                    flags = nbd.CMD_FLAG_FUA if rnd.random() < 0.3 else 0
-                    cookies[h].append(h.aio_pwrite(data, off, flags=flags))
-                    model[off:off + length] = data
-                for h, cs in cookies.items():
-                    wait_all(h, cs)
+            write_rounds(a, b, model, rnd, rounds=6, per_round=8, fua=0.3)
             assert aio_rings(srv.proc.pid) == 2      # one context per connection, made
-            reads = []
-            for _ in range(48):
-                length, align = rnd.choice(SHAPES)
-                off = rnd.randrange(0, SIZE - length + 1) // align * align
-                h = rnd.choice((a, b))
-                buf = nbd.Buffer(length)
-                reads.append((h, h.aio_pread(buf, off), buf, off, length))
-            for h, cookie, buf, off, length in reads:
-                wait_all(h, [cookie])
-                assert buf.to_bytearray() == model[off:off + length], (off, length)
+            check_reads(a, b, model, rnd, 48)
         finally:
             a.shutdown()
             b.shutdown()

@@ -11,6 +11,7 @@ its connection open.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -91,6 +92,17 @@ def in_ns(ns, *argv):
     return ["ip", "netns", "exec", ns, *argv]
 
 
+@contextlib.contextmanager
+def serving(hosts, tmp_path, bind, env_extra=None):
+    """Our server in the server's namespace, bound to ``bind``; yields its port, then stops
+    it (and its NBD workers) and checks its log."""
+    proc, port = start_server(hosts, tmp_path, bind, env_extra)
+    try:
+        yield port
+    finally:
+        stop(proc, tmp_path)
+
+
 def start_server(hosts, tmp_path, bind, env_extra=None):
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(1 << 20))
@@ -146,49 +158,34 @@ def stop(proc, tmp_path):
 
 
 def test_clients_on_this_host_get_cubic_others_keep_bbr(hosts, tmp_path):
-    proc, port = start_server(hosts, tmp_path, "0.0.0.0")
-    try:
+    with serving(hosts, tmp_path, "0.0.0.0") as port:
         # over the loopback address, and to the host's own address (routed over loopback)
         assert cc_seen_by(hosts, hosts.server, "nbd://127.0.0.1:%d" % port, port) == "cubic"
         assert cc_seen_by(hosts, hosts.server, "nbd://%s:%d" % (SERVER_IP, port), port) == "cubic"
         # from the other host: the system's choice stands
         assert cc_seen_by(hosts, hosts.other, "nbd://%s:%d" % (SERVER_IP, port), port) == "bbr"
-    finally:
-        stop(proc, tmp_path)
 
 
 def test_ipv6_loopback_gets_cubic(hosts, tmp_path):
-    proc, port = start_server(hosts, tmp_path, "::1")
-    try:
+    with serving(hosts, tmp_path, "::1") as port:
         assert cc_seen_by(hosts, hosts.server, "nbd://[::1]:%d" % port, port) == "cubic"
-    finally:
-        stop(proc, tmp_path)
 
 
 def test_other_system_choices_kept(hosts, tmp_path):
     """The default replaces BBR only: a namespace whose default is Reno keeps it."""
     run(*in_ns(hosts.server, "sysctl", "-qw", "net.ipv4.tcp_congestion_control=reno"))
-    proc, port = start_server(hosts, tmp_path, "0.0.0.0")
-    try:
+    with serving(hosts, tmp_path, "0.0.0.0") as port:
         assert cc_seen_by(hosts, hosts.server, "nbd://127.0.0.1:%d" % port, port) == "reno"
-    finally:
-        stop(proc, tmp_path)
 
 
 def test_knob_keeps_the_system_choice(hosts, tmp_path):
     """BLOCKEXPORT_NBD_LOOPBACK_CC= (empty) leaves BBR on loopback too; a name is given to
     loopback connections instead (and not to the other host's)."""
-    proc, port = start_server(hosts, tmp_path, "0.0.0.0", {"BLOCKEXPORT_NBD_LOOPBACK_CC": ""})
-    try:
+    with serving(hosts, tmp_path, "0.0.0.0", {"BLOCKEXPORT_NBD_LOOPBACK_CC": ""}) as port:
         assert cc_seen_by(hosts, hosts.server, "nbd://127.0.0.1:%d" % port, port) == "bbr"
-    finally:
-        stop(proc, tmp_path)
-    proc, port = start_server(hosts, tmp_path, "0.0.0.0", {"BLOCKEXPORT_NBD_LOOPBACK_CC": "reno"})
-    try:
+    with serving(hosts, tmp_path, "0.0.0.0", {"BLOCKEXPORT_NBD_LOOPBACK_CC": "reno"}) as port:
         assert cc_seen_by(hosts, hosts.server, "nbd://127.0.0.1:%d" % port, port) == "reno"
         assert cc_seen_by(hosts, hosts.other, "nbd://%s:%d" % (SERVER_IP, port), port) == "bbr"
-    finally:
-        stop(proc, tmp_path)
 
 
 @pytest.mark.parametrize("local, peer, expected", [

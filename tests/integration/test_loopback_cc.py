@@ -24,6 +24,7 @@ import pytest
 
 from blockexport.exports.nbd_conn import _peer_on_this_host
 from helpers.servers import BLOCKEXPORT_NBD
+from helpers.tcp_info import congestion_controls
 
 DEADLINE = 30.0
 SERVER_IP = "10.77.0.1"
@@ -121,12 +122,8 @@ def start_server(hosts, tmp_path, bind, env_extra=None):
 
 def server_cc(ns, port) -> str:
     """The congestion control of the server's one established connection on ``port``."""
-    with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
-        known = set(f.read().split())
-    out = run(*in_ns(ns, "ss", "-tinH", "state", "established",
-                     "( sport = :%d )" % port)).stdout
-    names = [t for t in out.split() if t in known]
-    assert names, "no connection on port %d: %r" % (port, out)
+    names = congestion_controls(port, ns)
+    assert names, "no connection on port %d" % port
     return names[0]
 
 

@@ -14,13 +14,13 @@ connections share one process (what decides copy or sendfile).
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 
 nbd = pytest.importorskip("nbd")
 
 from helpers.servers import start_server  # noqa: E402
+from helpers.tcp_info import congestion_controls  # noqa: E402
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -65,16 +65,6 @@ def _handle(uri, structured=True):
     return h
 
 
-def _server_ccs(port) -> list[str]:
-    """The congestion control of each established connection of the server on ``port``."""
-    with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
-        known = set(f.read().split())
-    out = subprocess.run(["ss", "-tinH", "state", "established", "( sport = :%d )" % port],
-                         check=True, capture_output=True, text=True, timeout=30).stdout
-    return [line_ccs[0] for line_ccs in ([t for t in chunk.split() if t in known]
-                                         for chunk in out.split("\n")) if line_ccs]
-
-
 RANGES = [
     (0, MiB),                      # all data, the largest read that takes the path
     (MiB + 4096, 512 * KiB),
@@ -92,7 +82,7 @@ def test_large_reads(server, image, connections):
     handles = [_handle(server.uri()) for _ in range(connections)]
     try:
         assert handles[0].can_df()
-        assert _server_ccs(server.port) == [server.cc] * connections
+        assert congestion_controls(server.port) == [server.cc] * connections
         for offset, length in RANGES:
             for h in handles:
                 assert h.pread(length, offset) == want[offset:offset + length], \

@@ -177,6 +177,7 @@ def _set_socket_buffers(sock, size: int) -> None:
             except OSError:
                 pass
 
+
 def _peer_on_this_host(sock) -> bool:
     """Whether a TCP connection's peer is on this host: a loopback address, or our own
     address of the connection (traffic to it goes over loopback too)."""
@@ -206,12 +207,12 @@ def congestion_control(sock) -> str | None:
     return name.split(b"\0", 1)[0].decode("ascii", "replace")
 
 
-def loopback_congestion_control(sock, cc: str | None = None) -> str | None:
-    """Give a TCP connection whose peer is on this host the congestion control ``cc``
-    (default LOOPBACK_CC; "auto": CUBIC in place of BBR); returns the one it has now (None:
-    not TCP, or unknown).  One the system does not allow (net.ipv4.
-    tcp_allowed_congestion_control) leaves the system's."""
-    cc = LOOPBACK_CC if cc is None else cc
+def loopback_congestion_control(sock) -> str | None:
+    """Give a TCP connection whose peer is on this host the congestion control LOOPBACK_CC
+    ("auto": CUBIC in place of BBR); returns the one it has now (None: not TCP, or
+    unknown).  One the system does not allow (net.ipv4.tcp_allowed_congestion_control)
+    leaves the system's."""
+    cc = LOOPBACK_CC
     now = congestion_control(sock)
     if now is None or not cc or not _peer_on_this_host(sock):
         return now
